@@ -1,0 +1,102 @@
+"""Bundle manifest: what is in a bundle, with hashes, versions and the signature (TF-free)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .errors import UsageError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+FORMATS = ("keras", "savedmodel", "tflite", "onnx")
+PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8")
+ONNX_PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def sha256_path(path: Path) -> str:
+    """SHA-256 of a file, or of a directory's files (relative names and contents, sorted)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_dir():
+        for p in sorted(q for q in path.rglob("*") if q.is_file()):
+            h.update(str(p.relative_to(path)).encode() + b"\0")
+            h.update(sha256_path(p).encode())
+        return h.hexdigest()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def size_of(path: Path) -> int:
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def artifact_filename(fmt: str, precision: str) -> str:
+    if fmt == "savedmodel":
+        return "saved_model"
+    if fmt == "keras":
+        return "model.keras"
+    return f"model_{precision.replace('-', '_')}.{fmt}"
+
+
+def load_manifest(bundle) -> dict:
+    bundle = Path(bundle)
+    if not bundle.exists():
+        raise UsageError(f"bundle not found: {bundle}")
+    if not bundle.is_dir():
+        raise UsageError(f"expected a bundle directory (from 'probattn export'), received a file: {bundle}")
+    path = bundle / MANIFEST
+    if not path.is_file():
+        raise UsageError(f"{bundle} is not a bundle: no {MANIFEST} (make one with 'probattn export')")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise UsageError(f"{path}: expected a JSON object, received {type(manifest).__name__}")
+    version = manifest.get("schema_version")
+    if not isinstance(version, int):
+        raise UsageError(f"{path}: missing or non-integer schema_version ({version!r})")
+    if version > SCHEMA_VERSION:
+        raise UsageError(f"{path} has schema_version {version}; this probattn reads up to "
+                         f"{SCHEMA_VERSION} (upgrade probattn)")
+    for key in ("artifacts", "signature", "labels", "vocab_size"):
+        if key not in manifest:
+            raise UsageError(f"{path}: missing field '{key}'")
+    return manifest
+
+
+def write_manifest(bundle, manifest: dict) -> None:
+    path = Path(bundle) / MANIFEST
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    tmp.replace(path)
+
+
+def find_artifact(manifest: dict, fmt: str, precision: str = "fp32") -> dict | None:
+    for a in manifest["artifacts"]:
+        if a["format"] == fmt and a["precision"] == precision:
+            return a
+    return None
+
+
+def verified_path(bundle, entry: dict) -> Path:
+    """The artifact's path after checking it exists, stays inside the bundle and matches
+    its manifest hash. Refuses anything else with a UsageError."""
+    bundle = Path(bundle).resolve()
+    path = (bundle / entry["path"]).resolve()
+    if bundle not in path.parents:
+        raise UsageError(f"manifest path '{entry['path']}' points outside the bundle; refusing it")
+    if not path.exists():
+        raise UsageError(f"artifact missing from bundle: {entry['path']} (listed in {MANIFEST})")
+    digest = sha256_path(path)
+    if digest != entry.get("sha256"):
+        raise UsageError(f"artifact {entry['path']} does not match its manifest hash "
+                         f"(sha256 {digest[:12]}…, manifest {str(entry.get('sha256'))[:12]}…); "
+                         "it was modified or damaged, refusing to load it")
+    return path

@@ -1,0 +1,104 @@
+"""Loading Keras models safely (tf-keras): clear errors, safe mode on by default."""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+
+from .errors import UsageError, one_line
+
+MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
+
+
+def _h5_lambda_layers(path: Path) -> list:
+    """Names of Lambda layers in a legacy .h5 model (its config is JSON in the root attrs)."""
+    try:
+        import h5py
+    except ImportError:  # pragma: no cover - tf-keras needs h5py
+        return []
+    with h5py.File(path, "r") as f:
+        raw = f.attrs.get("model_config")
+    if raw is None:
+        return []
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8")
+    found = []
+
+    def walk(obj):
+        if isinstance(obj, dict):
+            if obj.get("class_name") == "Lambda":
+                found.append(obj.get("config", {}).get("name", "lambda"))
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                walk(v)
+
+    walk(json.loads(raw))
+    return found
+
+
+def check_model_file(path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"model not found: {path}")
+    if path.is_dir():
+        if not (path / "saved_model.pb").exists():
+            raise UsageError(f"{path} is a directory but not a SavedModel (no saved_model.pb); "
+                             f"expected a run directory, a SavedModel, or a {'/'.join(MODEL_SUFFIXES)} file")
+        return path
+    if path.suffix.lower() not in MODEL_SUFFIXES:
+        raise UsageError(f"unsupported model file '{path.name}'; allowed: {', '.join(MODEL_SUFFIXES)} or a SavedModel directory")
+    if path.stat().st_size == 0:
+        raise UsageError(f"model file is empty: {path}")
+    if path.suffix.lower() == ".keras" and not zipfile.is_zipfile(path):
+        raise UsageError(f"{path} is not a valid .keras file (not a zip archive; truncated or not a Keras model)")
+    if path.suffix.lower() in (".h5", ".hdf5"):
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89HDF\r\n\x1a\n":
+                raise UsageError(f"{path} is not a valid HDF5 file (bad signature; truncated or not a Keras model)")
+    return path
+
+
+def load_keras_model(path, unsafe: bool = False):
+    """Load a .keras / .h5 / SavedModel with our layers registered.
+
+    Keras safe mode stays on: a model with a ``Lambda`` layer (arbitrary Python code) is
+    refused unless ``unsafe=True``. A model saved with the seed page's unregistered class
+    name ``ProbAttention`` loads too.
+    """
+    path = check_model_file(path)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tf_keras as keras
+
+    from probattn.models import ProbAttention
+
+    custom = {"ProbAttention": ProbAttention}
+    suffix = path.suffix.lower()
+    if suffix in (".h5", ".hdf5") and not unsafe:
+        try:
+            lambdas = _h5_lambda_layers(path)
+        except Exception as e:
+            raise UsageError(f"{path} could not be read as an HDF5 Keras model ({one_line(e, 200)})") from None
+        if lambdas:
+            raise UsageError(_lambda_refusal(path, lambdas))
+    try:
+        if path.is_dir():
+            model = keras.models.load_model(path, custom_objects=custom, compile=False)
+        elif suffix == ".keras":
+            model = keras.models.load_model(path, custom_objects=custom, compile=False,
+                                            safe_mode=not unsafe)
+        else:
+            model = keras.models.load_model(path, custom_objects=custom, compile=False)
+    except Exception as e:
+        msg = str(e)
+        if "safe_mode" in msg or "Lambda" in msg and "unsafe" in msg.lower():
+            raise UsageError(_lambda_refusal(path, ["Lambda"])) from None
+        raise UsageError(f"could not load Keras model {path}: {one_line(msg, 300)}") from None
+    return model
+
+
+def _lambda_refusal(path, names) -> str:
+    return (f"{path} contains a Lambda layer ({', '.join(names)}), which runs arbitrary Python "
+            "code when loaded; refused in safe mode. Pass --unsafe only if you trust the file")

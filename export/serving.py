@@ -1,0 +1,58 @@
+"""The one traced serving function every artifact is made from.
+
+Input ``token_ids``: int32 ``[batch, sequence]``, both dynamic. Outputs ``probabilities``
+``[batch, classes]`` and, when asked and the model holds a ProbAttention layer,
+``attention_weights`` ``[batch, sequence]``.
+"""
+from __future__ import annotations
+
+INPUT_NAME = "token_ids"
+PROBABILITIES = "probabilities"
+ATTENTION = "attention_weights"
+
+
+def with_attention_output(model):
+    """A functional model with outputs ``{probabilities, attention_weights}`` sharing the
+    original weights, or None when the model has no single ProbAttention layer reachable
+    in its functional graph."""
+    import tf_keras as keras
+
+    from probattn.models import find_attention_layer
+
+    layer = find_attention_layer(model)
+    if layer is None:
+        return None
+    try:
+        _, weights = layer(layer.input, return_attention_scores=True)
+        return keras.Model(model.inputs, {PROBABILITIES: model.output, ATTENTION: weights})
+    except Exception:  # subclassed or nested models without a functional graph
+        return None
+
+
+def serving_module(model, attention: bool = False):
+    """A ``tf.Module`` whose ``serve`` is traced with an explicit input signature."""
+    import tensorflow as tf
+
+    explained = with_attention_output(model) if attention else None
+    if attention and explained is None:
+        from .errors import UsageError
+
+        raise UsageError("--attention-weights needs a functional model with one ProbAttention "
+                         "layer; this model has none reachable")
+    target = explained if explained is not None else model
+
+    class Serving(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = target
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name=INPUT_NAME)])
+        def serve(self, token_ids):
+            out = self.model(token_ids, training=False)
+            if isinstance(out, dict):
+                return {k: tf.cast(v, tf.float32) for k, v in out.items()}
+            return {PROBABILITIES: tf.cast(out, tf.float32)}
+
+    module = Serving()
+    concrete = module.serve.get_concrete_function()
+    return module, concrete

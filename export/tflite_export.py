@@ -1,0 +1,153 @@
+"""TFLite (LiteRT) conversion: fp32, fp16 weights, dynamic-range int8, full-integer int8.
+
+Conversions run in a child process (``python -m probattn.export.tflite_export``):
+``TFLiteConverter.convert()`` leaks about 20 MB per call on TF 2.20/2.21, and a child
+returns all of it to the system when it exits.
+
+Builtin ops only: Select TF (Flex) ops cannot be run by any Python LiteRT interpreter,
+so a model that needs them fails with a message naming the ops.
+
+Full-integer recipe (recorded in the manifest): int8 weights and activations, int32
+``token_ids`` input, float32 outputs (a dequantize at the end), per-channel weights,
+calibrated on real training texts at their own lengths in padded batches. The layer's
+masking arithmetic (small mask offset, matmul pooling) is what keeps int8 from collapsing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UsageError, one_line
+
+TFLITE_PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8")
+
+INT8_RECIPE = {
+    "weights": "int8 per-channel",
+    "activations": "int8",
+    "input": "int32 token_ids (not quantized)",
+    "outputs": "float32 (dequantized in the graph)",
+    "calibration": "training texts at their own lengths, batches of 4 padded to the longest",
+    "ops": "TFLITE_BUILTINS_INT8 only",
+}
+
+
+def _flex_ops(message: str) -> list:
+    ops = set(re.findall(r"Flex[A-Za-z0-9_]+|tf\.[A-Za-z0-9_]+", message))
+    m = re.search(r"ops?[^:]*:\s*([A-Za-z0-9_, ]+)", message)
+    if "Select TF" in message or "Flex" in message or "custom" in message.lower():
+        if m:
+            ops.update(x.strip() for x in m.group(1).split(",") if x.strip())
+    return sorted(ops)
+
+
+def convert(saved_model_dir: str, precision: str, calibration: list | None = None) -> bytes:
+    import tensorflow as tf
+
+    if precision not in TFLITE_PRECISIONS:
+        raise UsageError(f"unknown TFLite precision '{precision}'; allowed: {', '.join(TFLITE_PRECISIONS)}")
+    conv = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    conv.allow_custom_ops = False
+    if precision == "fp16":
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.target_spec.supported_types = [tf.float16]
+    elif precision == "int8-dynamic":
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    elif precision == "int8":
+        if not calibration:
+            raise UsageError("full-integer int8 needs calibration texts (--calibration-data)")
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+
+        def representative():
+            for ids in calibration:
+                yield {"token_ids": np.asarray(ids, dtype=np.int32)}
+
+        conv.representative_dataset = representative
+    try:
+        return conv.convert()
+    except Exception as e:  # ConverterError and friends: report what the converter said
+        msg = str(e)
+        ops = _flex_ops(msg)
+        if "Select TF" in msg or "Flex" in msg or "custom op" in msg.lower() or ops:
+            raise UsageError(
+                f"TFLite {precision}: the model needs ops that are not LiteRT builtins "
+                f"({', '.join(ops) or 'see converter output'}); Select TF (Flex) and custom ops "
+                "cannot be run by the Python LiteRT interpreter, so probattn refuses them. "
+                "Rewrite those ops with builtins (e.g. tf.expand_dims instead of x[..., None])"
+            ) from None
+        raise UsageError(f"TFLite {precision} conversion failed: {one_line(msg)}") from None
+
+
+def convert_in_child(saved_model_dir, out_dir, precisions, calibration=None, progress=None):
+    """Convert each precision in one child process; yields result dicts as they finish."""
+    out_dir = Path(out_dir)
+    calib_path = None
+    if calibration:
+        calib_path = out_dir / ".calibration.npz"
+        np.savez(calib_path, *[np.asarray(c, np.int32) for c in calibration])
+    cmd = [sys.executable, "-m", "probattn.export.tflite_export", str(saved_model_dir),
+           str(out_dir), ",".join(precisions), str(calib_path or "")]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    results = []
+    try:
+        for line in proc.stdout:
+            if not line.startswith("{"):
+                continue
+            res = json.loads(line)
+            if "error" in res:
+                proc.wait()
+                raise UsageError(res["error"])
+            results.append(res)
+            if progress:
+                progress(res)
+        proc.wait()
+        if proc.returncode != 0:
+            tail = [l for l in proc.stderr.read().splitlines() if l.strip()][-1:] or ["no output"]
+            raise UsageError(f"TFLite conversion process failed (exit {proc.returncode}): {one_line(tail[0])}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if calib_path is not None and calib_path.exists():
+            calib_path.unlink()
+    return results
+
+
+def _child_main(argv):
+    saved_model_dir, out_dir, precisions, calib = argv
+    calibration = None
+    if calib:
+        with np.load(calib) as z:
+            calibration = [z[k] for k in sorted(z.files, key=lambda k: int(k.split("_")[1]))]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for precision in precisions.split(","):
+        t0 = time.perf_counter()
+        try:
+            blob = convert(saved_model_dir, precision, calibration)
+        except UsageError as e:
+            print(json.dumps({"error": str(e)}), flush=True)
+            return 2
+        name = f"model_{precision.replace('-', '_')}.tflite"
+        path = Path(out_dir) / name
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(blob)
+        tmp.replace(path)
+        print(json.dumps({"precision": precision, "path": name, "seconds": round(time.perf_counter() - t0, 2)}),
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

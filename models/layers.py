@@ -1,0 +1,106 @@
+"""The ProbAttention layer: attention pooling with padding-aware, quantization-friendly math.
+
+The layer scores every time step with a learned vector, takes a softmax over time and
+returns the weighted sum of the inputs. The arithmetic is chosen so that the same graph
+behaves in float32, float16 and full-integer int8:
+
+* Masking uses the incoming Keras mask (``Embedding(mask_zero=True)``).
+* Scores are centred on the largest *valid* score, then padded steps are set to exactly
+  ``-MASK_OFFSET`` (20). A padded step therefore carries at most ``exp(-20) ≈ 2e-9`` of
+  the softmax mass before the final multiply by the mask sets it to exactly zero. No
+  constant exceeds the float16 range and no ``0 * inf`` can occur.
+* The small, fixed offset keeps the calibrated int8 range of the score tensor narrow
+  (a -1e4 or -1e12 constant spreads the real scores over a handful of int8 levels).
+* Pooling is a batched matmul (``BATCH_MATMUL``), not ``reduce_sum(x * a)``: LiteRT's
+  reference int8 ``SUM`` kernel is wrong over the time axis.
+* Only ops with TFLite builtins and ONNX equivalents (``tf.expand_dims``, not
+  ``x[..., None]``).
+
+An all-padding row gets all-zero weights and pools to the zero vector, in every precision.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+import tf_keras as keras
+
+#: Padded steps sit this far below the best valid score. exp(-20) ≈ 2.1e-9 per padded
+#: step, so appending 256 pads moves the softmax mass by < 6e-7 before the mask zeroes it.
+#: 20 fits in every float type and keeps the int8 score range near [-20, 0].
+MASK_OFFSET = 20.0
+
+
+def prob_attention_pool(inputs, kernel, mask=None):
+    """Attention pooling over time.
+
+    Args:
+      inputs: ``(batch, time, features)`` float tensor.
+      kernel: ``(features, 1)`` scoring vector, same dtype as ``inputs``.
+      mask: optional ``(batch, time)`` boolean/0-1 tensor, true on real steps.
+
+    Returns:
+      ``(pooled, weights)``: ``(batch, features)`` and ``(batch, time)``.
+    """
+    dtype = inputs.dtype
+    scores = tf.squeeze(tf.matmul(inputs, kernel), axis=-1)  # (B, T)
+    if mask is None:
+        weights = tf.nn.softmax(scores, axis=-1)
+    else:
+        m = tf.cast(mask, dtype)  # (B, T), 1 on real steps
+        offset = tf.constant(MASK_OFFSET, dtype)
+        masked = scores * m + (m - 1.0) * offset  # pads at exactly -offset
+        best = tf.reduce_max(masked, axis=-1, keepdims=True)  # best valid score
+        centred = (scores - best) * m + (m - 1.0) * offset  # valid <= 0, pads = -offset
+        weights = tf.nn.softmax(centred, axis=-1) * m  # pads exactly 0; all-pad row: 0
+    pooled = tf.matmul(tf.expand_dims(weights, 1), inputs)  # (B, 1, F): BATCH_MATMUL
+    pooled = tf.squeeze(pooled, axis=1)
+    return pooled, weights
+
+
+@keras.saving.register_keras_serializable(package="probattn")
+class ProbAttention(keras.layers.Layer):
+    """Attention pooling: a learned ``(features, 1)`` kernel scores each time step,
+    softmax over time, weighted sum. Output ``(batch, features)``.
+
+    Call with ``return_attention_scores=True`` to also get the weights ``(batch, time)``.
+    Padded steps (from the incoming Keras mask) get zero weight; a row with no valid step
+    pools to the zero vector.
+    """
+
+    def __init__(self, kernel_initializer="uniform", **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    def build(self, input_shape):
+        input_shape = tf.TensorShape(input_shape)
+        if input_shape.rank != 3 or input_shape[-1] is None:
+            raise ValueError(
+                "ProbAttention expects inputs of shape (batch, time, features) with a known "
+                f"feature size; received shape {input_shape}."
+            )
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(int(input_shape[-1]), 1),
+            initializer=self.kernel_initializer,
+            trainable=True,
+        )
+        super().build(input_shape)
+
+    def call(self, inputs, mask=None, return_attention_scores=False):
+        kernel = tf.cast(self.kernel, inputs.dtype)
+        pooled, weights = prob_attention_pool(inputs, kernel, mask)
+        if return_attention_scores:
+            return pooled, weights
+        return pooled
+
+    def compute_mask(self, inputs, mask=None):
+        return None  # time is pooled away
+
+    def compute_output_shape(self, input_shape):
+        input_shape = tf.TensorShape(input_shape)
+        return tf.TensorShape((input_shape[0], input_shape[-1]))
+
+    def get_config(self):
+        config = super().get_config()
+        config["kernel_initializer"] = keras.initializers.serialize(self.kernel_initializer)
+        return config

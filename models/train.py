@@ -1,0 +1,133 @@
+"""Training: dataset -> tokenizer -> classifier -> RUN_DIR (written atomically)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from probattn.export import data as data_mod
+from probattn.export.fsutil import atomic_directory
+from probattn.export.metrics import classification_report
+from probattn.export.tokenizer import encode_fixed, train_tokenizer
+
+#: Training texts kept in the run for int8 calibration (realistic lengths, padding included).
+CALIBRATION_TEXTS = 400
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "rotten_tomatoes"
+    text_column: str = "text"
+    label_column: str = "label"
+    encoding: str = "utf-8"
+    seed: int = 0
+    max_length: int = 64
+    vocab_size: int = 20000
+    embedding_dim: int = 64
+    hidden_units: int = 128
+    dropout: float = 0.3
+    epochs: int = 4
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    limit: int = 0  # use only the first N examples (quick runs and tests); 0 = all
+
+    def validate(self):
+        from probattn.export.errors import UsageError
+
+        for name in ("max_length", "vocab_size", "embedding_dim", "hidden_units", "epochs",
+                     "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be a positive integer; received {v!r}")
+        if self.vocab_size < 3:
+            raise UsageError(f"--vocab-size must be at least 3; received {self.vocab_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UsageError(f"--dropout must be in [0, 1); received {self.dropout}")
+        if not self.learning_rate > 0:
+            raise UsageError(f"--learning-rate must be positive; received {self.learning_rate}")
+        if self.limit < 0:
+            raise UsageError(f"--limit must be >= 0; received {self.limit}")
+
+
+def _write_jsonl(path: Path, texts, labels):
+    with open(path, "w", encoding="utf-8") as f:
+        for t, l in zip(texts, labels):
+            f.write(json.dumps({"text": t, "label": l}, ensure_ascii=False) + "\n")
+
+
+def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None = None) -> dict:
+    """Train and write ``model.keras``, ``tokenizer.json``, ``labels.json``,
+    ``metrics.json``, ``config.json``, ``test.jsonl`` and ``calibration.jsonl`` to ``out``."""
+    config.validate()
+    t0 = time.perf_counter()
+    dataset = data_mod.load_dataset(config.dataset, config.text_column, config.label_column,
+                                    config.encoding)
+    if config.limit:
+        dataset = data_mod.TextDataset(dataset.name, dataset.texts[: config.limit],
+                                       dataset.labels[: config.limit])
+    split = data_mod.stratified_split(dataset, seed=config.seed)
+    if len(split.label_names) < 2:
+        from probattn.export.errors import UsageError
+
+        raise UsageError(f"dataset has a single class ({split.label_names}); at least 2 are needed")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+    import tf_keras as keras
+
+    from .classifier import build_classifier
+
+    keras.utils.set_random_seed(config.seed)
+    tf.config.experimental.enable_op_determinism()
+
+    tokenizer = train_tokenizer(split.train.texts, config.vocab_size, config.max_length)
+    vocab = tokenizer.get_vocab_size()
+    index = {name: i for i, name in enumerate(split.label_names)}
+
+    def xy(part):
+        return (encode_fixed(tokenizer, part.texts, config.max_length),
+                np.array([index[l] for l in part.labels], dtype=np.int32))
+
+    x_train, y_train = xy(split.train)
+    x_val, y_val = xy(split.validation)
+    x_test, y_test = xy(split.test)
+    model = build_classifier(vocab, len(split.label_names), config.embedding_dim,
+                             config.hidden_units, config.dropout)
+    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    if verbose is None:
+        verbose = 1 if sys.stderr.isatty() else 2
+    stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=1,
+                                         restore_best_weights=True)
+    history = model.fit(x_train, y_train, validation_data=(x_val, y_val), epochs=config.epochs,
+                        batch_size=config.batch_size, shuffle=True, callbacks=[stop],
+                        verbose=verbose)
+    train_seconds = time.perf_counter() - t0
+    probs = model.predict(x_test, batch_size=256, verbose=0)
+    report = classification_report(y_test, probs.argmax(-1), split.label_names)
+    metrics = {
+        "dataset": config.dataset,
+        "test": report,
+        "validation_accuracy": [round(float(v), 4) for v in history.history["val_accuracy"]],
+        "epochs_run": len(history.history["loss"]),
+        "train_seconds": round(train_seconds, 2),
+        "sizes": {"train": len(split.train.texts), "validation": len(split.validation.texts),
+                  "test": len(split.test.texts)},
+        "vocab_size": vocab,
+    }
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        model.save(tmp / "model.keras", include_optimizer=False)
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        (tmp / "labels.json").write_text(json.dumps(split.label_names, indent=1))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        cfg = asdict(config)
+        cfg["vocab_size_actual"] = vocab
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
+        _write_jsonl(tmp / "test.jsonl", split.test.texts, split.test.labels)
+        n = min(CALIBRATION_TEXTS, len(split.train.texts))
+        _write_jsonl(tmp / "calibration.jsonl", split.train.texts[:n], split.train.labels[:n])
+    return metrics
