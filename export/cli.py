@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check every artifact of a bundle against Keras")
     v.add_argument("bundle")
     v.add_argument("--data", help="held-out texts: a .csv/.jsonl file or a dataset name (default: the bundle's test split)")
+    v.add_argument("--text-column", default="text", help="text column of a --data file (default text)")
+    v.add_argument("--label-column", default="label", help="label column of a --data file (default label)")
+    v.add_argument("--encoding", default="utf-8", help="encoding of a --data file (default utf-8)")
     v.add_argument("--report-dir", help="where to write parity.json/.md/.png (default BUNDLE/report)")
     v.add_argument("--formats", help="only these formats (comma list of savedmodel, tflite, onnx)")
 
@@ -94,7 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # texts given after options: `probattn predict BUNDLE --runtime litert "text"`
+        if args.verb == "predict" and not any(x.startswith("-") for x in extra):
+            args.texts = list(args.texts) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return _dispatch(args)
     except ProbattnError as e:
@@ -131,6 +140,9 @@ def _dispatch(args) -> int:
 
 
 def _train(args) -> int:
+    from .quiet import import_tensorflow
+
+    import_tensorflow()  # probattn.models imports tf_keras: silence TensorFlow's native start-up lines
     from probattn.models.train import TrainConfig, train
 
     cfg = TrainConfig(dataset=args.dataset, text_column=args.text_column, label_column=args.label_column,
@@ -169,7 +181,8 @@ def _verify(args) -> int:
 
         formats = parse_list(args.formats, ("savedmodel", "tflite", "onnx"), "format")
     report_dir = Path(args.report_dir) if args.report_dir else Path(args.bundle) / "report"
-    report = verify(args.bundle, data=args.data, report_dir=report_dir, formats=formats)
+    report = verify(args.bundle, data=args.data, report_dir=report_dir, formats=formats,
+                    text_column=args.text_column, label_column=args.label_column, encoding=args.encoding)
     print(terminal_summary(report))
     print(f"report: {report_dir}/parity.md, parity.json, parity.png")
     return 0 if report.passed else 1

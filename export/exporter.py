@@ -12,7 +12,7 @@ from pathlib import Path
 from . import bundle as B
 from . import onnx_export, tflite_export
 from .errors import UsageError
-from .fsutil import atomic_directory
+from .fsutil import atomic_directory, check_output_dir
 from .tokenizer import PAD_ID, UNK_ID, encode, load_tokenizer
 from .versions import versions
 
@@ -122,6 +122,7 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
     formats = parse_list(opts.formats, ALL_FORMATS, "format")
     precisions = parse_list(opts.precisions, B.PRECISIONS, "precision")
     opset = onnx_export.check_opset(opts.opset)
+    check_output_dir(out, opts.overwrite)  # before the slow part, not after it
     src = resolve_source(source, opts)
     tokenizer = load_tokenizer(src.tokenizer_path)
     max_length = src.max_length or (tokenizer.truncation or {}).get("max_length") or 64
@@ -134,8 +135,8 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
 
     from .keras_io import load_keras_model
 
-    log(f"loading {src.model_path}")
     model = load_keras_model(src.model_path, unsafe=opts.unsafe)
+    log(f"loaded {src.model_path}")  # after: a model that fails to load gives one error line
     from .serving import ATTENTION, PROBABILITIES, serving_module, with_attention_output
 
     attention = opts.attention_weights and with_attention_output(model) is not None
@@ -172,15 +173,22 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
         sm_dir = tmp / "saved_model"
         tf.saved_model.save(module, str(sm_dir), signatures={"serving_default": concrete})
         sm_seconds = time.perf_counter() - t
-        tfl_results, tfl_error = [], []
+        tfl_results, tfl_error, tfl_procs = [], [], []
+        cancel = threading.Event()
         thread = None
         tfl_precisions = [p for p in precisions if p in tflite_export.TFLITE_PRECISIONS] if "tflite" in formats else []
         if tfl_precisions:
             cal = calibration_batches(cal_texts, tokenizer, max_length) if cal_texts else None
 
+            def started(proc):
+                tfl_procs.append(proc)
+                if cancel.is_set():  # the export failed or was interrupted while it started
+                    proc.kill()
+
             def run_tflite():
                 try:
-                    tfl_results.extend(tflite_export.convert_in_child(sm_dir, tmp, tfl_precisions, cal))
+                    tfl_results.extend(tflite_export.convert_in_child(sm_dir, tmp, tfl_precisions, cal,
+                                                                      started=started))
                 except BaseException as e:  # re-raised in the main thread
                     tfl_error.append(e)
 
@@ -189,9 +197,12 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
         try:
             if "onnx" in formats:
                 _export_onnx(module, tmp, opset, out_names, precisions, record)
+        except BaseException:  # failed or interrupted: stop the converter rather than wait for it
+            _stop(cancel, tfl_procs)
+            raise
         finally:
             if thread is not None:
-                thread.join()
+                _join(thread, cancel, tfl_procs)
         if tfl_error:
             raise tfl_error[0]
         for res in tfl_results:
@@ -229,6 +240,24 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
         }
         B.write_manifest(tmp, manifest)
     return manifest
+
+
+def _stop(cancel, procs):
+    cancel.set()
+    for p in list(procs):
+        if p.poll() is None:
+            p.kill()
+
+
+def _join(thread, cancel, procs):
+    """Wait for the TFLite thread; Ctrl-C while waiting stops its converter first, so the
+    temporary bundle is removed only after nothing writes into it any more."""
+    try:
+        thread.join()
+    except KeyboardInterrupt:
+        _stop(cancel, procs)
+        thread.join()
+        raise
 
 
 def _export_onnx(module, tmp, opset, out_names, precisions, record):

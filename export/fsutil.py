@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,17 +24,16 @@ TMP_PREFIX = ".probattn-tmp-"
 @contextlib.contextmanager
 def atomic_directory(target, overwrite: bool = False):
     """Yield a temporary directory; on success it replaces ``target`` in one rename."""
-    target = Path(target).absolute()
-    if target.exists() and not target.is_dir():
-        raise UsageError(f"output path exists and is not a directory: {target}")
-    if target.exists() and not overwrite and any(target.iterdir()):
-        raise UsageError(f"output directory already exists and is not empty: {target} "
-                         "(pass --overwrite to replace it)")
+    target = check_output_dir(target, overwrite)
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     with directory_lock(target):
         _remove_stale(parent, target.name)
+        check_output_dir(target, overwrite)  # again, under the lock: a writer may just have finished
         tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result is an ordinary directory
         try:
             yield tmp
             backup = None
@@ -47,10 +48,35 @@ def atomic_directory(target, overwrite: bool = False):
             raise
 
 
+def check_output_dir(target, overwrite: bool = False) -> Path:
+    """Refuse an output path that is a file, or a non-empty directory without ``overwrite``.
+    Verbs call this before their slow work too, so bad ``--out`` fails in seconds."""
+    target = Path(target).absolute()
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"output path exists and is not a directory: {target}")
+    if target.exists() and not overwrite and any(target.iterdir()):
+        raise UsageError(f"output directory already exists and is not empty: {target} "
+                         "(pass --overwrite to replace it)")
+    return target
+
+
+#: what follows ``TMP_PREFIX + name + "-"`` in our own temporary names: mkdtemp's 8
+#: random characters, or the ``old-PID`` backup. ``NAME-2``'s directories do not match.
+_OWN_TMP = re.compile(r"[a-z0-9_]{8}|old-[0-9]+")
+
+
 def _remove_stale(parent: Path, name: str) -> None:
-    """Temporary directories left by a killed run (we hold the lock, so none is live)."""
-    for p in parent.glob(f"{TMP_PREFIX}{name}-*"):
-        if p.is_dir() and not p.name.endswith(".lock"):
+    """Temporary directories left by a killed run (we hold the lock, so none is live).
+    A run killed between its two final renames leaves the previous result only as its
+    ``old-PID`` backup: that one is put back in place, not deleted."""
+    prefix = f"{TMP_PREFIX}{name}-"
+    target = parent / name
+    for p in sorted(parent.glob(glob.escape(prefix) + "*")):
+        if not p.is_dir() or not _OWN_TMP.fullmatch(p.name[len(prefix):]):
+            continue  # the lock file, or another target's directory (NAME-2 while we write NAME)
+        if p.name[len(prefix):].startswith("old-") and not target.exists():
+            os.rename(p, target)
+        else:
             shutil.rmtree(p, ignore_errors=True)
 
 

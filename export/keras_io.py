@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from pathlib import Path
 
@@ -69,7 +68,9 @@ def load_keras_model(path, unsafe: bool = False):
     name ``ProbAttention`` loads too.
     """
     path = check_model_file(path)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from .quiet import import_tensorflow
+
+    import_tensorflow()
     import tf_keras as keras
 
     from probattn.models import ProbAttention
@@ -83,6 +84,8 @@ def load_keras_model(path, unsafe: bool = False):
             raise UsageError(f"{path} could not be read as an HDF5 Keras model ({one_line(e, 200)})") from None
         if lambdas:
             raise UsageError(_lambda_refusal(path, lambdas))
+    if suffix == ".keras" and not unsafe:
+        _check_keras_config(path, custom)
     try:
         if path.is_dir():
             model = keras.models.load_model(path, custom_objects=custom, compile=False)
@@ -97,6 +100,49 @@ def load_keras_model(path, unsafe: bool = False):
             raise UsageError(_lambda_refusal(path, ["Lambda"])) from None
         raise UsageError(f"could not load Keras model {path}: {one_line(msg, 300)}") from None
     return model
+
+
+#: Modules a .keras config may name in safe mode. Keras' safe mode refuses only lambdas:
+#: any other ``"module"`` in config.json is imported, and a function from it (e.g. an
+#: activation ``{"module": "subprocess", "class_name": "function", "config": "getoutput"}``)
+#: is put into the model.
+SAFE_CONFIG_MODULES = ("keras", "tf_keras", "probattn")
+
+
+def _check_keras_config(path: Path, custom: dict) -> None:
+    """Refuse lambdas and modules outside SAFE_CONFIG_MODULES (a class resolved through
+    ``custom``, like the seed page's unregistered ``ProbAttention``, imports nothing)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            config = json.loads(z.read("config.json"))
+    except Exception:
+        return  # not readable here: Keras reports what is wrong with the archive
+    lambdas, modules = [], set()
+
+    def walk(obj):
+        if isinstance(obj, dict):
+            if obj.get("class_name") in ("Lambda", "__lambda__"):
+                cfg = obj.get("config")
+                lambdas.append(cfg.get("name", "lambda") if isinstance(cfg, dict) else "lambda")
+            mod = obj.get("module")
+            name = obj.get("registered_name", obj.get("class_name"))  # how Keras looks classes up
+            if obj.get("class_name") != "function" and isinstance(name, str) and name in custom:
+                mod = None  # resolved from ``custom``: nothing is imported
+            if isinstance(mod, str) and not any(mod == m or mod.startswith(m + ".") for m in SAFE_CONFIG_MODULES):
+                modules.add(mod)
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                walk(v)
+
+    walk(config)
+    if lambdas:
+        raise UsageError(_lambda_refusal(path, sorted(set(lambdas))))
+    if modules:
+        raise UsageError(f"{path} names Python module(s) {', '.join(sorted(modules))} in its config; loading "
+                         f"would import them (allowed in safe mode: {', '.join(SAFE_CONFIG_MODULES)}). "
+                         "Pass --unsafe only if you trust the file")
 
 
 def _lambda_refusal(path, names) -> str:

@@ -7,7 +7,6 @@ checks happen once, in the base class, with a fixed message shape:
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,20 +18,29 @@ INPUT = "token_ids"
 
 def check_token_ids(ids, vocab_size: int | None) -> np.ndarray:
     """Validate before inference: runtimes differ here (onnxruntime errors, a TFLite
-    gather may read out of bounds), so the check is ours."""
-    arr = np.asarray(ids)
-    if arr.dtype == object or not np.issubdtype(arr.dtype, np.integer):
-        raise UsageError(f"Input '{INPUT}' | Received dtype {arr.dtype}. Expected an integer dtype (int32)")
+    gather may read out of bounds), so the check is ours. The common case (an int32
+    matrix of valid ids) costs one pass over the ids."""
+    arr = ids if type(ids) is np.ndarray else np.asarray(ids)
+    if arr.dtype != np.int32:
+        if arr.dtype == object or not np.issubdtype(arr.dtype, np.integer):
+            raise UsageError(f"Input '{INPUT}' | Received dtype {arr.dtype}. Expected an integer dtype (int32)")
     if arr.ndim != 2:
         raise UsageError(f"Input '{INPUT}' | Received rank {arr.ndim} (shape {arr.shape}). Expected rank 2 [batch, sequence]")
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
+    if arr.size == 0:
         raise UsageError(f"Input '{INPUT}' | Received an empty batch (shape {arr.shape}). Expected at least 1 x 1")
-    if vocab_size is not None:
+    if arr.dtype != np.int32:
         lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi >= vocab_size:
-            bad = lo if lo < 0 else hi
-            raise UsageError(f"Input '{INPUT}' | Received id {bad}. Expected ids in [0, {vocab_size})")
-    return arr.astype(np.int32, copy=False)
+        if lo < 0 or hi >= min(vocab_size or 2**31 - 1, 2**31 - 1):
+            _raise_range(lo, hi, vocab_size)
+        arr = arr.astype(np.int32)
+    elif vocab_size is not None and arr.view(np.uint32).max() >= vocab_size:  # negatives wrap high
+        _raise_range(int(arr.min()), int(arr.max()), vocab_size)
+    return arr
+
+
+def _raise_range(lo, hi, vocab_size):
+    bad = lo if lo < 0 else hi
+    raise UsageError(f"Input '{INPUT}' | Received id {bad}. Expected ids in [0, {vocab_size})")
 
 
 class Runner:
@@ -98,9 +106,10 @@ class KerasRunner(Runner):
     runtime = "keras"
     requires = ("tensorflow", "tf_keras")
 
-    def __init__(self, path, vocab_size=None, threads=None, unsafe=False):
+    def __init__(self, path, vocab_size=None, threads=None, unsafe=False, attention=True):
         super().__init__(path, vocab_size, threads)
         self.unsafe = unsafe
+        self.attention = attention
 
     def _load(self):
         from .keras_io import load_keras_model
@@ -109,7 +118,7 @@ class KerasRunner(Runner):
         if self.threads:
             _tf_threads(self.threads)
         model = load_keras_model(self.path, unsafe=self.unsafe)
-        self.model = with_attention_output(model) or model
+        self.model = (with_attention_output(model) if self.attention else None) or model
         self._single = PROBABILITIES
 
     def _run(self, ids):
@@ -140,9 +149,9 @@ class SavedModelRunner(Runner):
     requires = ("tensorflow",)
 
     def _load(self):
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        import tensorflow as tf
+        from .quiet import import_tensorflow
 
+        tf = import_tensorflow()
         if self.threads:
             _tf_threads(self.threads)
         try:
@@ -189,13 +198,18 @@ class LiteRTRunner(Runner):
         resolver = OpResolverType.AUTO if self.kernels == "xnnpack" else OpResolverType.BUILTIN_REF
         if not self.path.is_file():
             raise UsageError(f"TFLite file not found: {self.path}")
+        from .quiet import quiet_stderr
+
         try:
-            self.interp = Interpreter(model_path=str(self.path), num_threads=self.threads or None,
-                                      experimental_op_resolver_type=resolver)
+            with quiet_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+                self.interp = Interpreter(model_path=str(self.path), num_threads=self.threads or None,
+                                          experimental_op_resolver_type=resolver)
             sigs = self.interp.get_signature_list()
             if "serving_default" not in sigs:
                 raise UsageError(f"{self.path.name} has no 'serving_default' signature (found {list(sigs)})")
             self.runner = self.interp.get_signature_runner("serving_default")
+            with quiet_stderr():  # the delegate is created, and announces itself, on first use
+                self.runner(token_ids=np.zeros((1, 1), np.int32))
         except UsageError:
             raise
         except Exception as e:
@@ -280,13 +294,35 @@ def _refuse_external_data(path: Path) -> None:
     except Exception as e:
         raise UsageError(f"{path} is not a valid ONNX model ({one_line(e, 200)})") from None
     base = path.parent.resolve()
-    for t in model.graph.initializer:
+    graphs = [model.graph] + [f for f in model.functions]  # functions hold nodes, like graphs
+    for t in (t for g in graphs for t in _all_tensors(g)):
         for entry in t.external_data:
             if entry.key == "location":
                 target = (base / entry.value).resolve()
                 if base != target.parent and base not in target.parents:
                     raise UsageError(f"{path.name}: external data '{entry.value}' points outside the "
                                      "model's folder; refusing it")
+
+
+def _all_tensors(graph):
+    """Every tensor of a graph: initializers, sparse initializers, and tensors held in node
+    attributes (``Constant``'s value, subgraphs of ``If``/``Loop``/``Scan``), recursively.
+    Any of them can name an external-data file."""
+    for t in getattr(graph, "initializer", ()):
+        yield t
+    for sp in getattr(graph, "sparse_initializer", ()):
+        yield sp.values
+        yield sp.indices
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            if a.HasField("sparse_tensor"):
+                yield a.sparse_tensor.values
+                yield a.sparse_tensor.indices
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _all_tensors(g)
 
 
 def runner_for(fmt: str, path, vocab_size=None, threads=None, variant=None) -> Runner:

@@ -39,6 +39,11 @@ INT8_RECIPE = {
 
 
 def _flex_ops(message: str) -> list:
+    # the converter lists them itself ("TF Select ops: StridedSlice, ..."); prefer that over
+    # scraping, which also picked up MLIR noise (tf.entry_function, tf.__operators__, 0)
+    listed = re.findall(r"(?:TF Select|Custom) ops:\s*([A-Za-z0-9_, ]+)", message)
+    if listed:
+        return sorted({x.strip() for group in listed for x in group.split(",") if x.strip()})
     ops = set(re.findall(r"Flex[A-Za-z0-9_]+|tf\.[A-Za-z0-9_]+", message))
     m = re.search(r"ops?[^:]*:\s*([A-Za-z0-9_, ]+)", message)
     if "Select TF" in message or "Flex" in message or "custom" in message.lower():
@@ -86,7 +91,7 @@ def convert(saved_model_dir: str, precision: str, calibration: list | None = Non
         raise UsageError(f"TFLite {precision} conversion failed: {one_line(msg)}") from None
 
 
-def convert_in_child(saved_model_dir, out_dir, precisions, calibration=None, progress=None):
+def convert_in_child(saved_model_dir, out_dir, precisions, calibration=None, progress=None, started=None):
     """Convert each precision in one child process; yields result dicts as they finish."""
     out_dir = Path(out_dir)
     calib_path = None
@@ -95,8 +100,10 @@ def convert_in_child(saved_model_dir, out_dir, precisions, calibration=None, pro
         np.savez(calib_path, *[np.asarray(c, np.int32) for c in calibration])
     cmd = [sys.executable, "-m", "probattn.export.tflite_export", str(saved_model_dir),
            str(out_dir), ",".join(precisions), str(calib_path or "")]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PROBATTN_PARENT_PID=str(os.getpid()))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    if started:  # lets the caller stop the conversion (e.g. on Ctrl-C) without waiting for it
+        started(proc)
     results = []
     try:
         for line in proc.stdout:
@@ -122,7 +129,23 @@ def convert_in_child(saved_model_dir, out_dir, precisions, calibration=None, pro
     return results
 
 
+def _exit_with_parent():
+    """A converter whose exporter was killed (SIGKILL runs no cleanup) must not keep writing
+    into the dead run's temporary directory while the next export removes it."""
+    import threading
+
+    parent = int(os.environ.get("PROBATTN_PARENT_PID") or os.getppid())
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _child_main(argv):
+    _exit_with_parent()
     saved_model_dir, out_dir, precisions, calib = argv
     calibration = None
     if calib:
@@ -131,7 +154,10 @@ def _child_main(argv):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import warnings
 
+    from .quiet import import_tensorflow
+
     warnings.filterwarnings("ignore")
+    import_tensorflow()
     for precision in precisions.split(","):
         t0 = time.perf_counter()
         try:

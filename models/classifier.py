@@ -8,10 +8,11 @@ from .layers import ProbAttention
 
 def build_classifier(vocab_size: int, num_classes: int, embedding_dim: int = 64,
                      hidden_units: int = 128, dropout: float = 0.0,
-                     name: str = "probattn_classifier") -> keras.Model:
+                     name: str = "probattn_classifier", attention_layer=None) -> keras.Model:
     """int32 token ids of any length -> Embedding(mask_zero=True) -> ProbAttention ->
     Dense(relu) -> Dense(softmax). No ``Masking()`` layer: it would recompute the mask
     from the embedding values and turn masking off (token 0's row is not zero).
+    ``attention_layer`` swaps in another pooling layer instance (for comparisons).
     """
     for arg, value, low in (("vocab_size", vocab_size, 3), ("num_classes", num_classes, 2),
                             ("embedding_dim", embedding_dim, 1), ("hidden_units", hidden_units, 1)):
@@ -23,7 +24,7 @@ def build_classifier(vocab_size: int, num_classes: int, embedding_dim: int = 64,
     x = keras.layers.Embedding(vocab_size, embedding_dim, mask_zero=True, name="embedding")(inputs)
     if dropout:
         x = keras.layers.Dropout(dropout, name="embedding_dropout")(x)
-    x = ProbAttention(name="prob_attention")(x)
+    x = (attention_layer or ProbAttention(name="prob_attention"))(x)
     x = keras.layers.Dense(hidden_units, activation="relu", name="hidden")(x)
     if dropout:
         x = keras.layers.Dropout(dropout, name="hidden_dropout")(x)

@@ -47,8 +47,10 @@ def prob_attention_pool(inputs, kernel, mask=None):
     else:
         m = tf.cast(mask, dtype)  # (B, T), 1 on real steps
         offset = tf.constant(MASK_OFFSET, dtype)
-        masked = scores * m + (m - 1.0) * offset  # pads at exactly -offset
-        best = tf.reduce_max(masked, axis=-1, keepdims=True)  # best valid score
+        # best valid score: shift every score to >= 0, zero the pads, take the max. (Pads at
+        # -offset would win the max whenever every real score is below -offset.)
+        low = tf.reduce_min(scores, axis=-1, keepdims=True)
+        best = tf.reduce_max((scores - low) * m, axis=-1, keepdims=True) + low
         centred = (scores - best) * m + (m - 1.0) * offset  # valid <= 0, pads = -offset
         weights = tf.nn.softmax(centred, axis=-1) * m  # pads exactly 0; all-pad row: 0
     pooled = tf.matmul(tf.expand_dims(weights, 1), inputs)  # (B, 1, F): BATCH_MATMUL

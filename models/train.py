@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -11,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from probattn.export import data as data_mod
-from probattn.export.fsutil import atomic_directory
+from probattn.export.fsutil import atomic_directory, check_output_dir
 from probattn.export.metrics import classification_report
 from probattn.export.tokenizer import encode_fixed, train_tokenizer
 
@@ -60,10 +59,14 @@ def _write_jsonl(path: Path, texts, labels):
             f.write(json.dumps({"text": t, "label": l}, ensure_ascii=False) + "\n")
 
 
-def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None = None) -> dict:
+def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None = None,
+          attention_layer=None) -> dict:
     """Train and write ``model.keras``, ``tokenizer.json``, ``labels.json``,
-    ``metrics.json``, ``config.json``, ``test.jsonl`` and ``calibration.jsonl`` to ``out``."""
+    ``metrics.json``, ``config.json``, ``test.jsonl`` and ``calibration.jsonl`` to ``out``.
+    ``attention_layer``: a zero-argument callable returning the pooling layer to use
+    instead of ``ProbAttention`` (for comparisons such as scripts/int8_masking_demo.py)."""
     config.validate()
+    check_output_dir(out, overwrite)  # before the data and the training, not after
     t0 = time.perf_counter()
     dataset = data_mod.load_dataset(config.dataset, config.text_column, config.label_column,
                                     config.encoding)
@@ -75,8 +78,9 @@ def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None
         from probattn.export.errors import UsageError
 
         raise UsageError(f"dataset has a single class ({split.label_names}); at least 2 are needed")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    from probattn.export.quiet import import_tensorflow
+
+    tf = import_tensorflow()
     import tf_keras as keras
 
     from .classifier import build_classifier
@@ -96,7 +100,8 @@ def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None
     x_val, y_val = xy(split.validation)
     x_test, y_test = xy(split.test)
     model = build_classifier(vocab, len(split.label_names), config.embedding_dim,
-                             config.hidden_units, config.dropout)
+                             config.hidden_units, config.dropout,
+                             attention_layer=attention_layer() if attention_layer else None)
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     if verbose is None:
@@ -120,7 +125,8 @@ def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None
         "vocab_size": vocab,
     }
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        model.save(tmp / "model.keras", include_optimizer=False)
+        # an uncompiled twin (same layers and weights): the .keras file carries no optimizer state
+        keras.Model(model.inputs, model.outputs, name=model.name).save(tmp / "model.keras")
         tokenizer.save(str(tmp / "tokenizer.json"))
         (tmp / "labels.json").write_text(json.dumps(split.label_names, indent=1))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))

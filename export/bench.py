@@ -1,0 +1,344 @@
+"""``probattn bench``: latency, throughput, load time, size and accuracy per artifact x
+runtime x thread setting, in one table, plus sequence-length scaling and size-vs-accuracy
+plots. Each thread setting runs in its own child process (TensorFlow fixes its thread
+pools at start-up). Benchmarks are measurements, never test assertions.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import bundle as B
+from .errors import UsageError
+from .runners import KerasRunner, runner_for
+from .versions import machine, versions
+
+SHAPES = [(1, 16), (1, 64), (1, 256), (32, 16), (32, 64), (32, 256)]
+QUICK_SHAPES = [(1, 64), (32, 64)]
+THROUGHPUT_SHAPE = (256, 64)
+SCALING = [16, 64, 256, 1024, 4096]
+QUICK_SCALING = [16, 256, 4096]
+RUNTIMES = ("keras", "savedmodel", "litert", "onnxruntime")
+_RUNTIME_OF = {"keras": "keras", "savedmodel": "savedmodel", "tflite": "litert", "onnx": "onnxruntime"}
+
+
+def _time_calls(fn, ids, min_seconds, min_reps, max_reps, warmup):
+    for _ in range(warmup):
+        fn(ids)
+    times = []
+    t_end = time.perf_counter() + min_seconds
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() < t_end):
+        t = time.perf_counter_ns()
+        fn(ids)
+        times.append((time.perf_counter_ns() - t) / 1e3)
+    times.sort()
+    return {"median_us": round(statistics.median(times), 1),
+            "p90_us": round(times[min(len(times) - 1, int(0.9 * len(times)))], 1), "reps": len(times)}
+
+
+def _bare_call(runner):
+    """The runtime's own call, without our input validation (what a hand-written loop does)."""
+    return runner._run
+
+
+def _accuracy(runner, bundle: Path, manifest: dict):
+    name = manifest.get("test_data")
+    if not name or not (bundle / name).is_file():
+        return None
+    from .data import load_text_file
+    from .tokenizer import encode, load_tokenizer
+
+    ds = load_text_file(bundle / name)
+    tok = load_tokenizer(bundle / manifest["tokenizer"]["path"])
+    index = {l: i for i, l in enumerate(manifest["labels"])}
+    if any(l not in index for l in ds.labels):
+        return None
+    y = np.array([index[l] for l in ds.labels])
+    preds = []
+    for i in range(0, len(ds.texts), 64):
+        ids = encode(tok, ds.texts[i:i + 64], manifest.get("max_length"))
+        preds.append(runner._run(ids)["probabilities"].argmax(-1))
+    return round(float(np.mean(np.concatenate(preds) == y)), 4)
+
+
+def worker(bundle, threads: int, quick: bool, runtimes, with_accuracy: bool, with_scaling: bool) -> dict:
+    """Measure every artifact in this process with ``threads`` intra-op threads."""
+    bundle = Path(bundle)
+    manifest = B.load_manifest(bundle)
+    vocab = int(manifest["vocab_size"])
+    rng = np.random.default_rng(0)
+    shapes = QUICK_SHAPES if quick else SHAPES
+    timing = dict(min_seconds=0.1 if quick else 0.4, min_reps=10 if quick else 30,
+                  max_reps=200 if quick else 2000, warmup=3 if quick else 10)
+    entries = [a for a in manifest["artifacts"] if _RUNTIME_OF[a["format"]] in runtimes]
+    results = []
+    for n, entry in enumerate(entries, 1):
+        rt = _RUNTIME_OF[entry["format"]]
+        path = B.verified_path(bundle, entry)
+        if entry["format"] == "keras":  # the user's model as they would call it: probabilities only
+            runner = KerasRunner(path, vocab, threads, attention=False)
+        else:
+            runner = runner_for(entry["format"], path, vocab, threads=threads)
+        reason = runner.unavailable()
+        label = f"[{n}/{len(entries)}] threads={threads} {entry['path']} on {rt}"
+        if reason:
+            results.append({"artifact": entry["path"], "runtime": rt, "threads": threads, "skipped": reason})
+            print(f"  {label}: skipped ({reason})", file=sys.stderr, flush=True)
+            continue
+        print(f"  {label} ...", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        runner.load()
+        load_ms = (time.perf_counter() - t) * 1e3
+        call = _bare_call(runner)
+        row = {"artifact": entry["path"], "format": entry["format"], "precision": entry["precision"],
+               "runtime": rt, "threads": threads, "bytes": entry["bytes"], "load_ms": round(load_ms, 1),
+               "latency": {}}
+        for b, s in shapes:
+            ids = rng.integers(2, vocab, (b, s), dtype=np.int32)
+            row["latency"][f"{b}x{s}"] = _time_calls(call, ids, **timing)
+        ids = rng.integers(2, vocab, THROUGHPUT_SHAPE, dtype=np.int32)
+        tp = _time_calls(call, ids, min_seconds=0.2 if quick else 1.0, min_reps=3 if quick else 10,
+                         max_reps=500, warmup=2)
+        row["throughput_texts_per_s"] = round(THROUGHPUT_SHAPE[0] / (tp["median_us"] / 1e6), 1)
+        if with_accuracy:
+            row["accuracy"] = _accuracy(runner, bundle, manifest)
+        if with_scaling and entry["precision"] == "fp32":
+            row["scaling"] = {}
+            for s in (QUICK_SCALING if quick else SCALING):
+                ids = rng.integers(2, vocab, (1, s), dtype=np.int32)
+                row["scaling"][str(s)] = _time_calls(call, ids, min_seconds=0.1 if quick else 0.3,
+                                                     min_reps=5 if quick else 20, max_reps=1000, warmup=3)["median_us"]
+        if rt in ("onnxruntime", "litert") and entry["precision"] == "fp32":
+            row["predictor_overhead"] = _predictor_overhead(bundle, rt, threads, rng, vocab, timing)
+        results.append(row)
+        runner.close()
+    return {"threads": threads, "rows": results}
+
+
+def _predictor_overhead(bundle, rt, threads, rng, vocab, timing):
+    """``Predictor.predict_ids`` vs the bare runtime call at batch 1 x 64."""
+    from .predict import Predictor
+
+    p = Predictor(bundle, runtime=rt, precision="fp32", threads=threads)
+    ids = rng.integers(2, vocab, (1, 64), dtype=np.int32)
+    bare = _time_calls(p._raw, ids, **timing)["median_us"]
+    ours = _time_calls(p.predict_ids, ids, **timing)["median_us"]
+    return {"bare_us": bare, "predict_ids_us": ours, "ratio": round(ours / bare, 2)}
+
+
+def cold_start(bundle, runs: int = 5) -> dict:
+    """Wall time of ``probattn predict BUNDLE "one text"`` in a fresh process (median)."""
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "probattn.export.cli", "predict", str(bundle), "one text"],
+                              capture_output=True, text=True)
+        times.append(time.perf_counter() - t)
+        if proc.returncode != 0:
+            return {"error": proc.stderr.strip().splitlines()[-1:]}
+    return {"median_s": round(statistics.median(times), 3), "runs": runs}
+
+
+def _parity_verdicts(bundle: Path) -> dict:
+    path = bundle / "report" / "parity.json"
+    if not path.is_file():
+        return {}
+    doc = json.loads(path.read_text())
+    out = {}
+    for r in doc.get("rows", []):
+        rt = r["runtime"].split("-")[0]
+        key = (r["artifact"], rt)
+        out[key] = out.get(key, True) and bool(r["passed"])
+    return out
+
+
+def run(bundle, out_dir=None, threads="1,all", quick=False, runtimes=None) -> dict:
+    bundle = Path(bundle)
+    manifest = B.load_manifest(bundle)
+    for a in manifest["artifacts"]:
+        B.verified_path(bundle, a)
+    settings = []
+    for t in str(threads).split(","):
+        t = t.strip()
+        if t == "all":
+            settings.append(os.cpu_count() or 1)
+        elif t.isdigit() and int(t) >= 1:
+            settings.append(int(t))
+        else:
+            raise UsageError(f"--threads takes positive integers and 'all', comma separated; received '{t}'")
+    settings = list(dict.fromkeys(settings))
+    runtimes = tuple(runtimes or RUNTIMES)
+    bad = [r for r in runtimes if r not in RUNTIMES]
+    if bad:
+        raise UsageError(f"unknown runtime {', '.join(bad)}; allowed: {', '.join(RUNTIMES)}")
+    out_dir = Path(out_dir) if out_dir else bundle / "bench"
+    doc = {"bundle": str(bundle), "machine": machine(), "versions": versions(), "quick": quick,
+           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": []}
+    for i, t in enumerate(settings):
+        cmd = [sys.executable, "-m", "probattn.export.bench", "--worker", str(bundle), str(t),
+               "1" if quick else "0", ",".join(runtimes), "1" if i == 0 else "0", "1" if i == 0 else "0"]
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS=str(t))
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+        if proc.returncode != 0:
+            raise UsageError(f"benchmark worker (threads={t}) failed with exit {proc.returncode}")
+        doc["runs"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    if any(r in runtimes for r in ("onnxruntime", "litert")):
+        print("  cold start of 'probattn predict' ...", file=sys.stderr, flush=True)
+        doc["cold_start_predict"] = cold_start(bundle, runs=3 if quick else 5)
+    verdicts = _parity_verdicts(bundle)
+    accuracy = {}
+    for run_ in doc["runs"]:
+        for r in run_["rows"]:
+            r["parity"] = verdicts.get((r["artifact"], r["runtime"]))
+            if r.get("accuracy") is not None:
+                accuracy[(r["artifact"], r["runtime"])] = r["accuracy"]
+    for run_ in doc["runs"]:
+        for r in run_["rows"]:
+            r.setdefault("accuracy", accuracy.get((r["artifact"], r["runtime"])))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(doc, indent=1))
+    (out_dir / "bench.md").write_text(markdown(doc))
+    plot_scaling(doc, out_dir / "bench_scaling.png")
+    plot_size_accuracy(doc, out_dir / "bench_size_accuracy.png")
+    return doc
+
+
+def _us(v):
+    return "-" if v is None else (f"{v / 1000:.2f} ms" if v >= 1000 else f"{v:.1f} us")
+
+
+def markdown(doc) -> str:
+    shapes = None
+    lines = []
+    m = doc["machine"]
+    lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, {m['system']}; "
+                 f"tensorflow {doc['versions'].get('tensorflow')}, onnxruntime {doc['versions'].get('onnxruntime')}, "
+                 f"ai-edge-litert {doc['versions'].get('ai-edge-litert')}. Latency: median (p90 at 1x64) of the "
+                 "bare runtime call on random ids; throughput at batch 256 x 64.")
+    lines.append("")
+    for run_ in doc["runs"]:
+        rows = [r for r in run_["rows"] if "skipped" not in r]
+        if not rows:
+            continue
+        shapes = list(rows[0]["latency"])
+        head = ["artifact", "runtime", "threads", "size", "load", "accuracy", "parity"] + \
+               [f"{s}" for s in shapes] + ["p90 1x64", "texts/s"]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        for r in rows:
+            lat = r["latency"]
+            parity = {True: "PASS", False: "FAIL", None: "-"}[r.get("parity")]
+            acc = "-" if r.get("accuracy") is None else f"{r['accuracy']:.4f}"
+            cells = [r["artifact"], r["runtime"], str(r["threads"]), f"{r['bytes'] / 1e6:.2f} MB",
+                     f"{r['load_ms']:.0f} ms", acc, parity] + [_us(lat[s]["median_us"]) for s in shapes] + \
+                    [_us(lat.get("1x64", {}).get("p90_us")), f"{r['throughput_texts_per_s']:,.0f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        for r in run_["rows"]:
+            if "skipped" in r:
+                lines.append(f"| {r['artifact']} | {r['runtime']} | {r['threads']} | skipped: {r['skipped']} |")
+        lines.append("")
+    # headline ratios at 1x64, one thread
+    one = next((run_ for run_ in doc["runs"] if run_["threads"] == 1), None)
+    if one:
+        lat = {(r["artifact"], r["runtime"]): r["latency"].get("1x64", {}).get("median_us")
+               for r in one["rows"] if "skipped" not in r}
+        keras = lat.get(("model.keras", "keras"))
+        if keras:
+            lines.append("Speed-up over calling the Keras model directly, batch 1 x 64 tokens, 1 thread:")
+            lines.append("")
+            for key in (("model_fp32.tflite", "litert"), ("model_fp32.onnx", "onnxruntime"),
+                        ("saved_model", "savedmodel")):
+                if lat.get(key):
+                    lines.append(f"- {key[0]} on {key[1]}: {_us(lat[key])} vs Keras {_us(keras)}: "
+                                 f"**{keras / lat[key]:.0f}x** faster")
+            lines.append("")
+        for r in one["rows"]:
+            po = r.get("predictor_overhead")
+            if po:
+                lines.append(f"- Predictor.predict_ids overhead on {r['runtime']} fp32 at 1 x 64: "
+                             f"{_us(po['predict_ids_us'])} vs bare call {_us(po['bare_us'])} ({po['ratio']}x)")
+    cs = doc.get("cold_start_predict")
+    if cs and "median_s" in cs:
+        lines.append(f"- Cold start of `probattn predict BUNDLE \"one text\"`: {cs['median_s']:.3f} s "
+                     f"(median of {cs['runs']} fresh processes)")
+    return "\n".join(lines) + "\n"
+
+
+def plot_scaling(doc, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plotted = False
+    for run_ in doc["runs"][:1]:
+        for r in run_["rows"]:
+            if "scaling" in r:
+                xs = [int(k) for k in r["scaling"]]
+                ax.plot(xs, list(r["scaling"].values()), marker="o", label=f"{r['runtime']} ({r['artifact']})")
+                plotted = True
+    if not plotted:
+        plt.close(fig)
+        return
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length (tokens), batch 1")
+    ax.set_ylabel("median latency (us)")
+    ax.set_title(f"Latency vs sequence length, {doc['runs'][0]['threads']} thread(s): ProbAttention is O(T)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_size_accuracy(doc, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = {}
+    for r in doc["runs"][0]["rows"]:
+        if r.get("accuracy") is not None and r["runtime"] != "keras":
+            pts[r["artifact"]] = (r["bytes"] / 1e6, r["accuracy"])
+    if not pts:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, (x, y) in pts.items():
+        ax.scatter(x, y)
+        ax.annotate(name, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("file size (MB)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Size vs accuracy across formats and precisions")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_cli(args) -> int:
+    runtimes = tuple(x.strip() for x in args.runtimes.split(",")) if args.runtimes else None
+    doc = run(args.bundle, args.out, args.threads, args.quick, runtimes)
+    print(markdown(doc))
+    print(f"wrote {Path(args.out) if args.out else Path(args.bundle) / 'bench'}/bench.json, bench.md, "
+          "bench_scaling.png, bench_size_accuracy.png")
+    return 0
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
+    from .quiet import import_tensorflow
+
+    if "keras" in sys.argv[5] or "savedmodel" in sys.argv[5]:
+        import_tensorflow()
+    _, _, b, t, q, rts, acc, sc = sys.argv
+    result = worker(b, int(t), q == "1", tuple(rts.split(",")), acc == "1", sc == "1")
+    print(json.dumps(result))

@@ -1,0 +1,101 @@
+"""Shared, session-scoped artifacts: one small real training run and one full bundle.
+
+Everything expensive (dataset download, training, export, verify) happens once per
+test session; tests that need their own model build a tiny one in-process.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """Datasets are downloaded once per machine into PROBATTN_CACHE_DIR (or the default)."""
+    return os.environ.get("PROBATTN_CACHE_DIR")
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory):
+    """A real run: Rotten Tomatoes, 2 epochs, the default architecture."""
+    from probattn.models.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    train(TrainConfig(epochs=2, seed=0), out, verbose=0)
+    assert (out / "model.keras").is_file()
+    return out
+
+
+@pytest.fixture(scope="session")
+def run_metrics(run_dir):
+    import json
+
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(run_dir, tmp_path_factory):
+    """Every format and precision exported from ``run_dir``."""
+    from probattn.export.exporter import export
+
+    out = tmp_path_factory.mktemp("bundle") / "bundle"
+    export(run_dir, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def manifest(bundle_dir):
+    import json
+
+    return json.loads((bundle_dir / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def parity_report(bundle_dir, tmp_path_factory):
+    from probattn.export.parity import verify
+
+    return verify(bundle_dir, report_dir=tmp_path_factory.mktemp("report"), quiet=True)
+
+
+def run_cli(*args, input=None, env=None, timeout=600):
+    """Run ``probattn`` in a child process; returns CompletedProcess (text)."""
+    full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "probattn.export.cli", *map(str, args)],
+                          capture_output=True, text=True, input=input, env=full_env, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def cli():
+    return run_cli
+
+
+def tiny_classifier(vocab_size=50, num_classes=3, embedding_dim=8, seed=0, masking_layer=False):
+    """A small untrained classifier, deterministic for a seed (weights drawn, not trained)."""
+    import tf_keras as keras
+
+    from probattn.models import ProbAttention, build_classifier
+
+    keras.utils.set_random_seed(seed)
+    if not masking_layer:
+        model = build_classifier(vocab_size, num_classes, embedding_dim, hidden_units=16)
+    else:  # the seed page's way: Masking() recomputes the mask and turns it off
+        inputs = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+        x = keras.layers.Embedding(vocab_size, embedding_dim, mask_zero=True)(inputs)
+        x = keras.layers.Masking()(x)
+        x = ProbAttention()(x)
+        x = keras.layers.Dense(16, activation="relu")(x)
+        outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+        model = keras.Model(inputs, outputs)
+    # spread the scoring kernel so attention is far from uniform (untrained 'uniform' is tiny)
+    att = [l for l in model.layers if isinstance(l, ProbAttention)][0]
+    rng = __import__("numpy").random.default_rng(seed)
+    att.kernel.assign(rng.normal(0, 2.0, att.kernel.shape).astype("float32"))
+    return model

@@ -1,0 +1,314 @@
+"""Export: every artifact of the session bundle loads in its own runtime with the documented
+signature, the manifest describes the files exactly, and bad inputs fail cleanly (one line,
+exit 2, nothing left behind)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli, tiny_classifier
+from probattn.export import bundle as B
+from probattn.export.errors import UsageError
+from probattn.export.parity import FP16_MAX_ABS, FP32_MAX_ABS, MAX_PAD_ATTENTION
+
+EXPECTED = [("savedmodel", "fp32"), ("tflite", "fp32"), ("tflite", "fp16"), ("tflite", "int8-dynamic"),
+            ("tflite", "int8"), ("onnx", "fp32"), ("onnx", "fp16"), ("onnx", "int8")]
+OUTPUTS = ["attention_weights", "probabilities"]
+FLOAT_TOL = {"fp32": FP32_MAX_ABS, "fp16": FP16_MAX_ABS}
+
+#: Texts for the tiny user-model tests: fewer than 50 distinct words, so every id the
+#: tokenizer emits is a valid row of tiny_classifier()'s 50-row embedding.
+TINY_TEXTS = ["the film was great fun", "a dull and boring plot", "the acting was fine",
+              "great cast but a weak script", "boring", "fun fun fun and more fun",
+              "not good not bad", "the plot was weak but the cast was great"]
+
+
+def _user_facing_clean(names):
+    for n in names:
+        assert "serving_default_" not in n and ":0" not in n, f"internal tensor name leaked: {n!r}"
+
+
+# --------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def keras_reference(bundle_dir):
+    """The bundle's model.keras with the attention output, called directly."""
+    from probattn.export.keras_io import load_keras_model
+    from probattn.export.serving import with_attention_output
+
+    model = with_attention_output(load_keras_model(bundle_dir / "model.keras"))
+    return lambda ids: {k: v.numpy() for k, v in model(ids, training=False).items()}
+
+
+@pytest.fixture(scope="module")
+def two_lengths(bundle_dir, manifest):
+    """Real held-out texts at two different sequence lengths (the second with padding)."""
+    from probattn.export.tokenizer import encode, load_tokenizer
+
+    tok = load_tokenizer(bundle_dir / "tokenizer.json")
+    texts = [json.loads(l)["text"] for l in (bundle_dir / "test.jsonl").read_text().splitlines()[:6]]
+    ids = encode(tok, texts, manifest["max_length"])
+    short = np.ascontiguousarray(ids[:, :3])
+    long = np.pad(ids, ((0, 0), (0, 9)))
+    assert short.shape[1] != long.shape[1]
+    return [short, long]
+
+
+def _open(fmt, path):
+    """(input descriptions, user-facing output names, run(ids) -> dict) straight from the runtime."""
+    if fmt == "tflite":
+        from ai_edge_litert.interpreter import Interpreter
+
+        interp = Interpreter(model_path=str(path))
+        sigs = interp.get_signature_list()
+        assert list(sigs) == ["serving_default"], sigs
+        runner = interp.get_signature_runner("serving_default")
+        ins = {k: {"dtype": np.dtype(v["dtype"]).name, "shape": [int(x) for x in v["shape_signature"]]}
+               for k, v in runner.get_input_details().items()}
+        outs = sorted(runner.get_output_details())
+        assert sorted(sigs["serving_default"]["outputs"]) == outs
+        return ins, outs, lambda ids: runner(token_ids=ids)
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        ins = {i.name: {"dtype": i.type, "shape": list(i.shape)} for i in sess.get_inputs()}
+        outs = sorted(o.name for o in sess.get_outputs())
+        shapes = {o.name: list(o.shape) for o in sess.get_outputs()}
+        assert shapes["attention_weights"] == ["batch", "sequence"], shapes
+        assert shapes["probabilities"][0] == "batch", shapes
+        names = [o.name for o in sess.get_outputs()]
+        return ins, outs, lambda ids: dict(zip(names, sess.run(names, {"token_ids": ids})))
+    if fmt == "savedmodel":
+        import tensorflow as tf
+
+        obj = tf.saved_model.load(str(path))
+        assert list(obj.signatures.keys()) == ["serving_default"], list(obj.signatures.keys())
+        fn = obj.signatures["serving_default"]
+        args, kwargs = fn.structured_input_signature
+        assert not args
+        ins = {k: {"dtype": v.dtype.name, "shape": v.shape.as_list()} for k, v in kwargs.items()}
+        outs = sorted(fn.structured_outputs)
+        return ins, outs, lambda ids: {k: v.numpy() for k, v in fn(token_ids=tf.constant(ids)).items()}
+    raise AssertionError(fmt)
+
+
+EXPECTED_INPUT = {"tflite": {"dtype": "int32", "shape": [-1, -1]},
+                  "onnx": {"dtype": "tensor(int32)", "shape": ["batch", "sequence"]},
+                  "savedmodel": {"dtype": "int32", "shape": [None, None]}}
+
+
+# --------------------------------------------------------------------------- every artifact
+
+def test_bundle_has_every_format_and_precision(manifest):
+    got = [(a["format"], a["precision"]) for a in manifest["artifacts"]]
+    assert sorted(got) == sorted(EXPECTED + [("keras", "fp32")])
+
+
+@pytest.mark.parametrize("fmt,precision", EXPECTED, ids=[f"{f}-{p}" for f, p in EXPECTED])
+def test_artifact_loads_with_dynamic_signature_and_runs(bundle_dir, manifest, keras_reference, two_lengths,
+                                                      fmt, precision):
+    entry = B.find_artifact(manifest, fmt, precision)
+    assert entry is not None, f"{fmt} {precision} missing from manifest"
+    ins, outs, run = _open(fmt, bundle_dir / entry["path"])
+    assert ins == {"token_ids": EXPECTED_INPUT[fmt]}, f"{entry['path']}: input signature {ins}"
+    assert outs == OUTPUTS, f"{entry['path']}: outputs {outs}"
+    _user_facing_clean(list(ins) + outs)
+    n_classes = len(manifest["labels"])
+    for ids in two_lengths:
+        out = run(ids)
+        assert sorted(out) == OUTPUTS
+        p, w = np.asarray(out["probabilities"]), np.asarray(out["attention_weights"])
+        assert p.shape == (ids.shape[0], n_classes) and p.dtype == np.float32, (p.shape, p.dtype)
+        assert w.shape == ids.shape and w.dtype == np.float32, (w.shape, ids.shape)
+        assert np.isfinite(p).all() and np.isfinite(w).all()
+        pad_mass = np.sum(np.where(ids == 0, np.abs(w), 0.0), axis=1)
+        assert pad_mass.max() <= MAX_PAD_ATTENTION, f"{entry['path']} length {ids.shape[1]}: pad attention {pad_mass}"
+        if precision in FLOAT_TOL:
+            ref = keras_reference(ids)
+            for name in OUTPUTS:
+                np.testing.assert_allclose(np.asarray(out[name]), ref[name], rtol=0, atol=FLOAT_TOL[precision],
+                                           err_msg=f"{entry['path']} {name} vs Keras at length {ids.shape[1]}")
+
+
+def test_manifest_hashes_and_sizes_match_files(bundle_dir, manifest):
+    for a in manifest["artifacts"]:
+        path = bundle_dir / a["path"]
+        assert path.exists(), a["path"]
+        assert B.sha256_path(path) == a["sha256"], f"{a['path']}: sha256 differs from manifest"
+        assert B.size_of(path) == a["bytes"], f"{a['path']}: {B.size_of(path)} bytes, manifest {a['bytes']}"
+    tok = manifest["tokenizer"]
+    assert B.sha256_path(bundle_dir / tok["path"]) == tok["sha256"]
+    # no model file in the bundle that the manifest does not account for (or hash)
+    listed = {a["path"] for a in manifest["artifacts"]}
+    models = {p.name for p in bundle_dir.iterdir() if p.name.startswith("model") or p.name == "saved_model"}
+    assert models == listed, f"unlisted: {sorted(models - listed)}, missing: {sorted(listed - models)}"
+
+
+def test_manifest_fields(manifest, run_dir):
+    from probattn.export.tokenizer import load_tokenizer
+
+    assert manifest["schema_version"] == B.SCHEMA_VERSION == 1
+    for pkg in ("tensorflow", "tf-keras", "tf2onnx", "onnx", "onnxruntime", "ai-edge-litert"):
+        assert isinstance(manifest["versions"].get(pkg), str) and manifest["versions"][pkg], pkg
+    assert manifest["labels"] == json.loads((run_dir / "labels.json").read_text())
+    assert manifest["pad_id"] == 0 and manifest["unk_id"] == 1
+    assert manifest["vocab_size"] == load_tokenizer(run_dir / "tokenizer.json").get_vocab_size()
+    assert manifest["max_length"] == json.loads((run_dir / "config.json").read_text())["max_length"]
+    sig = manifest["signature"]
+    assert sig["inputs"] == [{"name": "token_ids", "dtype": "int32", "shape": ["batch", "sequence"]}]
+    assert [o["name"] for o in sig["outputs"]] == ["probabilities", "attention_weights"]
+    for a in manifest["artifacts"]:
+        if a["format"] == "onnx":
+            assert a.get("opset") == 17, a
+        if a["precision"] == "int8":
+            assert isinstance(a.get("recipe"), dict) and a["recipe"], f"{a['path']}: no int8 recipe"
+    tfl_int8 = B.find_artifact(manifest, "tflite", "int8")
+    assert "calibration" in tfl_int8["recipe"] and "per-channel" in tfl_int8["recipe"]["weights"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_onnx_passes_full_checker(bundle_dir, manifest, precision):
+    import onnx
+
+    entry = B.find_artifact(manifest, "onnx", precision)
+    onnx.checker.check_model(str(bundle_dir / entry["path"]), full_check=True)
+    model = onnx.load(str(bundle_dir / entry["path"]))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in dims] == ["batch", "sequence"] and not any(d.HasField("dim_value") for d in dims)
+    assert [o.name for o in model.graph.output] and all(":" not in o.name for o in model.graph.output)
+    assert any(op.domain in ("", "ai.onnx") and op.version == 17 for op in model.opset_import)
+
+
+@pytest.mark.parametrize("fmt,precision", [("tflite", "int8"), ("tflite", "int8-dynamic"), ("onnx", "int8")])
+def test_int8_at_most_30_percent_of_fp32(manifest, fmt, precision):
+    q, f = B.find_artifact(manifest, fmt, precision), B.find_artifact(manifest, fmt, "fp32")
+    assert q["bytes"] <= 0.30 * f["bytes"], f"{q['path']} is {q['bytes'] / f['bytes']:.1%} of {f['path']}"
+
+
+# --------------------------------------------------------------------------- user models
+
+@pytest.fixture(scope="module")
+def user_files(tmp_path_factory):
+    """A tokenizer trained on TINY_TEXTS, calibration texts, the tiny model as .keras and .h5,
+    and a model that needs a Select TF op."""
+    import tf_keras as keras
+
+    from probattn.export.tokenizer import train_tokenizer
+    from probattn.models import ProbAttention
+
+    d = tmp_path_factory.mktemp("user")
+    tok = train_tokenizer(TINY_TEXTS, vocab_size=50)
+    assert tok.get_vocab_size() <= 50
+    tok.save(str(d / "tokenizer.json"))
+    (d / "calibration.txt").write_text("\n".join(TINY_TEXTS * 3) + "\n")
+    (d / "labels.txt").write_text("neg\nneu\npos\n")
+    model = tiny_classifier()
+    model.save(d / "tiny.keras")
+    model.save(d / "tiny.h5")
+
+    # x[:, :, :, None]: a StridedSlice with new_axis_mask, which TFLite has no builtin for
+    keras.utils.set_random_seed(0)
+    inp = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+    e = keras.layers.Embedding(50, 8, mask_zero=True)(inp)
+    x = keras.layers.Reshape((-1, 8))(e[:, :, :, None])
+    x = ProbAttention()(x)
+    out = keras.layers.Dense(3, activation="softmax", name="probabilities")(x)
+    keras.Model(inp, out).save(d / "flex.keras")
+    return {"dir": d, "model": model, "tokenizer": tok}
+
+
+def _leftovers(parent: Path, name: str):
+    return sorted(p.name for p in parent.glob(f".probattn-tmp-{name}-*") if not p.name.endswith(".lock"))
+
+
+def _one_error_line(proc, verb="export"):
+    """The CLI's failure: exit 2, no traceback, exactly one error line and it is the last."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr[-3000:]
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    errors = [l for l in lines if "error" in l.lower()]
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr[-3000:]
+    assert errors[0].startswith(f"probattn {verb}: error: "), errors[0]
+    return errors[0]
+
+
+def test_flex_op_model_refused_in_process(user_files, tmp_path):
+    from probattn.export.exporter import ExportOptions, export
+
+    out = tmp_path / "bundle"
+    with pytest.raises(UsageError) as ei:
+        export(user_files["dir"] / "flex.keras", out,
+               ExportOptions(formats=("tflite",), precisions=("fp32",),
+                             tokenizer=str(user_files["dir"] / "tokenizer.json")))
+    msg = str(ei.value)
+    assert "(StridedSlice)" in msg, msg  # the op, and only the op (no MLIR noise)
+    assert "Select TF" in msg and "\n" not in msg
+    assert not out.exists() and not _leftovers(tmp_path, "bundle")
+
+
+def test_flex_op_model_refused_by_cli(user_files, tmp_path):
+    out = tmp_path / "bundle"
+    proc = run_cli("export", user_files["dir"] / "flex.keras", "--out", out, "--precisions", "fp32",
+                   "--tokenizer", user_files["dir"] / "tokenizer.json")
+    line = _one_error_line(proc)
+    assert "StridedSlice" in line and "not LiteRT builtins" in line, line
+    assert not out.exists(), sorted(p.name for p in out.iterdir())
+    assert not _leftovers(tmp_path, "bundle")
+
+
+@pytest.mark.parametrize("opset", ["99", "abc", "12"])
+def test_bad_opset_fails_cleanly(run_dir, tmp_path, opset):
+    out = tmp_path / "bundle"
+    proc = run_cli("export", run_dir, "--out", out, "--opset", opset)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("probattn export: error: --opset") and "13 to 18" in lines[0], lines[0]
+    assert opset in lines[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("suffix,precisions", [(".keras", "fp32,fp16,int8-dynamic,int8"), (".h5", "fp32")])
+def test_export_user_model_file(user_files, tmp_path, suffix, precisions):
+    import onnxruntime as ort
+
+    from probattn.export.tokenizer import encode
+
+    d = user_files["dir"]
+    out = tmp_path / "bundle"
+    proc = run_cli("export", d / f"tiny{suffix}", "--out", out, "--tokenizer", d / "tokenizer.json",
+                   "--calibration-data", d / "calibration.txt", "--labels", d / "labels.txt",
+                   "--precisions", precisions)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    man = json.loads((out / "manifest.json").read_text())
+    want = {("keras", "fp32"), ("savedmodel", "fp32")} | {(f, p) for f in ("tflite", "onnx")
+                                                           for p in precisions.split(",")
+                                                           if not (f == "onnx" and p == "int8-dynamic")}
+    assert {(a["format"], a["precision"]) for a in man["artifacts"]} == want
+    assert man["labels"] == ["neg", "neu", "pos"] and man["vocab_size"] == 50
+    assert man["test_data"] is None
+    for a in man["artifacts"]:
+        assert B.sha256_path(out / a["path"]) == a["sha256"], a["path"]
+    # the exported graph is the user's model: ONNX fp32 equals Keras on the user's texts
+    ids = encode(user_files["tokenizer"], TINY_TEXTS, man["max_length"])
+    sess = ort.InferenceSession(str(out / "model_fp32.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(["probabilities"], {"token_ids": ids})[0]
+    ref = user_files["model"](ids, training=False).numpy()
+    np.testing.assert_allclose(got, ref, rtol=0, atol=FP32_MAX_ABS, err_msg=f"ONNX fp32 of tiny{suffix} vs Keras")
+
+
+def test_export_onto_existing_bundle_refused_and_intact(bundle_dir, run_dir, tmp_path):
+    target = tmp_path / "existing"
+    shutil.copytree(bundle_dir, target)
+    before = {str(p.relative_to(target)): B.sha256_path(p) for p in target.rglob("*") if p.is_file()}
+    proc = run_cli("export", run_dir, "--out", target, "--precisions", "fp32", "--formats", "onnx")
+    line = _one_error_line(proc)
+    assert "already exists" in line and "--overwrite" in line, line
+    after = {str(p.relative_to(target)): B.sha256_path(p) for p in target.rglob("*") if p.is_file()}
+    assert after == before
+    assert not _leftovers(tmp_path, "existing")

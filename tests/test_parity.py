@@ -1,0 +1,282 @@
+"""Parity: the session bundle passes every check on every runtime, and the engine catches
+the real bugs (the seed's broken masking, an int8 graph that collapses on LiteRT's
+reference kernels, a NaN among otherwise-close numbers) instead of passing them."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import run_cli, tiny_classifier
+from probattn.export import parity
+from probattn.export.parity import (FP32_PAD_INVARIANCE, INT8_MIN_AGREEMENT, Case, _checks_for, _fmt,
+                                    _metrics)
+
+ARTIFACT_RUNTIMES = {
+    ("model.keras", "keras"), ("saved_model", "savedmodel"),
+    *{(f"model_{p}.tflite", k) for p in ("fp32", "fp16", "int8_dynamic", "int8")
+      for k in ("litert-xnnpack", "litert-reference")},
+    *{(f"model_{p}.onnx", k) for p in ("fp32", "fp16", "int8") for k in ("onnxruntime-all", "onnxruntime-none")},
+}
+
+TINY_TEXTS = ["the film was great fun", "a dull and boring plot", "the acting was fine",
+              "great cast but a weak script", "boring", "fun fun fun and more fun",
+              "not good not bad", "the plot was weak but the cast was great"]
+TINY_LABELS = ["neg", "neu", "pos"]
+
+
+def _write_jsonl(path, texts, labels):
+    path.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in zip(texts, labels)))
+
+
+def _tamper(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+# --------------------------------------------------------------------------- the good bundle
+
+def test_session_bundle_passes_every_check(parity_report):
+    assert parity_report.checks, "no checks were run"
+    assert not parity_report.failures, "\n".join(c.message() for c in parity_report.failures[:20])
+    assert parity_report.passed is True
+    assert not parity_report.skipped, parity_report.skipped
+
+
+def test_rows_for_every_artifact_and_runtime(parity_report):
+    rows = {(r["artifact"], r["runtime"]) for r in parity_report.rows}
+    assert rows == ARTIFACT_RUNTIMES
+    assert len(parity_report.rows) == len(ARTIFACT_RUNTIMES), "duplicate rows"
+    for r in parity_report.rows:
+        assert r["passed"] is True, r["artifact"] + " " + r["runtime"]
+        # every row was checked on every case family, not just some
+        assert set(r["cases"]) == set(parity_report.meta["cases"]), (r["artifact"], r["runtime"])
+    checked = {(c.artifact, c.runtime) for c in parity_report.checks}
+    assert checked == ARTIFACT_RUNTIMES
+
+
+def test_report_files_and_manifest_verdict(parity_report, bundle_dir, tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    found = [p.parent for p in base.glob("report*/parity.json")
+             if json.loads(p.read_text())["meta"]["bundle"] == str(bundle_dir)]
+    assert found, f"no parity.json for {bundle_dir} under {base}"
+    d = found[0]
+    doc = json.loads((d / "parity.json").read_text())
+    assert doc["passed"] is True and doc["failures"] == []
+    assert len(doc["rows"]) == len(ARTIFACT_RUNTIMES) and len(doc["checks"]) == len(parity_report.checks)
+    md = (d / "parity.md").read_text()
+    assert "**PASS**" in md and "model_int8.tflite | litert-reference" in md
+    assert (d / "parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    verdict = json.loads((bundle_dir / "manifest.json").read_text())["verdict"]
+    assert verdict["passed"] is True and verdict["failures"] == 0
+    assert verdict["checks"] == len(parity_report.checks)
+
+
+# --------------------------------------------------------------------------- the seed's masking
+
+@pytest.fixture(scope="module")
+def seed_masking(tmp_path_factory):
+    """Embedding(mask_zero=True) -> Masking() -> ProbAttention, exported fp32 and verified."""
+    from probattn.export.exporter import ExportOptions, export
+    from probattn.export.tokenizer import train_tokenizer
+
+    d = tmp_path_factory.mktemp("seedmask")
+    train_tokenizer(TINY_TEXTS, vocab_size=50).save(str(d / "tokenizer.json"))
+    (d / "labels.txt").write_text("\n".join(TINY_LABELS) + "\n")
+    texts = TINY_TEXTS * 2
+    _write_jsonl(d / "test.jsonl", texts, [TINY_LABELS[i % 3] for i in range(len(texts))])
+    tiny_classifier(masking_layer=True).save(d / "seed.keras")
+    export(d / "seed.keras", d / "bundle",
+           ExportOptions(precisions=("fp32",), tokenizer=str(d / "tokenizer.json"), labels=str(d / "labels.txt")))
+    report = parity.verify(d / "bundle", data=str(d / "test.jsonl"), report_dir=d / "report", quiet=True)
+    return d, report
+
+
+def test_seed_masking_fails_padding_invariance_on_keras_itself(seed_masking):
+    _, report = seed_masking
+    assert report.passed is False
+    keras_fail = [c for c in report.failures
+                  if (c.artifact, c.runtime, c.metric) == ("model.keras", "keras", "pad_invariance")]
+    assert keras_fail, "the reference's own broken masking was not caught:\n" + \
+        "\n".join(c.message() for c in report.failures)
+    assert {c.case for c in keras_fail} >= {"pad+1", "pad+7", "pad+64"}
+    for c in keras_fail:
+        assert c.value > c.bound == FP32_PAD_INVARIANCE and c.op == "<="
+        msg = c.message()
+        for part in ("model.keras", "on keras", f"case {c.case}", "pad_invariance", _fmt(c.value),
+                     f"bound <= {_fmt(c.bound)}", "outside"):
+            assert part in msg, f"{part!r} not in {msg!r}"
+    print(f"\nseed masking, Keras row: pad_invariance per case "
+          f"{ {c.case: round(c.value, 6) for c in keras_fail} } (bound {FP32_PAD_INVARIANCE})")
+
+
+def test_seed_masking_fails_on_every_exported_artifact(seed_masking):
+    _, report = seed_masking
+    rows = {(r["artifact"], r["runtime"]): r for r in report.rows}
+    assert set(rows) == {("model.keras", "keras"), ("saved_model", "savedmodel"),
+                         ("model_fp32.tflite", "litert-xnnpack"), ("model_fp32.tflite", "litert-reference"),
+                         ("model_fp32.onnx", "onnxruntime-all"), ("model_fp32.onnx", "onnxruntime-none")}
+    for key, row in rows.items():
+        assert row["passed"] is False, key
+        assert any((c.artifact, c.runtime, c.metric) == (*key, "pad_invariance") for c in report.failures), key
+    # the runtimes agree with the (broken) reference: it is the masking, not the conversion
+    for c in report.checks:
+        if c.metric == "max_abs":
+            assert c.passed, c.message()
+
+
+def test_cli_verify_exit_1_on_broken_masking(seed_masking, tmp_path):
+    d, _ = seed_masking
+    proc = run_cli("verify", d / "bundle", "--data", d / "test.jsonl", "--report-dir", tmp_path)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "FAIL model.keras on keras, case pad+1: pad_invariance" in proc.stdout, proc.stdout[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert json.loads((tmp_path / "parity.json").read_text())["passed"] is False
+
+
+# --------------------------------------------------------------------------- naive int8 collapse
+
+@pytest.fixture(scope="module")
+def naive_int8(tmp_path_factory):
+    """The findings' naive layer (tf.where(mask, u, -1e4), reduce_sum(x * a); see
+    probattn.models.naive) trained one epoch on Rotten Tomatoes with the same pipeline,
+    exported full-int8 with the run's calibration texts, and verified."""
+    from probattn.export.exporter import ExportOptions, export
+    from probattn.models.naive import NaiveProbAttention
+    from probattn.models.train import TrainConfig, train
+
+    d = tmp_path_factory.mktemp("naive")
+    train(TrainConfig(epochs=1, seed=0), d / "run", verbose=0, attention_layer=NaiveProbAttention)
+    export(d / "run", d / "bundle", ExportOptions(formats=("tflite",), precisions=("int8",)))
+    return parity.verify(d / "bundle", quiet=True)
+
+
+def test_naive_int8_collapse_caught_on_reference_kernels(naive_int8):
+    report = naive_int8
+    rows = {(r["artifact"], r["runtime"]): r for r in naive_int8.rows}
+    print("\nnaive int8: " + ", ".join(f"{a} on {rt}: top1_agreement {r['top1_agreement']:.4f}, "
+                                      f"accuracy {r['accuracy']:.4f}" for (a, rt), r in rows.items()))
+    # the float model itself is fine: masking holds, so the failure is the quantized arithmetic
+    assert rows[("model.keras", "keras")]["passed"] is True, \
+        [c.message() for c in report.failures if c.artifact == "model.keras"]
+    ref_row = rows[("model_int8.tflite", "litert-reference")]
+    assert ref_row["passed"] is False
+    held = [c for c in report.checks if (c.artifact, c.runtime, c.case, c.metric)
+            == ("model_int8.tflite", "litert-reference", "heldout", "top1_agreement")]
+    assert len(held) == 1 and held[0].passed is False and held[0].value < INT8_MIN_AGREEMENT, held
+    assert held[0].bound == INT8_MIN_AGREEMENT and "top1_agreement" in held[0].message()
+    assert report.passed is False
+
+
+# --------------------------------------------------------------------------- NaN and skipped
+
+def _unit_case():
+    return Case("heldout", [np.array([[5, 6, 7, 8], [9, 10, 11, 0], [3, 4, 0, 0]], np.int32)], real=True)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8-dynamic", "int8"])
+@pytest.mark.parametrize("where", ["probabilities", "attention_weights"])
+def test_one_nan_fails_even_when_everything_else_is_close(precision, where):
+    ref = {"probabilities": np.array([[0.7, 0.3], [0.2, 0.8], [0.55, 0.45]], np.float32),
+           "attention_weights": np.array([[0.1, 0.2, 0.3, 0.4], [0.5, 0.25, 0.25, 0], [0.5, 0.5, 0, 0]],
+                                         np.float32)}
+    out = {k: v.copy() for k, v in ref.items()}
+    # the NaN sits where it cannot change a decision: argmax of [0.2, nan] is still class 1
+    out[where][1, 1] = np.nan
+    case = _unit_case()
+    m = _metrics(out, ref, case, None, None)
+    assert m["nan_inf"] == 1
+    checks = _checks_for("model_x.onnx", "onnxruntime-all", precision, case, m)
+    nan_checks = [c for c in checks if c.metric == "nan_inf"]
+    assert len(nan_checks) == 1 and nan_checks[0].passed is False, [c.message() for c in checks]
+    assert "nan_inf 1 outside bound <= 0" in nan_checks[0].message()
+    if precision.startswith("int8"):  # decisions alone would have let it through
+        top1 = [c for c in checks if c.metric == "top1_agreement"]
+        assert top1 and all(c.passed for c in top1)
+    # and without the NaN the same comparison passes
+    clean = _checks_for("model_x.onnx", "onnxruntime-all", precision, case, _metrics(ref, ref, case, None, None))
+    assert clean and all(c.passed for c in clean), [c.message() for c in clean if not c.passed]
+
+
+def test_nan_runner_fails_and_unavailable_runtime_is_skipped(bundle_dir, tmp_path, monkeypatch):
+    from probattn.export import runners
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, bundle)
+    reason = "onnxruntime graph-optimization-off build not installed (test)"
+
+    class NaNOnnx(runners.OnnxRunner):
+        def _run(self, ids):
+            out = dict(super()._run(ids))
+            p = np.array(out["probabilities"], np.float32, copy=True)
+            p[0, 0] = np.nan
+            out["probabilities"] = p
+            return out
+
+    class Missing(runners.OnnxRunner):
+        @classmethod
+        def unavailable(cls):
+            return reason
+
+        def _load(self):
+            raise AssertionError("a skipped runtime must not be loaded")
+
+    real = parity.runner_for
+
+    def fake(fmt, path, *args, variant=None, **kwargs):
+        if fmt == "onnx" and path.name == "model_fp32.onnx":
+            cls = NaNOnnx if variant == "all" else Missing
+            return cls(path, *args, optimization=variant, **kwargs)
+        return real(fmt, path, *args, variant=variant, **kwargs)
+
+    monkeypatch.setattr(parity, "runner_for", fake)
+    report = parity.verify(bundle, formats=["onnx"], report_dir=tmp_path / "report", quiet=True)
+
+    assert report.skipped == [{"artifact": "model_fp32.onnx", "runtime": "onnxruntime-none", "reason": reason}]
+    skipped_key = ("model_fp32.onnx", "onnxruntime-none")
+    assert skipped_key not in {(r["artifact"], r["runtime"]) for r in report.rows}
+    assert not [c for c in report.checks if (c.artifact, c.runtime) == skipped_key], "skipped runtime was checked"
+    assert f"skipped: {reason}" in parity.markdown_table(report)
+
+    nan_key = ("model_fp32.onnx", "onnxruntime-all")
+    nan_fail = [c for c in report.failures if (c.artifact, c.runtime) == nan_key]
+    assert any(c.metric == "nan_inf" and c.value >= 1 for c in nan_fail), [c.message() for c in nan_fail]
+    assert {(c.artifact, c.runtime) for c in report.failures} == {nan_key}, \
+        [c.message() for c in report.failures]
+    assert report.passed is False
+    for r in report.rows:
+        assert r["passed"] is ((r["artifact"], r["runtime"]) != nan_key), (r["artifact"], r["runtime"])
+
+
+# --------------------------------------------------------------------------- CLI exit codes
+
+def test_cli_verify_exit_0_on_good_bundle(bundle_dir, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, bundle)
+    proc = run_cli("verify", bundle, "--report-dir", tmp_path / "report")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "checks passed" in proc.stdout and "FAIL" not in proc.stdout, proc.stdout[-3000:]
+    assert (tmp_path / "report" / "parity.json").is_file()
+    assert json.loads((bundle / "manifest.json").read_text())["verdict"]["passed"] is True
+
+
+def test_cli_verify_exit_2_on_missing_bundle(tmp_path):
+    proc = run_cli("verify", tmp_path / "nope")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("probattn verify: error: bundle not found"), proc.stderr
+
+
+def test_cli_verify_exit_2_on_tampered_artifact(bundle_dir, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, bundle)
+    _tamper(bundle / "model_fp32.onnx")
+    proc = run_cli("verify", bundle, "--report-dir", tmp_path / "report")
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    err = [l for l in proc.stderr.splitlines() if "error" in l]
+    assert len(err) == 1 and "model_fp32.onnx does not match its manifest hash" in err[0], proc.stderr[-2000:]
+    assert not (tmp_path / "report" / "parity.json").exists()
