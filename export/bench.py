@@ -312,10 +312,12 @@ def plot_size_accuracy(doc, path):
             pts[r["artifact"]] = (r["bytes"] / 1e6, r["accuracy"])
     if not pts:
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, (x, y) in pts.items():
-        ax.scatter(x, y)
-        ax.annotate(name, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    markers = {"tflite": "o", "onnx": "s", "savedmodel": "^"}
+    for name, (x, y) in sorted(pts.items()):
+        fmt = "savedmodel" if name == "saved_model" else name.rsplit(".", 1)[-1]
+        ax.scatter(x, y, marker=markers.get(fmt, "o"), s=60, alpha=0.8, label=name)
+    ax.legend(fontsize=7, loc="lower right")
     ax.set_xlabel("file size (MB)")
     ax.set_ylabel("test accuracy")
     ax.set_title("Size vs accuracy across formats and precisions")

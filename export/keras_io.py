@@ -73,6 +73,7 @@ def load_keras_model(path, unsafe: bool = False):
     import_tensorflow()
     import tf_keras as keras
 
+    import probattn.models.naive  # noqa: F401  (registers the comparison layer of scripts/int8_masking_demo.py)
     from probattn.models import ProbAttention
 
     custom = {"ProbAttention": ProbAttention}
@@ -98,8 +99,43 @@ def load_keras_model(path, unsafe: bool = False):
         msg = str(e)
         if "safe_mode" in msg or "Lambda" in msg and "unsafe" in msg.lower():
             raise UsageError(_lambda_refusal(path, ["Lambda"])) from None
+        unknown = _unregistered_classes(path, custom)
+        if unknown:
+            raise UsageError(f"{path} uses custom classes that are not registered in this process "
+                             f"({', '.join(unknown)}); import the module that defines them first "
+                             "(probattn's own layers register on 'import probattn.models')") from None
         raise UsageError(f"could not load Keras model {path}: {one_line(msg, 300)}") from None
     return model
+
+
+def _unregistered_classes(path: Path, custom: dict) -> list:
+    """Registered names (``package>Class``) in a .keras config that Keras cannot resolve.
+    tf-keras reports those as "'str' object is not callable"."""
+    if path.suffix.lower() != ".keras":
+        return []
+    import tf_keras as keras
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            config = json.loads(z.read("config.json"))
+    except Exception:
+        return []
+    names = set()
+
+    def walk(obj):
+        if isinstance(obj, dict):
+            name = obj.get("registered_name")
+            if isinstance(name, str) and ">" in name:
+                names.add(name)
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                walk(v)
+
+    walk(config)
+    return sorted(n for n in names if n.split(">")[-1] not in custom
+                  and keras.saving.get_registered_object(n) is None)
 
 
 #: Modules a .keras config may name in safe mode. Keras' safe mode refuses only lambdas:

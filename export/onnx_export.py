@@ -109,11 +109,16 @@ def convert_fp16(model_fp32):
 def convert_int8(fp32_path: Path, out_path: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    import logging
+
+    logging.disable(logging.WARNING)  # "consider pre-processing" advice logged on the root logger
     try:
         quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8,
                          op_types_to_quantize=["MatMul", "Gather"])
     except Exception as e:
         raise UsageError(f"ONNX int8 quantization failed: {one_line(e)}") from None
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def save_checked(model, path: Path) -> None:

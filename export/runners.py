@@ -33,9 +33,20 @@ def check_token_ids(ids, vocab_size: int | None) -> np.ndarray:
         if lo < 0 or hi >= min(vocab_size or 2**31 - 1, 2**31 - 1):
             _raise_range(lo, hi, vocab_size)
         arr = arr.astype(np.int32)
-    elif vocab_size is not None and arr.view(np.uint32).max() >= vocab_size:  # negatives wrap high
+    elif vocab_size is not None and _max_as_unsigned(arr) >= vocab_size:  # negatives wrap high
         _raise_range(int(arr.min()), int(arr.max()), vocab_size)
     return arr
+
+
+#: Up to this many ids the range check runs in Python: a NumPy reduction right before an
+#: onnxruntime call measured ~11 us slower at batch 1 x 64 (vs ~3 us in Python), which
+#: is a third of the call itself. Larger inputs use NumPy.
+_PY_CHECK_MAX = 4096
+
+
+def _max_as_unsigned(arr: np.ndarray) -> int:
+    flat = arr.view(np.uint32).ravel()
+    return max(flat.tolist()) if flat.size <= _PY_CHECK_MAX else int(flat.max())
 
 
 def _raise_range(lo, hi, vocab_size):

@@ -387,6 +387,40 @@ def test_lambda_keras_refused_by_cli(lambda_files, tmp_path):
     assert not out.exists() and not list(tmp_path.glob(f"{TMP_PREFIX}*"))
 
 
+_UNREGISTERED_SCRIPT = """
+import sys
+import tf_keras as keras
+
+@keras.saving.register_keras_serializable(package="elsewhere")
+class Doubler(keras.layers.Layer):
+    def call(self, x):
+        return x * 2.0
+
+inp = keras.Input((None,), dtype="int32", name="token_ids")
+h = keras.layers.Embedding(50, 4)(inp)
+h = Doubler()(h)
+h = keras.layers.GlobalAveragePooling1D()(h)
+out = keras.layers.Dense(2, activation="softmax", name="probabilities")(h)
+keras.Model(inp, out).save(sys.argv[1])
+"""
+
+
+def test_unregistered_custom_class_named_in_the_error(lambda_files, tmp_path):
+    """tf-keras reports an unknown registered class as "'str' object is not callable";
+    probattn names the class instead."""
+    path = tmp_path / "custom.keras"
+    subprocess.run([sys.executable, "-c", _UNREGISTERED_SCRIPT, str(path)], check=True,
+                   capture_output=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    out = tmp_path / "out"
+    proc = run_cli("export", path, "--tokenizer", lambda_files / "tokenizer.json", "--out", out,
+                   "--formats", "onnx", "--precisions", "fp32")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "elsewhere>Doubler" in lines[0] and "not registered" in lines[0], lines[0]
+    assert not out.exists()
+
+
 def test_lambda_h5_refused(lambda_files, tmp_path):
     from probattn.export.exporter import ExportOptions, export
 
