@@ -35,6 +35,12 @@ def _positive_int(text):
     return v
 
 
+def _add_data_file_args(parser):
+    parser.add_argument("--text-column", default="text", help="text column of a CSV/JSONL file (default text)")
+    parser.add_argument("--label-column", default="label", help="label column of a CSV/JSONL file (default label)")
+    parser.add_argument("--encoding", default="utf-8", help="encoding of a CSV/JSONL file (default utf-8)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="probattn", description="Train, export, verify and run a ProbAttention text classifier.")
     sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
@@ -43,9 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dataset", default="rotten_tomatoes",
                    help="rotten_tomatoes (default), bbc_news, or a path to a .csv/.jsonl file")
     t.add_argument("--out", required=True, help="run directory to write (atomically)")
-    t.add_argument("--text-column", default="text")
-    t.add_argument("--label-column", default="label")
-    t.add_argument("--encoding", default="utf-8", help="encoding of a user file (default utf-8)")
+    _add_data_file_args(t)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--epochs", type=_positive_int, default=4)
     t.add_argument("--max-length", type=_positive_int, default=64)
@@ -72,9 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check every artifact of a bundle against Keras")
     v.add_argument("bundle")
     v.add_argument("--data", help="held-out texts: a .csv/.jsonl file or a dataset name (default: the bundle's test split)")
-    v.add_argument("--text-column", default="text", help="text column of a --data file (default text)")
-    v.add_argument("--label-column", default="label", help="label column of a --data file (default label)")
-    v.add_argument("--encoding", default="utf-8", help="encoding of a --data file (default utf-8)")
+    _add_data_file_args(v)
     v.add_argument("--report-dir", help="where to write parity.json/.md/.png (default BUNDLE/report)")
     v.add_argument("--formats", help="only these formats (comma list of savedmodel, tflite, onnx)")
 

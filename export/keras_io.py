@@ -22,20 +22,30 @@ def _h5_lambda_layers(path: Path) -> list:
         return []
     if isinstance(raw, bytes):
         raw = raw.decode("utf-8")
-    found = []
+    return [d.get("config", {}).get("name", "lambda") for d in _dicts(json.loads(raw))
+            if d.get("class_name") == "Lambda"]
 
-    def walk(obj):
-        if isinstance(obj, dict):
-            if obj.get("class_name") == "Lambda":
-                found.append(obj.get("config", {}).get("name", "lambda"))
-            for v in obj.values():
-                walk(v)
-        elif isinstance(obj, list):
-            for v in obj:
-                walk(v)
 
-    walk(json.loads(raw))
-    return found
+def _dicts(obj):
+    """Every dict nested anywhere in a JSON value (a Keras config), depth first."""
+    stack = [obj]
+    while stack:
+        cur = stack.pop()
+        if isinstance(cur, dict):
+            yield cur
+            stack.extend(reversed(list(cur.values())))
+        elif isinstance(cur, list):
+            stack.extend(reversed(cur))
+
+
+def _keras_config(path: Path):
+    """The parsed ``config.json`` of a .keras archive, or None when it cannot be read
+    (Keras then reports what is wrong with the archive)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return json.loads(z.read("config.json"))
+    except Exception:
+        return None
 
 
 def check_model_file(path) -> Path:
@@ -115,25 +125,11 @@ def _unregistered_classes(path: Path, custom: dict) -> list:
         return []
     import tf_keras as keras
 
-    try:
-        with zipfile.ZipFile(path) as z:
-            config = json.loads(z.read("config.json"))
-    except Exception:
+    config = _keras_config(path)
+    if config is None:
         return []
-    names = set()
-
-    def walk(obj):
-        if isinstance(obj, dict):
-            name = obj.get("registered_name")
-            if isinstance(name, str) and ">" in name:
-                names.add(name)
-            for v in obj.values():
-                walk(v)
-        elif isinstance(obj, list):
-            for v in obj:
-                walk(v)
-
-    walk(config)
+    names = {d["registered_name"] for d in _dicts(config)
+             if isinstance(d.get("registered_name"), str) and ">" in d["registered_name"]}
     return sorted(n for n in names if n.split(">")[-1] not in custom
                   and keras.saving.get_registered_object(n) is None)
 
@@ -148,31 +144,20 @@ SAFE_CONFIG_MODULES = ("keras", "tf_keras", "probattn")
 def _check_keras_config(path: Path, custom: dict) -> None:
     """Refuse lambdas and modules outside SAFE_CONFIG_MODULES (a class resolved through
     ``custom``, like the seed page's unregistered ``ProbAttention``, imports nothing)."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            config = json.loads(z.read("config.json"))
-    except Exception:
-        return  # not readable here: Keras reports what is wrong with the archive
+    config = _keras_config(path)
+    if config is None:
+        return
     lambdas, modules = [], set()
-
-    def walk(obj):
-        if isinstance(obj, dict):
-            if obj.get("class_name") in ("Lambda", "__lambda__"):
-                cfg = obj.get("config")
-                lambdas.append(cfg.get("name", "lambda") if isinstance(cfg, dict) else "lambda")
-            mod = obj.get("module")
-            name = obj.get("registered_name", obj.get("class_name"))  # how Keras looks classes up
-            if obj.get("class_name") != "function" and isinstance(name, str) and name in custom:
-                mod = None  # resolved from ``custom``: nothing is imported
-            if isinstance(mod, str) and not any(mod == m or mod.startswith(m + ".") for m in SAFE_CONFIG_MODULES):
-                modules.add(mod)
-            for v in obj.values():
-                walk(v)
-        elif isinstance(obj, list):
-            for v in obj:
-                walk(v)
-
-    walk(config)
+    for obj in _dicts(config):
+        if obj.get("class_name") in ("Lambda", "__lambda__"):
+            cfg = obj.get("config")
+            lambdas.append(cfg.get("name", "lambda") if isinstance(cfg, dict) else "lambda")
+        mod = obj.get("module")
+        name = obj.get("registered_name", obj.get("class_name"))  # how Keras looks classes up
+        if obj.get("class_name") != "function" and isinstance(name, str) and name in custom:
+            mod = None  # resolved from ``custom``: nothing is imported
+        if isinstance(mod, str) and not any(mod == m or mod.startswith(m + ".") for m in SAFE_CONFIG_MODULES):
+            modules.add(mod)
     if lambdas:
         raise UsageError(_lambda_refusal(path, sorted(set(lambdas))))
     if modules:
