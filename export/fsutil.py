@@ -22,14 +22,16 @@ TMP_PREFIX = ".probattn-tmp-"
 
 
 @contextlib.contextmanager
-def atomic_directory(target, overwrite: bool = False):
-    """Yield a temporary directory; on success it replaces ``target`` in one rename."""
-    target = check_output_dir(target, overwrite)
+def atomic_directory(target, overwrite: bool = False, marker: str | None = None):
+    """Yield a temporary directory; on success it replaces ``target`` in one rename.
+    ``marker``: a file that marks ``target`` as ours (``manifest.json`` for a bundle,
+    ``metrics.json`` for a run); ``overwrite`` replaces only such a directory."""
+    target = check_output_dir(target, overwrite, marker)
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     with directory_lock(target):
         _remove_stale(parent, target.name)
-        check_output_dir(target, overwrite)  # again, under the lock: a writer may just have finished
+        check_output_dir(target, overwrite, marker)  # again, under the lock: a writer may just have finished
         tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-", dir=parent))
         umask = os.umask(0)
         os.umask(umask)
@@ -48,15 +50,21 @@ def atomic_directory(target, overwrite: bool = False):
             raise
 
 
-def check_output_dir(target, overwrite: bool = False) -> Path:
-    """Refuse an output path that is a file, or a non-empty directory without ``overwrite``.
-    Verbs call this before their slow work too, so bad ``--out`` fails in seconds."""
+def check_output_dir(target, overwrite: bool = False, marker: str | None = None) -> Path:
+    """Refuse an output path that is a file, a non-empty directory without ``overwrite``,
+    or (with ``overwrite``) a non-empty directory that lacks ``marker``: --overwrite
+    replaces an earlier bundle or run, never an arbitrary folder. Verbs call this before
+    their slow work too, so a bad ``--out`` fails in seconds."""
     target = Path(target).absolute()
     if target.exists() and not target.is_dir():
         raise UsageError(f"output path exists and is not a directory: {target}")
-    if target.exists() and not overwrite and any(target.iterdir()):
-        raise UsageError(f"output directory already exists and is not empty: {target} "
-                         "(pass --overwrite to replace it)")
+    if target.exists() and any(target.iterdir()):
+        if not overwrite:
+            raise UsageError(f"output directory already exists and is not empty: {target} "
+                             "(pass --overwrite to replace it)")
+        if marker and not (target / marker).is_file():
+            raise UsageError(f"--overwrite replaces only an earlier probattn output; {target} is not "
+                             f"one (no {marker}). Choose another --out")
     return target
 
 
@@ -81,15 +89,19 @@ def _remove_stale(parent: Path, name: str) -> None:
 
 
 @contextlib.contextmanager
-def directory_lock(target: Path):
-    """An exclusive, non-blocking lock per output path; a second writer fails clearly."""
+def directory_lock(target: Path, shared: bool = False):
+    """A non-blocking lock per output path, in a file beside it. Writers (train, export)
+    take it exclusively; ``verify`` takes it shared, so verifies run side by side but an
+    export cannot replace a bundle while it is being verified."""
     lock_path = target.parent / f"{TMP_PREFIX}{target.name}.lock"
     fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UsageError(f"another probattn process is writing {target}; "
+            if shared:
+                raise UsageError(f"an export is writing {target}; verify it when the export has finished") from None
+            raise UsageError(f"another probattn process is writing or verifying {target}; "
                              "wait for it to finish or choose another --out") from None
         yield
     finally:

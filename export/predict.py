@@ -64,6 +64,9 @@ class Predictor:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise UsageError(f"batch size must be a positive integer; received {batch_size!r}")
         texts = list(texts)
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise UsageError(f"predict() takes texts (str); item {bad[0]} is {type(texts[bad[0]]).__name__}")
         results = []
         for i in range(0, len(texts), batch_size):
             probs = self.predict_ids(self.encode(texts[i:i + batch_size]))

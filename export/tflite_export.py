@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -101,7 +102,8 @@ def convert_in_child(saved_model_dir, out_dir, precisions, calibration=None, pro
     cmd = [sys.executable, "-m", "probattn.export.tflite_export", str(saved_model_dir),
            str(out_dir), ",".join(precisions), str(calib_path or "")]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PROBATTN_PARENT_PID=str(os.getpid()))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    errlog = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty child cannot block on it
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errlog, text=True, env=env)
     if started:  # lets the caller stop the conversion (e.g. on Ctrl-C) without waiting for it
         started(proc)
     results = []
@@ -118,12 +120,14 @@ def convert_in_child(saved_model_dir, out_dir, precisions, calibration=None, pro
                 progress(res)
         proc.wait()
         if proc.returncode != 0:
-            tail = [l for l in proc.stderr.read().splitlines() if l.strip()][-1:] or ["no output"]
+            errlog.seek(0)
+            tail = [l for l in errlog.read().splitlines() if l.strip()][-1:] or ["no output"]
             raise UsageError(f"TFLite conversion process failed (exit {proc.returncode}): {one_line(tail[0])}")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        errlog.close()
         if calib_path is not None and calib_path.exists():
             calib_path.unlink()
     return results

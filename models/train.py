@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 
 from probattn.export import data as data_mod
+from probattn.export.errors import UsageError
+from probattn.export.exporter import CALIBRATION_MAX_TEXTS
 from probattn.export.fsutil import atomic_directory, check_output_dir
 from probattn.export.metrics import classification_report
 from probattn.export.tokenizer import encode_fixed, train_tokenizer
 
-#: Training texts kept in the run for int8 calibration (realistic lengths, padding included).
-CALIBRATION_TEXTS = 400
+#: The file that marks a directory as a probattn run (``--overwrite`` replaces only runs).
+RUN_MARKER = "metrics.json"
 
 
 @dataclass
@@ -36,8 +38,6 @@ class TrainConfig:
     limit: int = 0  # use only the first N examples (quick runs and tests); 0 = all
 
     def validate(self):
-        from probattn.export.errors import UsageError
-
         for name in ("max_length", "vocab_size", "embedding_dim", "hidden_units", "epochs",
                      "batch_size"):
             v = getattr(self, name)
@@ -49,6 +49,8 @@ class TrainConfig:
             raise UsageError(f"--dropout must be in [0, 1); received {self.dropout}")
         if not self.learning_rate > 0:
             raise UsageError(f"--learning-rate must be positive; received {self.learning_rate}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise UsageError(f"--seed must be an integer from 0 to 2**32-1; received {self.seed!r}")
         if self.limit < 0:
             raise UsageError(f"--limit must be >= 0; received {self.limit}")
 
@@ -66,7 +68,7 @@ def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None
     ``attention_layer``: a zero-argument callable returning the pooling layer to use
     instead of ``ProbAttention`` (for comparisons such as scripts/int8_masking_demo.py)."""
     config.validate()
-    check_output_dir(out, overwrite)  # before the data and the training, not after
+    check_output_dir(out, overwrite, RUN_MARKER)  # before the data and the training, not after
     t0 = time.perf_counter()
     dataset = data_mod.load_dataset(config.dataset, config.text_column, config.label_column,
                                     config.encoding)
@@ -75,9 +77,11 @@ def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None
                                        dataset.labels[: config.limit])
     split = data_mod.stratified_split(dataset, seed=config.seed)
     if len(split.label_names) < 2:
-        from probattn.export.errors import UsageError
-
         raise UsageError(f"dataset has a single class ({split.label_names}); at least 2 are needed")
+    if not split.validation.texts or not split.test.texts:
+        counts = {l: dataset.labels.count(l) for l in split.label_names}
+        raise UsageError(f"too few examples to split into train/validation/test: {counts}; "
+                         "each class needs at least 3")
     from probattn.export.quiet import import_tensorflow
 
     tf = import_tensorflow()
@@ -124,7 +128,7 @@ def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None
                   "test": len(split.test.texts)},
         "vocab_size": vocab,
     }
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, overwrite=overwrite, marker=RUN_MARKER) as tmp:
         # an uncompiled twin (same layers and weights): the .keras file carries no optimizer state
         keras.Model(model.inputs, model.outputs, name=model.name).save(tmp / "model.keras")
         tokenizer.save(str(tmp / "tokenizer.json"))
@@ -134,6 +138,6 @@ def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None
         cfg["vocab_size_actual"] = vocab
         (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
         _write_jsonl(tmp / "test.jsonl", split.test.texts, split.test.labels)
-        n = min(CALIBRATION_TEXTS, len(split.train.texts))
+        n = min(CALIBRATION_MAX_TEXTS, len(split.train.texts))  # int8 calibration texts
         _write_jsonl(tmp / "calibration.jsonl", split.train.texts[:n], split.train.labels[:n])
     return metrics

