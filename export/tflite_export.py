@@ -8,7 +8,7 @@ Builtin ops only: Select TF (Flex) ops cannot be run by any Python LiteRT interp
 so a model that needs them fails with a message naming the ops.
 
 Full-integer recipe (recorded in the manifest): int8 weights and activations, int32
-``token_ids`` input, float32 outputs (a dequantize at the end), per-channel weights,
+``token_ids`` input, float32 outputs (a dequantize at the end), per-channel dense weights,
 calibrated on real training texts at their own lengths in padded batches. The layer's
 masking arithmetic (small mask offset, matmul pooling) is what keeps int8 from collapsing.
 """
@@ -30,7 +30,7 @@ from .errors import UsageError, one_line
 TFLITE_PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8")
 
 INT8_RECIPE = {
-    "weights": "int8 per-channel",
+    "weights": "int8; per channel for dense layers, per tensor for the embedding",
     "activations": "int8",
     "input": "int32 token_ids (not quantized)",
     "outputs": "float32 (dequantized in the graph)",

@@ -168,7 +168,24 @@ def test_manifest_fields(manifest, run_dir):
         if a["precision"] == "int8":
             assert isinstance(a.get("recipe"), dict) and a["recipe"], f"{a['path']}: no int8 recipe"
     tfl_int8 = B.find_artifact(manifest, "tflite", "int8")
-    assert "calibration" in tfl_int8["recipe"] and "per-channel" in tfl_int8["recipe"]["weights"]
+    assert "calibration" in tfl_int8["recipe"] and "per channel for dense layers" in tfl_int8["recipe"]["weights"]
+
+
+def test_int8_recipe_matches_the_file(bundle_dir, manifest):
+    """What the manifest says of the full-int8 weights is what the .tflite file holds."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    entry = B.find_artifact(manifest, "tflite", "int8")
+    interp = Interpreter(model_path=str(bundle_dir / entry["path"]))
+    weights = {d["name"]: d for d in interp.get_tensor_details()
+               if d["dtype"] == np.int8 and len(d["shape"]) == 2 and d["shape"][0] > 1}
+    dense = [d for n, d in weights.items() if "MatMul" in n]
+    embedding = [d for n, d in weights.items() if "embedding" in n]
+    assert dense and embedding, sorted(weights)
+    for d in dense:  # one scale per output channel
+        assert len(d["quantization_parameters"]["scales"]) == d["shape"][0], d["name"]
+    for d in embedding:
+        assert len(d["quantization_parameters"]["scales"]) == 1, d["name"]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
