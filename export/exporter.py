@@ -128,10 +128,8 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
     formats = parse_list(opts.formats, ALL_FORMATS, "format")
     precisions = parse_list(opts.precisions, B.PRECISIONS, "precision")
     opset = onnx_export.check_opset(opts.opset)
-    selected = [(f, p) for f in formats for p in precisions
-                if (f == "savedmodel" and p == "fp32") or (f == "tflite")
-                or (f == "onnx" and p in onnx_export.ONNX_PRECISIONS)]
-    if not selected:
+    if not any((f == "savedmodel" and p == "fp32") or f == "tflite"
+               or (f == "onnx" and p in onnx_export.ONNX_PRECISIONS) for f in formats for p in precisions):
         raise UsageError(f"--formats {','.join(formats)} with --precisions {','.join(precisions)} selects no "
                          "artifact (SavedModel is fp32 only; ONNX has fp32, fp16, int8; TFLite has all four)")
     check_output_dir(out, opts.overwrite, B.MANIFEST)  # before the slow part, not after it

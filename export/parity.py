@@ -21,7 +21,7 @@ from . import bundle as B
 from .errors import UsageError
 from .fsutil import directory_lock
 from .runners import VARIANTS, runner_for
-from .tokenizer import PAD_ID, UNK_ID, load_tokenizer
+from .tokenizer import PAD_ID, UNK_ID, encode, load_tokenizer
 from .versions import machine, versions
 
 # ---------------------------------------------------------------------------------------
@@ -126,18 +126,6 @@ def _fmt(v) -> str:
 # ---------------------------------------------------------------------------------------
 # Inputs
 # ---------------------------------------------------------------------------------------
-def _batches(ids_rows, batch=BATCH):
-    return [ids_rows[i:i + batch] for i in range(0, len(ids_rows), batch)]
-
-
-def _pad_to_longest(rows):
-    width = max(1, max(len(r) for r in rows))
-    out = np.zeros((len(rows), width), np.int32)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r
-    return out
-
-
 def load_texts(bundle: Path, manifest: dict, data: str | None, text_column: str = "text",
                label_column: str = "label", encoding: str = "utf-8"):
     """Held-out texts and labels: ``--data`` (a file or dataset name) or the bundle's test split."""
@@ -171,9 +159,8 @@ def build_cases(tokenizer, manifest: dict, texts, labels, seed: int = 0) -> list
     elif unknown:
         print(f"note: labels {unknown[:5]} are not the bundle's {names}; accuracy is not computed",
               file=sys.stderr)
-    rows = [np.asarray(e.ids[:max_len], np.int32) for e in tokenizer.encode_batch(list(texts))]
-    rows = [r if len(r) else np.zeros(1, np.int32) for r in rows]
-    heldout = [_pad_to_longest(b) for b in _batches(rows)]
+    texts = list(texts)
+    heldout = [encode(tokenizer, texts[i:i + BATCH], max_len) for i in range(0, len(texts), BATCH)]
     cases = [Case("heldout", heldout, y, real=True)]
     base = heldout[:1]  # first 64 real texts, padded to their longest
     for k in PAD_COUNTS + (4 * max_len - base[0].shape[1],):
