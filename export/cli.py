@@ -142,9 +142,6 @@ def _dispatch(args) -> int:
 
 
 def _train(args) -> int:
-    from .quiet import import_tensorflow
-
-    import_tensorflow()  # probattn.models imports tf_keras: silence TensorFlow's native start-up lines
     from probattn.models.train import TrainConfig, train
 
     cfg = TrainConfig(dataset=args.dataset, text_column=args.text_column, label_column=args.label_column,

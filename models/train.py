@@ -82,9 +82,7 @@ def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None
         counts = {l: dataset.labels.count(l) for l in split.label_names}
         raise UsageError(f"too few examples to split into train/validation/test: {counts}; "
                          "each class needs at least 3")
-    from probattn.export.quiet import import_tensorflow
-
-    tf = import_tensorflow()
+    import tensorflow as tf  # already imported, quietly, by probattn.models
     import tf_keras as keras
 
     from .classifier import build_classifier

@@ -20,9 +20,6 @@ def main(argv=None):
     ap.add_argument("--out", help="keep the runs and bundles here (default: a temporary directory)")
     args = ap.parse_args(argv)
 
-    from probattn.export.quiet import import_tensorflow
-
-    import_tensorflow()
     from probattn.export.exporter import ExportOptions, export
     from probattn.export.parity import verify
     from probattn.models.naive import NaiveProbAttention
