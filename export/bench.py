@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from probattn.models.errors import UsageError
+
 from . import bundle as B
-from .errors import UsageError
-from .runners import KerasRunner, runner_for
+from . import runtimes
+from .contract import PROBABILITIES
 from .versions import machine, versions
 
 SHAPES = [(1, 16), (1, 64), (1, 256), (32, 16), (32, 64), (32, 256)]
@@ -25,8 +27,6 @@ QUICK_SHAPES = [(1, 64), (32, 64)]
 THROUGHPUT_SHAPE = (256, 64)
 SCALING = [16, 64, 256, 1024, 4096]
 QUICK_SCALING = [16, 256, 4096]
-RUNTIMES = ("keras", "savedmodel", "litert", "onnxruntime")
-_RUNTIME_OF = {"keras": "keras", "savedmodel": "savedmodel", "tflite": "litert", "onnx": "onnxruntime"}
 
 
 def _time_calls(fn, ids, min_seconds, min_reps, max_reps, warmup):
@@ -45,15 +45,15 @@ def _time_calls(fn, ids, min_seconds, min_reps, max_reps, warmup):
 
 def _bare_call(runner):
     """The runtime's own call, without our input validation (what a hand-written loop does)."""
-    return runner._run
+    return lambda ids: runner.infer(ids, check_inputs=False)
 
 
 def _accuracy(runner, bundle: Path, manifest: dict):
     name = manifest.get("test_data")
     if not name or not (bundle / name).is_file():
         return None
-    from .data import load_text_file
-    from .tokenizer import encode, load_tokenizer
+    from probattn.models.text.data import load_text_file
+    from probattn.models.text.tokenizer import encode, load_tokenizer
 
     ds = load_text_file(bundle / name)
     tok = load_tokenizer(bundle / manifest["tokenizer"]["path"])
@@ -64,11 +64,15 @@ def _accuracy(runner, bundle: Path, manifest: dict):
     preds = []
     for i in range(0, len(ds.texts), 64):
         ids = encode(tok, ds.texts[i:i + 64], manifest.get("max_length"))
-        preds.append(runner._run(ids)["probabilities"].argmax(-1))
+        preds.append(runner.infer(ids, check_inputs=False)[PROBABILITIES].argmax(-1))
     return round(float(np.mean(np.concatenate(preds) == y)), 4)
 
 
-def worker(bundle, threads: int, quick: bool, runtimes, with_accuracy: bool, with_scaling: bool) -> dict:
+def entry_runs_on(entry, cls) -> bool:
+    return entry["format"] in cls.formats and cls.cannot_run(entry["format"], entry["precision"]) is None
+
+
+def worker(bundle, threads: int, quick: bool, runtime_names, with_accuracy: bool, with_scaling: bool) -> dict:
     """Measure every artifact in this process with ``threads`` intra-op threads."""
     bundle = Path(bundle)
     manifest = B.load_manifest(bundle)
@@ -77,24 +81,26 @@ def worker(bundle, threads: int, quick: bool, runtimes, with_accuracy: bool, wit
     shapes = QUICK_SHAPES if quick else SHAPES
     timing = dict(min_seconds=0.1 if quick else 0.4, min_reps=10 if quick else 30,
                   max_reps=200 if quick else 2000, warmup=3 if quick else 10)
-    entries = [a for a in manifest["artifacts"] if _RUNTIME_OF[a["format"]] in runtimes]
+    selected = [runtimes.get(r) for r in runtime_names]
+    jobs = [(a, cls) for a in manifest["artifacts"] for cls in selected
+            if entry_runs_on(a, cls)]
     results = []
-    for n, entry in enumerate(entries, 1):
-        rt = _RUNTIME_OF[entry["format"]]
+    for n, (entry, cls) in enumerate(jobs, 1):
         path = B.verified_path(bundle, entry)
         if entry["format"] == "keras":  # the user's model as they would call it: probabilities only
-            runner = KerasRunner(path, vocab, threads, attention=False)
+            runner = cls(path, vocab, threads, attention=False)
         else:
-            runner = runner_for(entry["format"], path, vocab, threads=threads)
-        reason = runner.unavailable()
-        label = f"[{n}/{len(entries)}] threads={threads} {entry['path']} on {rt}"
+            runner = cls(path, vocab, threads)  # the runtime's default variant
+        rt = runner.name
+        reason = cls.unavailable()
+        label = f"[{n}/{len(jobs)}] threads={threads} {entry['path']} on {rt}"
         if reason:
             results.append({"artifact": entry["path"], "runtime": rt, "threads": threads, "skipped": reason})
             print(f"  {label}: skipped ({reason})", file=sys.stderr, flush=True)
             continue
         print(f"  {label} ...", file=sys.stderr, flush=True)
         t = time.perf_counter()
-        runner.load()
+        runner.activate()
         load_ms = (time.perf_counter() - t) * 1e3
         call = _bare_call(runner)
         row = {"artifact": entry["path"], "format": entry["format"], "precision": entry["precision"],
@@ -115,10 +121,10 @@ def worker(bundle, threads: int, quick: bool, runtimes, with_accuracy: bool, wit
                 ids = rng.integers(2, vocab, (1, s), dtype=np.int32)
                 row["scaling"][str(s)] = _time_calls(call, ids, min_seconds=0.1 if quick else 0.3,
                                                      min_reps=5 if quick else 20, max_reps=1000, warmup=3)["median_us"]
-        if rt in ("onnxruntime", "litert") and entry["precision"] == "fp32":
-            row["predictor_overhead"] = _predictor_overhead(bundle, rt, threads, rng, vocab, timing)
+        if cls.tensorflow_free and entry["precision"] == "fp32" and runtimes.default_format(cls.runtime) == entry["format"]:
+            row["predictor_overhead"] = _predictor_overhead(bundle, cls.runtime, threads, rng, vocab, timing)
         results.append(row)
-        runner.close()
+        runner.deactivate()
     return {"threads": threads, "rows": results}
 
 
@@ -128,7 +134,7 @@ def _predictor_overhead(bundle, rt, threads, rng, vocab, timing):
 
     p = Predictor(bundle, runtime=rt, precision="fp32", threads=threads)
     ids = rng.integers(2, vocab, (1, 64), dtype=np.int32)
-    bare = _time_calls(p._raw, ids, **timing)["median_us"]
+    bare = _time_calls(_bare_call(p.runner), ids, **timing)["median_us"]
     ours = _time_calls(p.predict_ids, ids, **timing)["median_us"]
     return {"bare_us": bare, "predict_ids_us": ours, "ratio": round(ours / bare, 2)}
 
@@ -153,13 +159,11 @@ def _parity_verdicts(bundle: Path) -> dict:
     doc = json.loads(path.read_text())
     out = {}
     for r in doc.get("rows", []):
-        rt = r["runtime"].split("-")[0]
-        key = (r["artifact"], rt)
-        out[key] = out.get(key, True) and bool(r["passed"])
+        out[(r["artifact"], r["runtime"])] = bool(r["passed"])
     return out
 
 
-def run(bundle, out_dir=None, threads="1,all", quick=False, runtimes=None) -> dict:
+def run(bundle, out_dir=None, threads="1,all", quick=False, runtime_names=None) -> dict:
     bundle = Path(bundle)
     manifest = B.load_manifest(bundle)
     for a in manifest["artifacts"]:
@@ -174,10 +178,9 @@ def run(bundle, out_dir=None, threads="1,all", quick=False, runtimes=None) -> di
         else:
             raise UsageError(f"--threads takes positive integers and 'all', comma separated; received '{t}'")
     settings = list(dict.fromkeys(settings))
-    runtimes = tuple(runtimes or RUNTIMES)
-    bad = [r for r in runtimes if r not in RUNTIMES]
-    if bad:
-        raise UsageError(f"unknown runtime {', '.join(bad)}; allowed: {', '.join(RUNTIMES)}")
+    runtime_names = tuple(runtime_names or runtimes.names())
+    for r in runtime_names:
+        runtimes.get(r)  # one-line error naming the allowed runtimes
     out_dir = Path(out_dir) if out_dir else bundle / "bench"
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out exists and is not a directory: {out_dir}")
@@ -185,7 +188,7 @@ def run(bundle, out_dir=None, threads="1,all", quick=False, runtimes=None) -> di
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": []}
     for i, t in enumerate(settings):
         cmd = [sys.executable, "-m", "probattn.export.bench", "--worker", str(bundle), str(t),
-               "1" if quick else "0", ",".join(runtimes), "1" if i == 0 else "0", "1" if i == 0 else "0"]
+               "1" if quick else "0", ",".join(runtime_names), "1" if i == 0 else "0", "1" if i == 0 else "0"]
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS=str(t))
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
         last = (proc.stdout.strip().splitlines() or ["{}"])[-1]
@@ -195,7 +198,7 @@ def run(bundle, out_dir=None, threads="1,all", quick=False, runtimes=None) -> di
         if proc.returncode != 0 or "rows" not in result:
             raise UsageError(f"benchmark worker (threads={t}) failed with exit {proc.returncode}")
         doc["runs"].append(result)
-    if any(r in runtimes for r in ("onnxruntime", "litert")):
+    if any(runtimes.get(r).tensorflow_free for r in runtime_names):
         print("  cold start of 'probattn predict' ...", file=sys.stderr, flush=True)
         doc["cold_start_predict"] = cold_start(bundle, runs=3 if quick else 5)
     verdicts = _parity_verdicts(bundle)
@@ -255,12 +258,12 @@ def markdown(doc) -> str:
     if one:
         lat = {(r["artifact"], r["runtime"]): r["latency"].get("1x64", {}).get("median_us")
                for r in one["rows"] if "skipped" not in r}
-        keras = lat.get(("model.keras", "keras"))
+        keras = next((v for k, v in lat.items() if k[1] == "keras"), None)
         if keras:
             lines.append("Speed-up over calling the Keras model directly, batch 1 x 64 tokens, 1 thread:")
             lines.append("")
-            for key in (("model_fp32.tflite", "litert"), ("model_fp32.onnx", "onnxruntime"),
-                        ("saved_model", "savedmodel")):
+            fastest = [k for k in lat if k[1] != "keras" and lat[k]]
+            for key in sorted(fastest, key=lambda k: lat[k])[:4]:
                 if lat.get(key):
                     lines.append(f"- {key[0]} on {key[1]}: {_us(lat[key])} vs Keras {_us(keras)}: "
                                  f"**{keras / lat[key]:.0f}x** faster")
@@ -334,8 +337,8 @@ def plot_size_accuracy(doc, path):
 
 
 def run_cli(args) -> int:
-    runtimes = tuple(x.strip() for x in args.runtimes.split(",")) if args.runtimes else None
-    doc = run(args.bundle, args.out, args.threads, args.quick, runtimes)
+    names = tuple(x.strip() for x in args.runtimes.split(",")) if args.runtimes else None
+    doc = run(args.bundle, args.out, args.threads, args.quick, names)
     print(markdown(doc))
     print(f"wrote {Path(args.out) if args.out else Path(args.bundle) / 'bench'}/bench.json, bench.md, "
           "bench_scaling.png, bench_size_accuracy.png")
@@ -343,11 +346,11 @@ def run_cli(args) -> int:
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
-    from .quiet import import_tensorflow
+    from probattn.models.errors import ProbattnError, one_line
+    from probattn.models.quiet import import_tensorflow
 
-    if "keras" in sys.argv[5] or "savedmodel" in sys.argv[5]:
+    if any(not runtimes.get(r).tensorflow_free for r in sys.argv[5].split(",")):
         import_tensorflow()
-    from .errors import ProbattnError, one_line
 
     _, _, b, t, q, rts, acc, sc = sys.argv
     try:

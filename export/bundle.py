@@ -1,33 +1,18 @@
 """Bundle manifest: what is in a bundle, with hashes, versions and the signature (TF-free)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
-from .errors import UsageError
+from probattn.models.errors import UsageError
+from probattn.models.fsutil import sha256_path  # noqa: F401  (re-exported: bundles are hashed with it)
+
+from .contract import FORMATS, PRECISIONS, SUPPORTED
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-FORMATS = ("keras", "savedmodel", "tflite", "onnx")
-PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8")
-
-
-def sha256_path(path: Path) -> str:
-    """SHA-256 of a file, or of a directory's files (relative names and contents, sorted)."""
-    path = Path(path)
-    h = hashlib.sha256()
-    if path.is_dir():
-        for p in sorted(q for q in path.rglob("*") if q.is_file()):
-            h.update(str(p.relative_to(path)).encode() + b"\0")
-            h.update(sha256_path(p).encode())
-        return h.hexdigest()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def size_of(path: Path) -> int:
@@ -35,14 +20,6 @@ def size_of(path: Path) -> int:
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size
-
-
-def artifact_filename(fmt: str, precision: str) -> str:
-    if fmt == "savedmodel":
-        return "saved_model"
-    if fmt == "keras":
-        return "model.keras"
-    return f"model_{precision.replace('-', '_')}.{fmt}"
 
 
 def load_manifest(bundle) -> dict:
@@ -82,7 +59,7 @@ def load_manifest(bundle) -> dict:
     for i, a in enumerate(manifest["artifacts"]):
         if not isinstance(a, dict) or not all(isinstance(a.get(k), str) for k in ("path", "format", "precision", "sha256")):
             raise UsageError(f"{path}: artifact #{i} needs string fields path, format, precision and sha256")
-        if a["format"] not in FORMATS or a["precision"] not in PRECISIONS:
+        if a["format"] not in FORMATS or a["precision"] not in SUPPORTED[a["format"]]:
             raise UsageError(f"{path}: artifact {a['path']} has format '{a['format']}' / precision "
                              f"'{a['precision']}'; allowed formats {', '.join(FORMATS)}, precisions {', '.join(PRECISIONS)}")
     return manifest

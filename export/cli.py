@@ -11,7 +11,10 @@ import json
 import os
 import sys
 
-from .errors import ProbattnError, UsageError, one_line
+from probattn.models.errors import ProbattnError, UsageError, one_line
+
+from . import contract as C
+from . import runtimes
 
 
 def _quiet_tensorflow():
@@ -62,14 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export SOURCE to SavedModel, TFLite and ONNX in a bundle")
     e.add_argument("source", help="RUN_DIR from 'probattn train', a .keras/.h5 file or a SavedModel directory")
     e.add_argument("--out", required=True, help="bundle directory to write (atomically)")
-    e.add_argument("--formats", default="savedmodel,tflite,onnx")
-    e.add_argument("--precisions", default="fp32,fp16,int8-dynamic,int8")
+    e.add_argument("--formats", default=",".join(C.EXPORT_FORMATS),
+                   help=f"comma list of {', '.join(C.EXPORT_FORMATS)} (default: all)")
+    e.add_argument("--precisions", default=",".join(C.PRECISIONS),
+                   help="comma list of " + ", ".join(C.PRECISIONS) + " (default: all; "
+                   + "; ".join(f"{f} has {'/'.join(C.SUPPORTED[f])}" for f in C.EXPORT_FORMATS) + ")")
     e.add_argument("--opset", default="17", help="ONNX opset, 13 to 18 (default 17)")
     e.add_argument("--calibration-data", help="texts for full-int8 calibration (.csv/.jsonl/.txt or dataset name)")
     e.add_argument("--tokenizer", help="tokenizer.json (required unless SOURCE is a run directory)")
     e.add_argument("--labels", help="labels: JSON list or one per line")
     e.add_argument("--max-length", type=_positive_int, help="training max length (default: from the run or tokenizer)")
-    e.add_argument("--no-attention-weights", action="store_true", help="export only 'probabilities'")
+    e.add_argument("--no-attention-weights", action="store_true", help=f"export only '{C.PROBABILITIES}'")
     e.add_argument("--unsafe", action="store_true", help="allow Lambda layers (runs code from the model file)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
 
@@ -78,13 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--data", help="held-out texts: a .csv/.jsonl file or a dataset name (default: the bundle's test split)")
     _add_data_file_args(v)
     v.add_argument("--report-dir", help="where to write parity.json/.md/.png (default BUNDLE/report)")
-    v.add_argument("--formats", help="only these formats (comma list of savedmodel, tflite, onnx)")
+    v.add_argument("--formats", help=f"only these formats (comma list of {', '.join(C.EXPORT_FORMATS)})")
 
-    pr = sub.add_parser("predict", help="label texts with onnxruntime or LiteRT (no TensorFlow)")
+    free = runtimes.names(tensorflow_free=True)
+    pr = sub.add_parser("predict", help=f"label texts with {', '.join(free)} (no TensorFlow)")
     pr.add_argument("bundle")
     pr.add_argument("texts", nargs="*")
-    pr.add_argument("--runtime", default="onnxruntime", help="onnxruntime (default) or litert")
-    pr.add_argument("--precision", default="fp32", help="fp32 (default), fp16, int8-dynamic, int8")
+    pr.add_argument("--runtime", default="onnxruntime",
+                    help=f"one of {', '.join(free)} (default onnxruntime); each runs its first format: "
+                    + ", ".join(f"{r} -> {runtimes.default_format(r)}" for r in free))
+    pr.add_argument("--precision", default="fp32", help=f"one of {', '.join(C.PRECISIONS)} (default fp32)")
     pr.add_argument("--input-file", help="one text per line; '-' for stdin")
     pr.add_argument("--batch-size", type=_positive_int, default=64)
     pr.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -94,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="directory for bench.json/.md/.png (default BUNDLE/bench)")
     b.add_argument("--threads", default="1,all", help="comma list of thread counts and/or 'all' (default 1,all)")
     b.add_argument("--quick", action="store_true", help="fewer repetitions and shapes")
-    b.add_argument("--runtimes", help="only these runtimes (keras, savedmodel, litert, onnxruntime)")
+    b.add_argument("--runtimes", help=f"only these runtimes (comma list of {', '.join(runtimes.names())})")
     return p
 
 
@@ -176,9 +185,7 @@ def _verify(args) -> int:
 
     formats = None
     if args.formats:
-        from .exporter import parse_list
-
-        formats = parse_list(args.formats, ("savedmodel", "tflite", "onnx"), "format")
+        formats = C.parse_list(args.formats, C.EXPORT_FORMATS, "format")
     report_dir = Path(args.report_dir) if args.report_dir else Path(args.bundle) / "report"
     report = verify(args.bundle, data=args.data, report_dir=report_dir, formats=formats,
                     text_column=args.text_column, label_column=args.label_column, encoding=args.encoding)

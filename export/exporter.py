@@ -1,4 +1,6 @@
-"""``probattn export``: one traced signature -> SavedModel, TFLite x4, ONNX x3, in a bundle."""
+"""``probattn export``: orchestration only. Resolve the source, load the model, trace the
+serving function once, run each format's exporter (``probattn.export.formats``), and
+write the manifest, all inside an atomic output directory."""
 from __future__ import annotations
 
 import json
@@ -9,23 +11,26 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from probattn.models.errors import UsageError
+from probattn.models.fsutil import atomic_directory, check_output_dir
+from probattn.models.text.tokenizer import PAD_ID, UNK_ID, encode, load_tokenizer
+from probattn.models.train import CALIBRATION_MAX_TEXTS
+
 from . import bundle as B
-from . import onnx_export, tflite_export
-from .errors import UsageError
-from .fsutil import atomic_directory, check_output_dir
-from .tokenizer import PAD_ID, UNK_ID, encode, load_tokenizer
+from . import contract as C
+from . import formats
+from .formats.onnx import DEFAULT_OPSET, check_opset
 from .versions import versions
 
-ALL_FORMATS = ("savedmodel", "tflite", "onnx")
+#: full-int8 calibration: real texts at their own lengths, this many per padded batch
 CALIBRATION_BATCH = 4
-CALIBRATION_MAX_TEXTS = 400  # training texts used (and kept in a run) for full-int8 calibration
 
 
 @dataclass
 class ExportOptions:
-    formats: tuple = ALL_FORMATS
-    precisions: tuple = B.PRECISIONS
-    opset: int = onnx_export.DEFAULT_OPSET
+    formats: tuple = C.EXPORT_FORMATS
+    precisions: tuple = C.PRECISIONS
+    opset: int = DEFAULT_OPSET
     calibration_data: str | None = None
     tokenizer: str | None = None
     labels: str | None = None
@@ -44,14 +49,6 @@ class Source:
     test_data: Path | None = None
     calibration: Path | None = None
     extra: dict = field(default_factory=dict)
-
-
-def parse_list(value, allowed, what) -> tuple:
-    items = tuple(x.strip() for x in (value.split(",") if isinstance(value, str) else value) if x.strip())
-    bad = [x for x in items if x not in allowed]
-    if bad or not items:
-        raise UsageError(f"unknown {what} {', '.join(repr(b) for b in bad) or '(empty)'}; allowed: {', '.join(allowed)}")
-    return items
 
 
 def resolve_source(source, opts: ExportOptions) -> Source:
@@ -103,7 +100,7 @@ def calibration_batches(texts, tokenizer, max_length) -> list:
 
 
 def _calibration_texts(src: Source, opts: ExportOptions) -> list | None:
-    from .data import load_dataset
+    from probattn.models.text.data import load_dataset
 
     path = opts.calibration_data or src.calibration
     if path is None:
@@ -125,38 +122,37 @@ def log(msg):
 def export(source, out, opts: ExportOptions | None = None) -> dict:
     opts = opts or ExportOptions()
     t_start = time.perf_counter()
-    formats = parse_list(opts.formats, ALL_FORMATS, "format")
-    precisions = parse_list(opts.precisions, B.PRECISIONS, "precision")
-    opset = onnx_export.check_opset(opts.opset)
-    if not any((f == "savedmodel" and p == "fp32") or f == "tflite"
-               or (f == "onnx" and p in onnx_export.ONNX_PRECISIONS) for f in formats for p in precisions):
-        raise UsageError(f"--formats {','.join(formats)} with --precisions {','.join(precisions)} selects no "
-                         "artifact (SavedModel is fp32 only; ONNX has fp32, fp16, int8; TFLite has all four)")
+    selected = C.parse_list(opts.formats, C.EXPORT_FORMATS, "format")
+    precisions = C.parse_list(opts.precisions, C.PRECISIONS, "precision")
+    opset = check_opset(opts.opset)
+    if C.selection_is_empty(selected, precisions):
+        raise UsageError(f"--formats {','.join(selected)} with --precisions {','.join(precisions)} selects no "
+                         "artifact (" + "; ".join(f"{f} has {', '.join(C.SUPPORTED[f])}" for f in C.EXPORT_FORMATS) + ")")
     check_output_dir(out, opts.overwrite, B.MANIFEST)  # before the slow part, not after it
     src = resolve_source(source, opts)
     tokenizer = load_tokenizer(src.tokenizer_path)
     max_length = src.max_length or (tokenizer.truncation or {}).get("max_length") or 64
     cal_texts = None
-    if "tflite" in formats and "int8" in precisions:
+    if "tflite" in selected and "int8" in precisions:
         cal_texts = _calibration_texts(src, opts)
         if not cal_texts:
             raise UsageError("full-integer int8 needs calibration texts: pass --calibration-data "
                              "FILE (.csv/.jsonl/.txt) or drop int8 from --precisions")
 
-    from .keras_io import load_keras_model
+    from .loading import load_keras_model, vocab_size_of
 
     model = load_keras_model(src.model_path, unsafe=opts.unsafe)
     log(f"loaded {src.model_path}")  # after: a model that fails to load gives one error line
-    from .serving import ATTENTION, PROBABILITIES, serving_module, with_attention_output
+    from .signature import serving_module, with_attention_output
 
     attention = opts.attention_weights and with_attention_output(model) is not None
     module, concrete = serving_module(model, attention=attention)
-    out_names = sorted(concrete.structured_outputs.keys())
-    n_classes = int(concrete.structured_outputs[PROBABILITIES].shape[-1])
+    out_names = C.ordered_outputs(concrete.structured_outputs.keys())
+    n_classes = int(concrete.structured_outputs[C.PROBABILITIES].shape[-1])
     labels = src.labels or [str(i) for i in range(n_classes)]
     if len(labels) != n_classes:
         raise UsageError(f"{len(labels)} labels given but the model has {n_classes} outputs")
-    vocab_size = _vocab_size(model, tokenizer)
+    vocab_size = vocab_size_of(model) or tokenizer.get_vocab_size()
     if tokenizer.get_vocab_size() > vocab_size:
         raise UsageError(f"the tokenizer has {tokenizer.get_vocab_size()} ids but the model's embedding has "
                          f"{vocab_size} rows: ids the tokenizer makes would be out of range; "
@@ -164,82 +160,38 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
 
     artifacts = []
     with atomic_directory(out, overwrite=opts.overwrite, marker=B.MANIFEST) as tmp:
-        def record(fmt, precision, rel, seconds, **extra):
-            path = tmp / rel
-            entry = {"path": rel, "format": fmt, "precision": precision, "bytes": B.size_of(path),
-                     "sha256": B.sha256_path(path), "seconds": round(seconds, 2), **extra}
+        def record(built: formats.Built):
+            path = tmp / built.path
+            entry = {"path": built.path, "format": built.format, "precision": built.precision,
+                     "bytes": B.size_of(path), "sha256": B.sha256_path(path),
+                     "seconds": round(built.seconds, 2), **built.extra}
             artifacts.append(entry)
-            log(f"  ✓ {fmt:<10} {precision:<12} {entry['bytes'] / 1e6:8.2f} MB  {seconds:6.1f} s  {rel}")
+            log(f"  ✓ {built.format:<10} {built.precision:<12} {entry['bytes'] / 1e6:8.2f} MB  "
+                f"{built.seconds:6.1f} s  {built.path}")
 
         t = time.perf_counter()
+        keras_rel = C.artifact_filename("keras", "fp32")
         if src.model_path.suffix == ".keras":
-            shutil.copyfile(src.model_path, tmp / "model.keras")
+            shutil.copyfile(src.model_path, tmp / keras_rel)
         else:
-            model.save(tmp / "model.keras")
-        record("keras", "fp32", "model.keras", time.perf_counter() - t)
+            model.save(tmp / keras_rel)
+        record(formats.Built("keras", "fp32", keras_rel, time.perf_counter() - t))
         shutil.copyfile(src.tokenizer_path, tmp / "tokenizer.json")
         if src.test_data:
             shutil.copyfile(src.test_data, tmp / "test.jsonl")
 
-        import tensorflow as tf
-
-        t = time.perf_counter()
-        sm_dir = tmp / "saved_model"
-        tf.saved_model.save(module, str(sm_dir), signatures={"serving_default": concrete})
-        sm_seconds = time.perf_counter() - t
-        tfl_results, tfl_error, tfl_procs = [], [], []
-        cancel = threading.Event()
-        thread = None
-        tfl_precisions = [p for p in precisions if p in tflite_export.TFLITE_PRECISIONS] if "tflite" in formats else []
-        if tfl_precisions:
-            cal = calibration_batches(cal_texts, tokenizer, max_length) if cal_texts else None
-
-            def started(proc):
-                tfl_procs.append(proc)
-                if cancel.is_set():  # the export failed or was interrupted while it started
-                    proc.kill()
-
-            def run_tflite():
-                try:
-                    tfl_results.extend(tflite_export.convert_in_child(sm_dir, tmp, tfl_precisions, cal,
-                                                                      started=started))
-                except BaseException as e:  # re-raised in the main thread
-                    tfl_error.append(e)
-
-            thread = threading.Thread(target=run_tflite, daemon=True)
-            thread.start()
-        try:
-            if "onnx" in formats:
-                _export_onnx(module, tmp, opset, out_names, precisions, record)
-        except BaseException:  # failed or interrupted: stop the converter rather than wait for it
-            _stop(cancel, tfl_procs)
-            raise
-        finally:
-            if thread is not None:
-                _join(thread, cancel, tfl_procs)
-        if tfl_error:
-            raise tfl_error[0]
-        for res in tfl_results:
-            record("tflite", res["precision"], res["path"], res["seconds"],
-                   **({"recipe": tflite_export.INT8_RECIPE} if res["precision"] == "int8" else {}),
-                   output_dtype="float32")
-        if "savedmodel" in formats:
-            record("savedmodel", "fp32", "saved_model", sm_seconds, signature="serving_default")
-        else:
-            shutil.rmtree(sm_dir)
-        order = {f: i for i, f in enumerate(B.FORMATS)}
-        prec_order = {p: i for i, p in enumerate(B.PRECISIONS)}
-        artifacts.sort(key=lambda a: (order[a["format"]], prec_order[a["precision"]]))
+        ctx = formats.ExportContext(
+            out=tmp, module=module, concrete=concrete, output_names=out_names, opset=opset,
+            calibration=calibration_batches(cal_texts, tokenizer, max_length) if cal_texts else None,
+            log=log)
+        for built in _run_formats(ctx, selected, precisions):
+            record(built)
+        artifacts.sort(key=lambda a: C.sort_key(a["format"], a["precision"]))
         manifest = {
             "schema_version": B.SCHEMA_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": versions(),
-            "signature": {
-                "inputs": [{"name": "token_ids", "dtype": "int32", "shape": ["batch", "sequence"]}],
-                "outputs": [{"name": PROBABILITIES, "dtype": "float32", "shape": ["batch", n_classes]}]
-                + ([{"name": ATTENTION, "dtype": "float32", "shape": ["batch", "sequence"]}] if attention else []),
-                "savedmodel_signature": "serving_default",
-            },
+            "signature": C.signature(n_classes, attention),
             "labels": labels,
             "pad_id": PAD_ID,
             "unk_id": UNK_ID,
@@ -256,6 +208,62 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
     return manifest
 
 
+def _run_formats(ctx: formats.ExportContext, selected, precisions) -> list:
+    """Run each selected format's exporter. A SavedModel is written first when a converter
+    needs one (in a scratch folder if the SavedModel itself was not asked for); formats that
+    convert in a child process run in a thread beside the in-process ones."""
+    modules = {f: formats.get(f) for f in selected}
+    wanted = {f: [p for p in precisions if p in C.SUPPORTED[f]] for f in selected}
+    wanted = {f: ps for f, ps in wanted.items() if ps}
+    from .formats import savedmodel
+
+    scratch = None
+    if any(modules[f].NEEDS_SAVED_MODEL for f in wanted):
+        if "savedmodel" in wanted:
+            ctx.saved_model_dir = ctx.out / C.artifact_filename("savedmodel", "fp32")
+        else:
+            scratch = ctx.out / ".saved_model_for_conversion"
+            ctx.saved_model_dir = scratch
+        ctx.saved_model_seconds = savedmodel.save(ctx, ctx.saved_model_dir)
+
+    built, errors, procs = [], [], []
+    cancel = threading.Event()
+
+    def started(proc):
+        procs.append(proc)
+        if cancel.is_set():  # the export failed or was interrupted while it started
+            proc.kill()
+
+    ctx.started = started
+    threads = []
+    for f, ps in wanted.items():
+        if modules[f].IN_CHILD:
+            def work(mod=modules[f], ps=ps):
+                try:
+                    built.extend(mod.export(ctx, ps))
+                except BaseException as e:  # re-raised in the main thread
+                    errors.append(e)
+
+            th = threading.Thread(target=work, daemon=True)
+            th.start()
+            threads.append(th)
+    try:
+        for f, ps in wanted.items():
+            if not modules[f].IN_CHILD:
+                built.extend(modules[f].export(ctx, ps))
+    except BaseException:  # failed or interrupted: stop the converters rather than wait for them
+        _stop(cancel, procs)
+        raise
+    finally:
+        for th in threads:
+            _join(th, cancel, procs)
+    if errors:
+        raise errors[0]
+    if scratch is not None:
+        shutil.rmtree(scratch)
+    return built
+
+
 def _stop(cancel, procs):
     cancel.set()
     for p in list(procs):
@@ -264,7 +272,7 @@ def _stop(cancel, procs):
 
 
 def _join(thread, cancel, procs):
-    """Wait for the TFLite thread; Ctrl-C while waiting stops its converter first, so the
+    """Wait for a converter thread; Ctrl-C while waiting stops its child first, so the
     temporary bundle is removed only after nothing writes into it any more."""
     try:
         thread.join()
@@ -272,40 +280,6 @@ def _join(thread, cancel, procs):
         _stop(cancel, procs)
         thread.join()
         raise
-
-
-def _export_onnx(module, tmp, opset, out_names, precisions, record):
-    t = time.perf_counter()
-    fp32 = onnx_export.convert_fp32(module, opset, out_names)
-    fp32_path = tmp / B.artifact_filename("onnx", "fp32")
-    onnx_export.save_checked(fp32, fp32_path)
-    base_seconds = time.perf_counter() - t
-    if "fp32" in precisions:
-        record("onnx", "fp32", fp32_path.name, base_seconds, opset=opset)
-    if "fp16" in precisions:
-        t = time.perf_counter()
-        path = tmp / B.artifact_filename("onnx", "fp16")
-        onnx_export.save_checked(onnx_export.convert_fp16(fp32), path)
-        record("onnx", "fp16", path.name, time.perf_counter() - t, opset=opset,
-               recipe=onnx_export.FP16_RECIPE)
-    if "int8" in precisions:
-        t = time.perf_counter()
-        path = tmp / B.artifact_filename("onnx", "int8")
-        onnx_export.convert_int8(fp32_path, path)
-        onnx_export.check(path)
-        record("onnx", "int8", path.name, time.perf_counter() - t, opset=opset,
-               recipe=onnx_export.INT8_RECIPE, quantization="dynamic")
-    if "fp32" not in precisions:
-        fp32_path.unlink()
-
-
-def _vocab_size(model, tokenizer) -> int:
-    import tf_keras as keras
-
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.Embedding):
-            return int(layer.input_dim)
-    return tokenizer.get_vocab_size()
 
 
 def summary_table(manifest) -> str:

@@ -1,4 +1,5 @@
-"""Predict from a bundle with onnxruntime or LiteRT: no TensorFlow imported, ever.
+"""Predict from a bundle with a TensorFlow-free runtime (onnxruntime, LiteRT, OpenVINO...):
+no TensorFlow imported, ever.
 
 >>> from probattn.export.predict import Predictor
 >>> p = Predictor("bundle", runtime="onnxruntime", precision="fp32")
@@ -10,31 +11,35 @@ from pathlib import Path
 
 import numpy as np
 
-from . import bundle as B
-from .errors import UsageError
-from .runners import LiteRTRunner, OnnxRunner, check_token_ids
-from .tokenizer import encode, load_tokenizer
+from probattn.models.errors import UsageError
+from probattn.models.text.tokenizer import encode, load_tokenizer
 
-RUNTIMES = {"onnxruntime": "onnx", "litert": "tflite"}
+from . import bundle as B
+from . import runtimes
+from .contract import PRECISIONS, PROBABILITIES
+from .runtimes import check_token_ids
 
 
 class Predictor:
     """Label texts with one artifact of a bundle. The artifact's SHA-256 is checked against
-    ``manifest.json`` before it is loaded."""
+    ``manifest.json`` before it is loaded. ``runtime``: any TensorFlow-free runtime of the
+    registry; it runs the first format it supports (``runtimes.default_format``)."""
 
     def __init__(self, bundle, runtime: str = "onnxruntime", precision: str = "fp32",
-                 threads: int | None = None, kernels: str = "xnnpack", max_length: int | None = None):
-        if runtime not in RUNTIMES:
-            raise UsageError(f"unknown runtime '{runtime}'; allowed: {', '.join(RUNTIMES)}")
-        if precision not in B.PRECISIONS:
-            raise UsageError(f"unknown precision '{precision}'; allowed: {', '.join(B.PRECISIONS)}")
+                 threads: int | None = None, variant: str | None = None, max_length: int | None = None):
+        cls = runtimes.get(runtime, tensorflow_free=True)
+        if precision not in PRECISIONS:
+            raise UsageError(f"unknown precision '{precision}'; allowed: {', '.join(PRECISIONS)}")
         self.bundle = Path(bundle)
         self.manifest = B.load_manifest(self.bundle)
-        fmt = RUNTIMES[runtime]
+        fmt = runtimes.default_format(runtime)
         entry = B.find_artifact(self.manifest, fmt, precision)
         if entry is None:
             have = sorted(a["precision"] for a in self.manifest["artifacts"] if a["format"] == fmt)
             raise UsageError(f"bundle has no {fmt} {precision} artifact; it has {fmt}: {', '.join(have) or 'none'}")
+        reason = cls.unavailable()
+        if reason:
+            raise UsageError(f"runtime {runtime} cannot run here: {reason}")
         path = B.verified_path(self.bundle, entry)
         tok_entry = self.manifest.get("tokenizer", {"path": "tokenizer.json"})
         if tok_entry.get("sha256"):
@@ -43,17 +48,12 @@ class Predictor:
         self.labels = list(self.manifest["labels"])
         self.vocab_size = int(self.manifest["vocab_size"])
         self.max_length = max_length or self.manifest.get("max_length")
-        if runtime == "onnxruntime":
-            self.runner = OnnxRunner(path, self.vocab_size, threads)
-        else:
-            self.runner = LiteRTRunner(path, self.vocab_size, threads, kernels=kernels)
-        self.runner.load()
-        self._raw = self.runner._run  # bare runtime call, after our validation
+        self.runner = cls(path, self.vocab_size, threads, variant=variant).activate()
 
     def predict_ids(self, token_ids) -> np.ndarray:
         """Probabilities ``[batch, classes]`` for int token ids ``[batch, sequence]``."""
         ids = check_token_ids(token_ids, self.vocab_size)
-        return self._raw(ids)["probabilities"]
+        return self.runner.infer(ids, check_inputs=False)[PROBABILITIES]
 
     def encode(self, texts) -> np.ndarray:
         return encode(self.tokenizer, texts, self.max_length)

@@ -1,17 +1,33 @@
-"""probattn.models: the ProbAttention layer and the text classifier (tf-keras).
+"""probattn.models: the base layer of probattn.
 
-Importing this package registers ``probattn>ProbAttention`` with Keras, so saved
-models load with plain ``tf_keras.models.load_model``. A model saved with the seed
-page's unregistered class loads with::
+* Keras models and layers (``ProbAttention``, the classifier, training) behind one Keras
+  seam, ``probattn.models.keras_compat``. Importing them imports TensorFlow.
+* TensorFlow-free pieces every other part uses: ``probattn.models.text`` (tokenizer,
+  datasets), ``errors``, ``fsutil`` (atomic output folders, locks), ``metrics``.
 
-    tf_keras.models.load_model(path, custom_objects={"ProbAttention": ProbAttention})
+This package never imports ``probattn.export``. Its ``__init__`` imports nothing heavy:
+``from probattn.models import ProbAttention`` loads TensorFlow and Keras and registers
+``probattn>ProbAttention`` (so saved models load with plain ``load_model``), while
+``import probattn.models.text`` stays TensorFlow-free.
 """
-from probattn.export.quiet import import_tensorflow as _import_tensorflow
+from __future__ import annotations
 
-_import_tensorflow()  # before tf_keras loads: TensorFlow's native start-up lines stay off stderr
+_LAZY = {
+    "ProbAttention": "layers",
+    "prob_attention_pool": "layers",
+    "MASK_OFFSET": "layers",
+    "layer_classes": "layers",
+    "build_classifier": "classifier",
+    "find_attention_layer": "classifier",
+}
 
-from .classifier import build_classifier, find_attention_layer  # noqa: E402
-from .layers import MASK_OFFSET, ProbAttention, prob_attention_pool  # noqa: E402
+__all__ = sorted(_LAZY)
 
-__all__ = ["ProbAttention", "prob_attention_pool", "build_classifier",
-           "find_attention_layer", "MASK_OFFSET"]
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(f"{__name__}.{_LAZY[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,18 +1,18 @@
-"""The seed page's text classifier, with its bugs fixed."""
+"""The seed page's text classifier, with its bugs fixed, in either Keras flavour."""
 from __future__ import annotations
 
-import tf_keras as keras
-
-from .layers import ProbAttention
+from .keras_compat import get_keras
+from .layers import layer_classes
 
 
 def build_classifier(vocab_size: int, num_classes: int, embedding_dim: int = 64,
                      hidden_units: int = 128, dropout: float = 0.0,
-                     name: str = "probattn_classifier", attention_layer=None) -> keras.Model:
+                     name: str = "probattn_classifier", attention_layer=None, flavour=None):
     """int32 token ids of any length -> Embedding(mask_zero=True) -> ProbAttention ->
     Dense(relu) -> Dense(softmax). No ``Masking()`` layer: it would recompute the mask
     from the embedding values and turn masking off (token 0's row is not zero).
     ``attention_layer`` swaps in another pooling layer instance (for comparisons).
+    ``flavour``: ``"3"`` (Keras 3) or ``"2"`` (tf_keras); default: the seam's default.
     """
     for arg, value, low in (("vocab_size", vocab_size, 3), ("num_classes", num_classes, 2),
                             ("embedding_dim", embedding_dim, 1), ("hidden_units", hidden_units, 1)):
@@ -20,11 +20,12 @@ def build_classifier(vocab_size: int, num_classes: int, embedding_dim: int = 64,
             raise ValueError(f"{arg} must be an integer >= {low}; received {value!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1); received {dropout!r}")
+    keras = get_keras(flavour)
     inputs = keras.Input(shape=(None,), dtype="int32", name="token_ids")
     x = keras.layers.Embedding(vocab_size, embedding_dim, mask_zero=True, name="embedding")(inputs)
     if dropout:
         x = keras.layers.Dropout(dropout, name="embedding_dropout")(x)
-    x = (attention_layer or ProbAttention(name="prob_attention"))(x)
+    x = (attention_layer or layer_classes(flavour).ProbAttention(name="prob_attention"))(x)
     x = keras.layers.Dense(hidden_units, activation="relu", name="hidden")(x)
     if dropout:
         x = keras.layers.Dropout(dropout, name="hidden_dropout")(x)
@@ -38,7 +39,7 @@ def find_attention_layer(model):
     found = []
 
     def walk(layer):
-        if isinstance(layer, ProbAttention):
+        if getattr(type(layer), "probattn_pooling", False):
             found.append(layer)
         for sub in getattr(layer, "layers", []) or []:
             walk(sub)

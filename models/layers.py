@@ -20,8 +20,12 @@ An all-padding row gets all-zero weights and pools to the zero vector, in every 
 """
 from __future__ import annotations
 
-import tensorflow as tf
-import tf_keras as keras
+import types
+
+from .keras_compat import check_flavour, get_keras
+from .quiet import import_tensorflow
+
+tf = import_tensorflow()  # quietly: TensorFlow's native start-up lines stay off stderr
 
 #: Padded steps sit this far below the best valid score. exp(-20) ≈ 2.1e-9 per padded
 #: step, so appending 256 pads moves the softmax mass by < 6e-7 before the mask zeroes it.
@@ -58,51 +62,83 @@ def prob_attention_pool(inputs, kernel, mask=None):
     return pooled, weights
 
 
-@keras.saving.register_keras_serializable(package="probattn")
-class ProbAttention(keras.layers.Layer):
-    """Attention pooling: a learned ``(features, 1)`` kernel scores each time step,
-    softmax over time, weighted sum. Output ``(batch, features)``.
+def _make_prob_attention(keras, flavour):
+    @keras.saving.register_keras_serializable(package="probattn")
+    class ProbAttention(keras.layers.Layer):
+        """Attention pooling: a learned ``(features, 1)`` kernel scores each time step,
+        softmax over time, weighted sum. Output ``(batch, features)``.
 
-    Call with ``return_attention_scores=True`` to also get the weights ``(batch, time)``.
-    Padded steps (from the incoming Keras mask) get zero weight; a row with no valid step
-    pools to the zero vector.
-    """
+        Call with ``return_attention_scores=True`` to also get the weights ``(batch, time)``.
+        Padded steps (from the incoming Keras mask) get zero weight; a row with no valid step
+        pools to the zero vector. The same math and registered name in both Keras flavours.
+        """
 
-    def __init__(self, kernel_initializer="uniform", **kwargs):
-        super().__init__(**kwargs)
-        self.supports_masking = True
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        probattn_pooling = True  # how find_attention_layer recognises it in either flavour
 
-    def build(self, input_shape):
-        input_shape = tf.TensorShape(input_shape)
-        if input_shape.rank != 3 or input_shape[-1] is None:
-            raise ValueError(
-                "ProbAttention expects inputs of shape (batch, time, features) with a known "
-                f"feature size; received shape {input_shape}."
+        def __init__(self, kernel_initializer="uniform", **kwargs):
+            super().__init__(**kwargs)
+            self.supports_masking = True
+            self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+        def build(self, input_shape):
+            shape = tf.TensorShape(input_shape)
+            if shape.rank != 3 or shape[-1] is None:
+                raise ValueError(
+                    "ProbAttention expects inputs of shape (batch, time, features) with a known "
+                    f"feature size; received shape {shape}."
+                )
+            self.kernel = self.add_weight(
+                name="kernel",
+                shape=(int(shape[-1]), 1),
+                initializer=self.kernel_initializer,
+                trainable=True,
             )
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=(int(input_shape[-1]), 1),
-            initializer=self.kernel_initializer,
-            trainable=True,
+            super().build(input_shape)
+
+        def call(self, inputs, mask=None, return_attention_scores=False):
+            kernel = tf.cast(self.kernel, inputs.dtype)
+            pooled, weights = prob_attention_pool(inputs, kernel, mask)
+            if return_attention_scores:
+                return pooled, weights
+            return pooled
+
+        def compute_mask(self, inputs, mask=None):
+            return None  # time is pooled away
+
+        def compute_output_shape(self, input_shape):
+            shape = tuple(tf.TensorShape(input_shape).as_list())
+            out = (shape[0], shape[-1])
+            return out if flavour == "3" else tf.TensorShape(out)
+
+        def get_config(self):
+            config = super().get_config()
+            config["kernel_initializer"] = keras.initializers.serialize(self.kernel_initializer)
+            return config
+
+    ProbAttention.__qualname__ = "ProbAttention"
+    ProbAttention.__module__ = __name__
+    return ProbAttention
+
+
+_CLASSES: dict = {}
+
+
+def layer_classes(flavour=None) -> types.SimpleNamespace:
+    """probattn's layers for one Keras flavour (``"3"`` or ``"2"``), built and registered
+    with that Keras on first use: ``layer_classes("2").ProbAttention``."""
+    flavour = check_flavour(flavour)
+    if flavour not in _CLASSES:
+        keras = get_keras(flavour)
+        from .naive import make_naive_prob_attention
+
+        _CLASSES[flavour] = types.SimpleNamespace(
+            ProbAttention=_make_prob_attention(keras, flavour),
+            NaiveProbAttention=make_naive_prob_attention(keras),
         )
-        super().build(input_shape)
+    return _CLASSES[flavour]
 
-    def call(self, inputs, mask=None, return_attention_scores=False):
-        kernel = tf.cast(self.kernel, inputs.dtype)
-        pooled, weights = prob_attention_pool(inputs, kernel, mask)
-        if return_attention_scores:
-            return pooled, weights
-        return pooled
 
-    def compute_mask(self, inputs, mask=None):
-        return None  # time is pooled away
-
-    def compute_output_shape(self, input_shape):
-        input_shape = tf.TensorShape(input_shape)
-        return tf.TensorShape((input_shape[0], input_shape[-1]))
-
-    def get_config(self):
-        config = super().get_config()
-        config["kernel_initializer"] = keras.initializers.serialize(self.kernel_initializer)
-        return config
+def __getattr__(name):  # ``from probattn.models.layers import ProbAttention``: default flavour
+    if name in ("ProbAttention", "NaiveProbAttention"):
+        return getattr(layer_classes(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

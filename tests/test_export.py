@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli, tiny_classifier
+from conftest import tiny_classifier
+from helpers import assert_one_error_line, run_cli
 from probattn.export import bundle as B
-from probattn.export.errors import UsageError
-from probattn.export.parity import FP16_MAX_ABS, FP32_MAX_ABS, MAX_PAD_ATTENTION
+from probattn.models.errors import UsageError
+from probattn.export.parity.tolerances import FP16_MAX_ABS, FP32_MAX_ABS, MAX_PAD_ATTENTION
 
 EXPECTED = [("savedmodel", "fp32"), ("tflite", "fp32"), ("tflite", "fp16"), ("tflite", "int8-dynamic"),
             ("tflite", "int8"), ("onnx", "fp32"), ("onnx", "fp16"), ("onnx", "int8")]
@@ -37,8 +38,8 @@ def _user_facing_clean(names):
 @pytest.fixture(scope="module")
 def keras_reference(bundle_dir):
     """The bundle's model.keras with the attention output, called directly."""
-    from probattn.export.keras_io import load_keras_model
-    from probattn.export.serving import with_attention_output
+    from probattn.export.loading import load_keras_model
+    from probattn.export.signature import with_attention_output
 
     model = with_attention_output(load_keras_model(bundle_dir / "model.keras"))
     return lambda ids: {k: v.numpy() for k, v in model(ids, training=False).items()}
@@ -47,7 +48,7 @@ def keras_reference(bundle_dir):
 @pytest.fixture(scope="module")
 def two_lengths(bundle_dir, manifest):
     """Real held-out texts at two different sequence lengths (the second with padding)."""
-    from probattn.export.tokenizer import encode, load_tokenizer
+    from probattn.models.text.tokenizer import encode, load_tokenizer
 
     tok = load_tokenizer(bundle_dir / "tokenizer.json")
     texts = [json.loads(l)["text"] for l in (bundle_dir / "test.jsonl").read_text().splitlines()[:6]]
@@ -150,7 +151,7 @@ def test_manifest_hashes_and_sizes_match_files(bundle_dir, manifest):
 
 
 def test_manifest_fields(manifest, run_dir):
-    from probattn.export.tokenizer import load_tokenizer
+    from probattn.models.text.tokenizer import load_tokenizer
 
     assert manifest["schema_version"] == B.SCHEMA_VERSION == 1
     for pkg in ("tensorflow", "tf-keras", "tf2onnx", "onnx", "onnxruntime", "ai-edge-litert"):
@@ -215,7 +216,7 @@ def user_files(tmp_path_factory):
     and a model that needs a Select TF op."""
     import tf_keras as keras
 
-    from probattn.export.tokenizer import train_tokenizer
+    from probattn.models.text.tokenizer import train_tokenizer
     from probattn.models import ProbAttention
 
     d = tmp_path_factory.mktemp("user")
@@ -244,14 +245,7 @@ def _leftovers(parent: Path, name: str):
 
 
 def _one_error_line(proc, verb="export"):
-    """The CLI's failure: exit 2, no traceback, exactly one error line and it is the last."""
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr[-3000:]
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    errors = [l for l in lines if "error" in l.lower()]
-    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr[-3000:]
-    assert errors[0].startswith(f"probattn {verb}: error: "), errors[0]
-    return errors[0]
+    return assert_one_error_line(proc, verb)
 
 
 def test_flex_op_model_refused_in_process(user_files, tmp_path):
@@ -282,11 +276,10 @@ def test_flex_op_model_refused_by_cli(user_files, tmp_path):
 def test_bad_opset_fails_cleanly(run_dir, tmp_path, opset):
     out = tmp_path / "bundle"
     proc = run_cli("export", run_dir, "--out", out, "--opset", opset)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert lines[0].startswith("probattn export: error: --opset") and "13 to 18" in lines[0], lines[0]
-    assert opset in lines[0]
+    line = assert_one_error_line(proc, "export")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert line.startswith("probattn export: error: --opset") and "13 to 18" in line, line
+    assert opset in line
     assert not out.exists()
 
 
@@ -294,7 +287,7 @@ def test_bad_opset_fails_cleanly(run_dir, tmp_path, opset):
 def test_export_user_model_file(user_files, tmp_path, suffix, precisions):
     import onnxruntime as ort
 
-    from probattn.export.tokenizer import encode
+    from probattn.models.text.tokenizer import encode
 
     d = user_files["dir"]
     out = tmp_path / "bundle"

@@ -216,7 +216,15 @@ def test_mixed_precision_matches_float32_on_normal_rows(mixed_precision, ragged_
 def test_mask_offset_fits_float16():
     assert 0 < MASK_OFFSET < FLOAT16_MAX
     assert float(np.float16(MASK_OFFSET)) == MASK_OFFSET, "MASK_OFFSET is not exact in float16"
-    assert np.exp(np.float16(-MASK_OFFSET)) >= 0 and np.isfinite(np.float16(MASK_OFFSET) * 256)
+    # one valid step (centred score 0) beside 256 pads at -MASK_OFFSET: before the mask zeroes
+    # them, the pads must not take a float16 step of weight from the valid one, and nothing
+    # may overflow (a smaller offset, e.g. 5, gives the valid step only 0.37)
+    for dtype in (np.float16, np.float32):
+        row = np.array([0.0] + [-MASK_OFFSET] * 256, dtype)
+        e = np.exp(row - row.max())
+        w = e / e.sum()
+        assert np.isfinite(w).all(), dtype
+        assert abs(float(w[0]) - 1.0) <= float(np.finfo(np.float16).eps), (dtype, w[0])
 
 
 def _graph_constants(fn, *specs):

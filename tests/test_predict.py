@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import run_cli
-from probattn.export.errors import UsageError
-from probattn.export.parity import FP32_MAX_ABS
+from helpers import assert_one_error_line, run_cli
+from probattn.models.errors import UsageError
+from probattn.export.parity.tolerances import FP32_MAX_ABS
 from probattn.export.predict import Predictor
 
 PAIRS = [("onnxruntime", "fp32"), ("onnxruntime", "fp16"), ("onnxruntime", "int8"),
@@ -29,10 +29,10 @@ TEXTS = ["bad",
 def predictors(bundle_dir):
     cache = {}
 
-    def get(runtime, precision="fp32", kernels="xnnpack"):
-        key = (runtime, precision, kernels)
+    def get(runtime, precision="fp32", variant=None):
+        key = (runtime, precision, variant)
         if key not in cache:
-            cache[key] = Predictor(bundle_dir, runtime=runtime, precision=precision, kernels=kernels)
+            cache[key] = Predictor(bundle_dir, runtime=runtime, precision=precision, variant=variant)
         return cache[key]
 
     return get
@@ -40,7 +40,7 @@ def predictors(bundle_dir):
 
 @pytest.fixture(scope="module")
 def keras_probs(bundle_dir):
-    from probattn.export.keras_io import load_keras_model
+    from probattn.export.loading import load_keras_model
 
     model = load_keras_model(bundle_dir / "model.keras")
     return lambda ids: model(ids, training=False).numpy()
@@ -60,12 +60,9 @@ def tampered_bundle(bundle_dir, tmp_path_factory):
 
 
 def _single_error(proc, verb="predict"):
-    assert proc.returncode == 2, (proc.returncode, proc.stdout[-1000:], proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"probattn {verb}: error: "), proc.stderr[-3000:]
-    assert proc.stdout == ""
-    return lines[0]
+    line = assert_one_error_line(proc, verb, stdout_empty=True)
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
+    return line
 
 
 # --------------------------------------------------------------------------- Predictor
@@ -103,10 +100,11 @@ def test_fp32_predictions_equal_keras(predictors, keras_probs, runtime):
                                err_msg=f"{runtime} fp32 Predictor vs Keras")
 
 
-@pytest.mark.parametrize("runtime,kernels", [("onnxruntime", "xnnpack"), ("litert", "xnnpack"),
-                                             ("litert", "reference")])
-def test_mixed_lengths_in_one_batch_equal_each_alone(predictors, runtime, kernels):
-    p = predictors(runtime, "fp32", kernels)
+@pytest.mark.parametrize("runtime,variant", [("onnxruntime", "all"), ("onnxruntime", "none"),
+                                             ("litert", "xnnpack"), ("litert", "reference"),
+                                             ("openvino", None)])
+def test_mixed_lengths_in_one_batch_equal_each_alone(predictors, runtime, variant):
+    p = predictors(runtime, "fp32", variant)
     batch = p.encode(TEXTS)
     lengths = sorted({int(np.count_nonzero(r)) for r in batch})
     assert len(lengths) >= 3 and lengths[0] <= 2 and lengths[-1] >= 30, lengths  # really mixed
@@ -114,7 +112,7 @@ def test_mixed_lengths_in_one_batch_equal_each_alone(predictors, runtime, kernel
     for i, text in enumerate(TEXTS):
         alone = p.predict_ids(p.encode([text]))
         np.testing.assert_allclose(together[i], alone[0], rtol=0, atol=FP32_MAX_ABS,
-                                   err_msg=f"{runtime}/{kernels}: {text!r} batched (padded to "
+                                   err_msg=f"{runtime}/{variant}: {text!r} batched (padded to "
                                            f"{batch.shape[1]}) vs alone")
 
 
@@ -149,7 +147,7 @@ def test_predict_ids_validation(predictors, manifest, runtime, case):
 
 
 def test_predictor_refuses_unknown_runtime_and_precision(bundle_dir):
-    with pytest.raises(UsageError, match="unknown runtime 'tensorflow'; allowed: onnxruntime, litert"):
+    with pytest.raises(UsageError, match="unknown runtime 'tensorflow'; allowed: litert, onnxruntime, openvino"):
         Predictor(bundle_dir, runtime="tensorflow")
     with pytest.raises(UsageError, match="unknown precision 'fp8'"):
         Predictor(bundle_dir, precision="fp8")
@@ -231,7 +229,7 @@ def test_cli_predict_refuses_hash_mismatch(tampered_bundle, runtime, name):
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["--runtime", "tensorflow"], "unknown runtime 'tensorflow'; allowed: onnxruntime, litert"),
+    (["--runtime", "tensorflow"], "unknown runtime 'tensorflow'; allowed: litert, onnxruntime, openvino"),
     (["--precision", "fp8"], "unknown precision 'fp8'; allowed: fp32, fp16, int8-dynamic, int8"),
     (["--precision", "int8-dynamic"], "bundle has no onnx int8-dynamic artifact"),
 ], ids=["runtime", "precision", "missing-artifact"])

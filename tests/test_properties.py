@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import tiny_classifier
-from probattn.export.errors import UsageError
-from probattn.export.parity import FP32_MAX_ABS, FP32_PAD_INVARIANCE, MAX_PAD_ATTENTION
+from probattn.models.errors import UsageError
+from probattn.export.parity.tolerances import FP32_MAX_ABS, FP32_PAD_INVARIANCE, MAX_PAD_ATTENTION
 
 VOCAB = 300
 TEXTS = ["a gripping and funny film", "dull, slow and far too long", "the cast is superb",
@@ -35,8 +35,10 @@ def runners(tmp_path_factory):
     """Keras, onnxruntime x2 and LiteRT x2 runners over one freshly exported tiny model."""
     from probattn.export import bundle as B
     from probattn.export.exporter import ExportOptions, export
-    from probattn.export.runners import KerasRunner, LiteRTRunner, OnnxRunner
-    from probattn.export.tokenizer import train_tokenizer
+    from probattn.export.runtimes.keras import KerasRunner
+    from probattn.export.runtimes.litert import LiteRTRunner
+    from probattn.export.runtimes.onnxruntime import OnnxRuntimeRunner as OnnxRunner
+    from probattn.models.text.tokenizer import train_tokenizer
 
     d = tmp_path_factory.mktemp("props")
     model = tiny_classifier(vocab_size=VOCAB, embedding_dim=16, seed=3)
@@ -48,15 +50,15 @@ def runners(tmp_path_factory):
     assert manifest["vocab_size"] == VOCAB
     paths = {(a["format"], a["precision"]): B.verified_path(d / "bundle", a) for a in manifest["artifacts"]}
     out = [KerasRunner(paths[("keras", "fp32")], VOCAB),
-           OnnxRunner(paths[("onnx", "fp32")], VOCAB, optimization="all"),
-           OnnxRunner(paths[("onnx", "fp32")], VOCAB, optimization="none"),
-           LiteRTRunner(paths[("tflite", "fp32")], VOCAB, kernels="xnnpack"),
-           LiteRTRunner(paths[("tflite", "fp32")], VOCAB, kernels="reference")]
+           OnnxRunner(paths[("onnx", "fp32")], VOCAB, variant="all"),
+           OnnxRunner(paths[("onnx", "fp32")], VOCAB, variant="none"),
+           LiteRTRunner(paths[("tflite", "fp32")], VOCAB, variant="xnnpack"),
+           LiteRTRunner(paths[("tflite", "fp32")], VOCAB, variant="reference")]
     for r in out:
-        r.load()
+        r.activate()
     yield out
     for r in out:
-        r.close()
+        r.deactivate()
 
 
 def _ids(batch, length, seed, allpad_fraction):
@@ -83,7 +85,7 @@ def test_fp32_runtimes_agree_and_ignore_padding(runners, batch, length, pad, see
     padded = np.concatenate([ids, np.zeros((batch, pad), np.int32)], axis=1)
     reference = None
     for runner in runners:
-        out = runner.run(ids)
+        out = runner.infer(ids)
         assert sorted(out) == ["attention_weights", "probabilities"], runner.name
         assert out["probabilities"].shape == (batch, 3) and out["attention_weights"].shape == (batch, length)
         for name, value in out.items():
@@ -95,7 +97,7 @@ def test_fp32_runtimes_agree_and_ignore_padding(runners, batch, length, pad, see
                 np.testing.assert_allclose(out[name], reference[name], rtol=0, atol=FP32_MAX_ABS,
                                            err_msg=f"{runner.name} vs keras, {name}, ids {ids.shape}")
         # padding invariance on the same runner
-        more = runner.run(padded)
+        more = runner.infer(padded)
         np.testing.assert_allclose(more["probabilities"], out["probabilities"], rtol=0, atol=FP32_PAD_INVARIANCE,
                                    err_msg=f"{runner.name}: {pad} pads moved the probabilities")
         np.testing.assert_allclose(more["attention_weights"][:, :length], out["attention_weights"], rtol=0,
@@ -120,6 +122,6 @@ def test_out_of_range_ids_are_refused_by_every_runner(runners, batch, length, se
     ids[rng.integers(batch), rng.integers(length)] = bad
     for runner in runners:
         with pytest.raises(UsageError) as ei:
-            runner.run(ids)
+            runner.infer(ids)
         msg = str(ei.value)
         assert f"Received id {bad}." in msg and f"[0, {VOCAB})" in msg, (runner.name, msg)

@@ -22,10 +22,11 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from conftest import run_cli, tiny_classifier
+from conftest import tiny_classifier
+from helpers import assert_one_error_line, run_cli
 from probattn.export import bundle as B
-from probattn.export.errors import UsageError
-from probattn.export.fsutil import TMP_PREFIX
+from probattn.models.errors import UsageError
+from probattn.models.fsutil import TMP_PREFIX
 
 # ------------------------------------------------------------------------------ helpers
 
@@ -279,7 +280,7 @@ BAD_INPUT = [
     Case("verify-unknown-format", lambda w, s: ["verify", s["bundle"], "--formats", "coreml", "--report-dir", w / "r"],
          ("'coreml'", "savedmodel, tflite, onnx")),
     Case("predict-unknown-runtime", lambda w, s: ["predict", s["bundle"], "text", "--runtime", "tensorrt"],
-         ("'tensorrt'", "onnxruntime, litert")),
+         ("'tensorrt'", "litert, onnxruntime, openvino")),
     Case("predict-unknown-precision", lambda w, s: ["predict", s["bundle"], "text", "--precision", "int4"],
          ("'int4'", "fp32, fp16, int8-dynamic, int8")),
     Case("predict-negative-batch-size", lambda w, s: ["predict", s["bundle"], "text", "--batch-size", "-1"],
@@ -325,14 +326,9 @@ def bad_input_results(shared, tmp_path_factory):
 def test_bad_input_exits_2_with_one_line(case, bad_input_results):
     proc, w, argv, before, after = bad_input_results[case.id]
     where = f"probattn {' '.join(map(str, argv))}\nstdout: {proc.stdout[-1500:]}\nstderr: {proc.stderr[-3000:]}"
-    assert proc.returncode == 2, where
-    assert "Traceback" not in proc.stderr + proc.stdout, where
-    assert proc.stdout == "", where
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].strip(), f"expected exactly one stderr line\n{where}"
-    line = lines[0]
     verb = str(argv[0])
-    assert line.startswith((f"probattn {verb}: error: ", "probattn: error: ")), where
+    line = assert_one_error_line(proc, verb, stdout_empty=True)
+    assert len(proc.stderr.splitlines()) == 1, f"expected exactly one stderr line\n{where}"
     for needle in case.needles:
         assert needle.lower() in line.lower(), f"{needle!r} missing\n{where}"
     assert before == after, f"the failed command wrote files: {sorted(set(after) ^ set(before))}\n{where}"
@@ -370,7 +366,7 @@ def lambda_files(tmp_path_factory):
     model = _lambda_model()
     model.save(d / "lambda.keras")
     model.save(d / "lambda.h5")
-    from probattn.export.tokenizer import train_tokenizer
+    from probattn.models.text.tokenizer import train_tokenizer
 
     train_tokenizer(["a good film", "a bad film", "fine acting"], vocab_size=50).save(str(d / "tokenizer.json"))
     return d
@@ -380,10 +376,8 @@ def test_lambda_keras_refused_by_cli(lambda_files, tmp_path):
     out = tmp_path / "out"
     proc = run_cli("export", lambda_files / "lambda.keras", "--tokenizer", lambda_files / "tokenizer.json",
                    "--out", out, "--formats", "onnx", "--precisions", "fp32")
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "Lambda" in lines[0] and "--unsafe" in lines[0] and "lambda.keras" in lines[0], lines[0]
+    line = assert_one_error_line(proc, "export")
+    assert "Lambda" in line and "--unsafe" in line and "lambda.keras" in line, line
     assert not out.exists() and not list(tmp_path.glob(f"{TMP_PREFIX}*"))
 
 
@@ -414,10 +408,8 @@ def test_unregistered_custom_class_named_in_the_error(lambda_files, tmp_path):
     out = tmp_path / "out"
     proc = run_cli("export", path, "--tokenizer", lambda_files / "tokenizer.json", "--out", out,
                    "--formats", "onnx", "--precisions", "fp32")
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "elsewhere>Doubler" in lines[0] and "not registered" in lines[0], lines[0]
+    line = assert_one_error_line(proc, "export")
+    assert "elsewhere>Doubler" in line and "not registered" in line, line
     assert not out.exists()
 
 
@@ -447,7 +439,7 @@ def test_keras_config_naming_a_foreign_module_is_refused(tmp_path, shared, monke
     unless --unsafe."""
     import zipfile
 
-    from probattn.export.keras_io import load_keras_model
+    from probattn.export.loading import load_keras_model
 
     marker = tmp_path / "imported"
     (tmp_path / "probattn_robust_side_effect.py").write_text(
@@ -494,7 +486,7 @@ def _external_data_model(location: str, via_constant: bool = False):
     ("../outside.bin", False), ("ABSOLUTE", False), ("link.bin", False), ("../outside.bin", True),
 ], ids=["parent-dir", "absolute-path", "symlink-out", "constant-node-attribute"])
 def test_onnx_external_data_outside_the_folder_is_refused(tmp_path, location, via_constant):
-    from probattn.export.runners import OnnxRunner
+    from probattn.export.runtimes.onnxruntime import OnnxRuntimeRunner as OnnxRunner
 
     model_dir = tmp_path / "bundle"
     model_dir.mkdir()
@@ -505,19 +497,19 @@ def test_onnx_external_data_outside_the_folder_is_refused(tmp_path, location, vi
     path = model_dir / "m.onnx"
     path.write_bytes(_external_data_model(location, via_constant).SerializeToString())
     with pytest.raises(UsageError, match="outside") as ei:
-        OnnxRunner(path).load()
+        OnnxRunner(path).activate()
     assert location in str(ei.value)
 
 
 @pytest.mark.parametrize("via_constant", [False, True], ids=["initializer", "constant-node-attribute"])
 def test_onnx_external_data_inside_the_folder_loads(tmp_path, via_constant):
-    from probattn.export.runners import OnnxRunner
+    from probattn.export.runtimes.onnxruntime import OnnxRuntimeRunner as OnnxRunner
 
     (tmp_path / "weights.bin").write_bytes(np.array([7], np.int32).tobytes())
     path = tmp_path / "m.onnx"
     path.write_bytes(_external_data_model("weights.bin", via_constant).SerializeToString())
     with OnnxRunner(path) as r:
-        got = r.run(np.array([[1, 2, 3]], np.int32))["probabilities"]
+        got = r.infer(np.array([[1, 2, 3]], np.int32))["probabilities"]
     np.testing.assert_array_equal(got, [[8, 9, 10]])
 
 
@@ -597,7 +589,7 @@ def test_interrupted_export_leaves_existing_bundle_intact(sig, when, bundle_dir,
 def test_converter_child_exits_when_its_exporter_is_killed(tmp_path, pass_pid):
     """The TFLite converter runs in a child process; SIGKILL of the exporter runs no cleanup,
     so the child must notice on its own instead of converting on into a dead run's directory."""
-    child = ("import time; from probattn.export.tflite_export import _exit_with_parent; "
+    child = ("import time; from probattn.export.formats.tflite import _exit_with_parent; "
              "_exit_with_parent(); time.sleep(120)")
     parent = ("import os, subprocess, sys; env = dict(os.environ)\n"
               f"if {pass_pid}: env['PROBATTN_PARENT_PID'] = str(os.getpid())\n"
@@ -656,7 +648,21 @@ def test_sigint_during_training_writes_nothing(slow_csv, tmp_path):
     assert not _leftovers(tmp_path, "RUN")
 
 
+def test_export_refused_while_another_writer_holds_the_lock(shared, tmp_path):
+    """Deterministic: the test holds the writer lock, so the export must lose."""
+    from probattn.models.fsutil import directory_lock
+
+    target = tmp_path / "B"
+    with directory_lock(target):
+        proc = run_cli("export", shared["run"], "--out", target, "--formats", "onnx", "--precisions", "fp32")
+    line = assert_one_error_line(proc, "export")
+    assert line == (f"probattn export: error: another probattn process is writing or "
+                    f"verifying {target}; wait for it to finish or choose another --out"), line
+    assert not target.exists() and not _leftovers(tmp_path, "B")
+
+
 def test_concurrent_exports_to_one_bundle(shared, tmp_path):
+    """Two real exports at once: whichever order they run in, the result is one valid bundle."""
     target = tmp_path / "B"
     args = ("export", shared["run"], "--out", target, "--overwrite", "--formats", "onnx", "--precisions", "fp32")
     procs = [_cli_popen(*args), _cli_popen(*args)]
@@ -677,7 +683,7 @@ def test_concurrent_exports_to_one_bundle(shared, tmp_path):
 
 
 def test_stale_cleanup_spares_other_targets_with_a_longer_name(tmp_path):
-    from probattn.export.fsutil import atomic_directory
+    from probattn.models.fsutil import atomic_directory
 
     stale = tmp_path / f"{TMP_PREFIX}b-zz9_abcd"  # left by a killed writer of 'b'
     other = tmp_path / f"{TMP_PREFIX}b-2-k3j4h5g6"  # a live writer of 'b-2' (its own lock)
@@ -696,7 +702,7 @@ def test_backup_left_between_the_final_renames_is_restored(tmp_path, overwrite):
     """A writer killed after moving the old result aside and before moving the new one in
     leaves the old result only as its backup: the next writer puts it back instead of
     deleting it, and it survives that writer's failure too."""
-    from probattn.export.fsutil import atomic_directory
+    from probattn.models.fsutil import atomic_directory
 
     backup = tmp_path / f"{TMP_PREFIX}b-old-4242"
     backup.mkdir()
@@ -711,7 +717,7 @@ def test_backup_left_between_the_final_renames_is_restored(tmp_path, overwrite):
 
 
 def test_train_checks_out_before_loading_data(tmp_path, monkeypatch):
-    from probattn.export import data
+    from probattn.models.text import data
     from probattn.models.train import TrainConfig, train
 
     def never(*a, **k):
@@ -726,13 +732,13 @@ def test_train_checks_out_before_loading_data(tmp_path, monkeypatch):
 
 
 def test_export_checks_out_before_loading_the_model(tmp_path, shared, monkeypatch):
-    from probattn.export import keras_io
+    from probattn.export import loading
     from probattn.export.exporter import ExportOptions, export
 
     def never(*a, **k):
         raise AssertionError("the model was loaded before --out was checked")
 
-    monkeypatch.setattr(keras_io, "load_keras_model", never)
+    monkeypatch.setattr(loading, "load_keras_model", never)
     (tmp_path / "B").write_text("x")
     with pytest.raises(UsageError, match="not a directory"):
         export(shared["run"], tmp_path / "B", ExportOptions(formats=("onnx",), precisions=("fp32",)))

@@ -7,11 +7,11 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
-from probattn.export.errors import UsageError
-from probattn.export.fsutil import TMP_PREFIX, atomic_directory
-from probattn.export.metrics import classification_report
-from probattn.export.tokenizer import encode_fixed, load_tokenizer
-from probattn.export.exporter import CALIBRATION_MAX_TEXTS as CALIBRATION_TEXTS
+from probattn.models.errors import UsageError
+from probattn.models.fsutil import TMP_PREFIX, atomic_directory
+from probattn.models.metrics import classification_report
+from probattn.models.text.tokenizer import encode_fixed, load_tokenizer
+from probattn.models.train import CALIBRATION_MAX_TEXTS as CALIBRATION_TEXTS
 from probattn.models.train import TrainConfig, train
 
 RUN_FILES = ["model.keras", "tokenizer.json", "labels.json", "metrics.json", "config.json",

@@ -1,6 +1,6 @@
 """TFLite (LiteRT) conversion: fp32, fp16 weights, dynamic-range int8, full-integer int8.
 
-Conversions run in a child process (``python -m probattn.export.tflite_export``):
+Conversions run in a child process (``python -m probattn.export.formats.tflite``):
 ``TFLiteConverter.convert()`` leaks about 20 MB per call on TF 2.20/2.21, and a child
 returns all of it to the system when it exits.
 
@@ -25,9 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UsageError, one_line
+from probattn.models.errors import UsageError, one_line
 
-TFLITE_PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8")
+from ..contract import INPUT, SUPPORTED, artifact_filename
+from . import Built, ExportContext
+
+FORMAT = "tflite"
+NEEDS_SAVED_MODEL = True
+IN_CHILD = True
+TFLITE_PRECISIONS = SUPPORTED[FORMAT]
 
 INT8_RECIPE = {
     "weights": "int8; per channel for dense layers, per tensor for the embedding",
@@ -74,7 +80,7 @@ def convert(saved_model_dir: str, precision: str, calibration: list | None = Non
 
         def representative():
             for ids in calibration:
-                yield {"token_ids": np.asarray(ids, dtype=np.int32)}
+                yield {INPUT: np.asarray(ids, dtype=np.int32)}
 
         conv.representative_dataset = representative
     try:
@@ -92,6 +98,17 @@ def convert(saved_model_dir: str, precision: str, calibration: list | None = Non
         raise UsageError(f"TFLite {precision} conversion failed: {one_line(msg)}") from None
 
 
+def export(ctx: ExportContext, precisions) -> list:
+    """Every TFLite precision asked for, converted from ``ctx.saved_model_dir`` in one child."""
+    if "int8" in precisions and not ctx.calibration:
+        raise UsageError("full-integer int8 needs calibration texts (--calibration-data)")
+    results = convert_in_child(ctx.saved_model_dir, ctx.out, list(precisions), ctx.calibration,
+                               started=ctx.started)
+    return [Built(FORMAT, r["precision"], r["path"], r["seconds"],
+                  {**({"recipe": INT8_RECIPE} if r["precision"] == "int8" else {}), "output_dtype": "float32"})
+            for r in results]
+
+
 def convert_in_child(saved_model_dir, out_dir, precisions, calibration=None, progress=None, started=None):
     """Convert each precision in one child process; yields result dicts as they finish."""
     out_dir = Path(out_dir)
@@ -99,7 +116,7 @@ def convert_in_child(saved_model_dir, out_dir, precisions, calibration=None, pro
     if calibration:
         calib_path = out_dir / ".calibration.npz"
         np.savez(calib_path, *[np.asarray(c, np.int32) for c in calibration])
-    cmd = [sys.executable, "-m", "probattn.export.tflite_export", str(saved_model_dir),
+    cmd = [sys.executable, "-m", "probattn.export.formats.tflite", str(saved_model_dir),
            str(out_dir), ",".join(precisions), str(calib_path or "")]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PROBATTN_PARENT_PID=str(os.getpid()))
     errlog = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty child cannot block on it
@@ -158,7 +175,7 @@ def _child_main(argv):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import warnings
 
-    from .quiet import import_tensorflow
+    from probattn.models.quiet import import_tensorflow
 
     warnings.filterwarnings("ignore")
     import_tensorflow()
@@ -169,7 +186,7 @@ def _child_main(argv):
         except UsageError as e:
             print(json.dumps({"error": str(e)}), flush=True)
             return 2
-        name = f"model_{precision.replace('-', '_')}.tflite"
+        name = artifact_filename(FORMAT, precision)
         path = Path(out_dir) / name
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(blob)

@@ -1,11 +1,11 @@
-"""Loading Keras models safely (tf-keras): clear errors, safe mode on by default."""
+"""Loading the user's Keras model safely: clear errors, safe mode on by default."""
 from __future__ import annotations
 
 import json
 import zipfile
 from pathlib import Path
 
-from .errors import UsageError, one_line
+from probattn.models.errors import UsageError, one_line
 
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 
@@ -78,15 +78,12 @@ def load_keras_model(path, unsafe: bool = False):
     name ``ProbAttention`` loads too.
     """
     path = check_model_file(path)
-    from .quiet import import_tensorflow
+    from probattn.models.keras_compat import get_keras
+    from probattn.models.layers import layer_classes
 
-    import_tensorflow()
-    import tf_keras as keras
-
-    import probattn.models.naive  # noqa: F401  (registers the comparison layer of scripts/int8_masking_demo.py)
-    from probattn.models import ProbAttention
-
-    custom = {"ProbAttention": ProbAttention}
+    keras = get_keras()
+    ours = layer_classes()  # registers probattn's layers (and the comparison layer of the demo)
+    custom = {"ProbAttention": ours.ProbAttention}
     suffix = path.suffix.lower()
     if suffix in (".h5", ".hdf5") and not unsafe:
         try:
@@ -123,7 +120,9 @@ def _unregistered_classes(path: Path, custom: dict) -> list:
     tf-keras reports those as "'str' object is not callable"."""
     if path.suffix.lower() != ".keras":
         return []
-    import tf_keras as keras
+    from probattn.models.keras_compat import get_keras
+
+    keras = get_keras()
 
     config = _keras_config(path)
     if config is None:
@@ -169,3 +168,21 @@ def _check_keras_config(path: Path, custom: dict) -> None:
 def _lambda_refusal(path, names) -> str:
     return (f"{path} contains a Lambda layer ({', '.join(names)}), which runs arbitrary Python "
             "code when loaded; refused in safe mode. Pass --unsafe only if you trust the file")
+
+
+def vocab_size_of(model) -> int | None:
+    """Rows of the model's first Embedding layer (the id range it accepts), or None."""
+    from probattn.models.keras_compat import keras_of
+
+    embedding = keras_of(model).layers.Embedding
+
+    def walk(layer):
+        if isinstance(layer, embedding):
+            return int(layer.input_dim)
+        for sub in getattr(layer, "layers", []) or []:
+            found = walk(sub)
+            if found:
+                return found
+        return None
+
+    return walk(model)

@@ -20,8 +20,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle import sha256_path
-from .errors import UsageError
+from ..errors import UsageError
+from ..fsutil import sha256_path
 
 #: Longest text accepted from a user file, in characters. Longer ones are almost always a
 #: broken file (a missing newline or quote); they are refused rather than truncated.

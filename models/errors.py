@@ -1,4 +1,8 @@
-"""Errors the command line turns into one line and an exit code (no traceback)."""
+"""Errors every probattn verb turns into one line and an exit code (no traceback).
+
+They live here, in the base package, so that ``probattn.models`` (training, text) and
+``probattn.export`` (export, verify, predict) raise the same classes.
+"""
 
 
 class ProbattnError(Exception):
@@ -11,12 +15,6 @@ class UsageError(ProbattnError):
     """Bad input or options: says what was received and what is allowed. Exit 2."""
 
     exit_code = 2
-
-
-class ParityFailure(ProbattnError):
-    """An artifact does not match the reference within tolerance. Exit 1."""
-
-    exit_code = 1
 
 
 def one_line(text: str, limit: int = 400) -> str:

@@ -2,26 +2,24 @@
 
 Input ``token_ids``: int32 ``[batch, sequence]``, both dynamic. Outputs ``probabilities``
 ``[batch, classes]`` and, when asked and the model holds a ProbAttention layer,
-``attention_weights`` ``[batch, sequence]``.
+``attention_weights`` ``[batch, sequence]`` (names from ``probattn.export.contract``).
 """
 from __future__ import annotations
 
-INPUT_NAME = "token_ids"
-PROBABILITIES = "probabilities"
-ATTENTION = "attention_weights"
+from .contract import ATTENTION, INPUT, PROBABILITIES
 
 
 def with_attention_output(model):
     """A functional model with outputs ``{probabilities, attention_weights}`` sharing the
     original weights, or None when the model has no single ProbAttention layer reachable
     in its functional graph."""
-    import tf_keras as keras
-
-    from probattn.models import find_attention_layer
+    from probattn.models.classifier import find_attention_layer
+    from probattn.models.keras_compat import keras_of
 
     layer = find_attention_layer(model)
     if layer is None:
         return None
+    keras = keras_of(model)
     try:
         _, weights = layer(layer.input, return_attention_scores=True)
         return keras.Model(model.inputs, {PROBABILITIES: model.output, ATTENTION: weights})
@@ -30,15 +28,12 @@ def with_attention_output(model):
 
 
 def serving_module(model, attention: bool = False):
-    """A ``tf.Module`` whose ``serve`` is traced with an explicit input signature."""
+    """A ``tf.Module`` whose ``serve`` is traced with an explicit input signature; returns
+    ``(module, concrete_function)``. ``attention`` is honoured only when the model has one
+    ProbAttention layer in its functional graph (the exporter decides before calling)."""
     import tensorflow as tf
 
     explained = with_attention_output(model) if attention else None
-    if attention and explained is None:
-        from .errors import UsageError
-
-        raise UsageError("--attention-weights needs a functional model with one ProbAttention "
-                         "layer; this model has none reachable")
     target = explained if explained is not None else model
 
     class Serving(tf.Module):
@@ -46,7 +41,7 @@ def serving_module(model, attention: bool = False):
             super().__init__()
             self.model = target
 
-        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name=INPUT_NAME)])
+        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name=INPUT)])
         def serve(self, token_ids):
             out = self.model(token_ids, training=False)
             if isinstance(out, dict):

@@ -30,10 +30,9 @@ def quiet_stderr():
 
 
 def import_tensorflow():
-    """Import tensorflow and tf_keras with their native start-up logging silenced."""
+    """Import tensorflow with its native start-up logging silenced."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if "tf_keras" not in sys.modules:
+    if "tensorflow" not in sys.modules:
         with quiet_stderr():
             import tensorflow  # noqa: F401
-            import tf_keras  # noqa: F401
     return sys.modules["tensorflow"]

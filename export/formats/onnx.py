@@ -12,13 +12,21 @@ Every file passes ``onnx.checker.check_model(full_check=True)``.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
-from .errors import UsageError, one_line
+from probattn.models.errors import UsageError, one_line
 
+from ..contract import (ATTENTION, BATCH_DIM, INPUT, PROBABILITIES, SEQUENCE_DIM, SUPPORTED,
+                        artifact_filename, output_dims)
+from . import Built, ExportContext
+
+FORMAT = "onnx"
+NEEDS_SAVED_MODEL = False
+IN_CHILD = False
 DEFAULT_OPSET = 17
 MIN_OPSET, MAX_OPSET = 13, 18  # tf2onnx 1.17 refuses opsets above 18
-ONNX_PRECISIONS = ("fp32", "fp16", "int8")
+ONNX_PRECISIONS = SUPPORTED[FORMAT]
 INT8_RECIPE = {"method": "onnxruntime quantize_dynamic", "weights": "int8 (QInt8)",
                "activations": "uint8, quantized at run time", "ops": "MatMul, Gather"}
 FP16_RECIPE = {"method": "onnxruntime.transformers.float16", "io": "int32 in, float32 out"}
@@ -40,7 +48,7 @@ def _name_dims(model, output_dims: dict) -> None:
     inp = model.graph.input[0]
     dims = inp.type.tensor_type.shape.dim
     rename = {}
-    for d, new in zip(dims, ("batch", "sequence")):
+    for d, new in zip(dims, (BATCH_DIM, SEQUENCE_DIM)):
         if d.dim_param:
             rename[d.dim_param] = new
         d.ClearField("dim_value")
@@ -76,9 +84,7 @@ def convert_fp32(module, opset: int, output_names: list):
     import tensorflow as tf
     import tf2onnx
 
-    from .serving import INPUT_NAME
-
-    spec = (tf.TensorSpec([None, None], tf.int32, name=INPUT_NAME),)
+    spec = (tf.TensorSpec([None, None], tf.int32, name=INPUT),)
     try:
         model, _ = tf2onnx.convert.from_function(module.serve, input_signature=spec, opset=opset)
     except Exception as e:
@@ -92,7 +98,7 @@ def convert_fp32(module, opset: int, output_names: list):
     got = [o.name for o in model.graph.output]
     if sorted(got) != sorted(output_names):
         raise UsageError(f"ONNX outputs came out as {got}, expected {output_names}")
-    _name_dims(model, {"probabilities": ["batch", None], "attention_weights": ["batch", "sequence"]})
+    _name_dims(model, {PROBABILITIES: output_dims(PROBABILITIES), ATTENTION: output_dims(ATTENTION)})
     model.doc_string = "probattn ProbAttention classifier"
     return model
 
@@ -135,3 +141,32 @@ def check(path: Path) -> None:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:
         raise UsageError(f"{path.name} fails onnx.checker ({one_line(e)})") from None
+
+
+def export(ctx: ExportContext, precisions) -> list:
+    """fp32 from the traced function, then fp16 and int8 derived from it."""
+    opset = check_opset(ctx.opset)
+    built = []
+    t = time.perf_counter()
+    fp32 = convert_fp32(ctx.module, opset, ctx.output_names)
+    fp32_path = ctx.out / artifact_filename(FORMAT, "fp32")
+    save_checked(fp32, fp32_path)
+    base_seconds = time.perf_counter() - t
+    if "fp32" in precisions:
+        built.append(Built(FORMAT, "fp32", fp32_path.name, base_seconds, {"opset": opset}))
+    if "fp16" in precisions:
+        t = time.perf_counter()
+        path = ctx.out / artifact_filename(FORMAT, "fp16")
+        save_checked(convert_fp16(fp32), path)
+        built.append(Built(FORMAT, "fp16", path.name, time.perf_counter() - t,
+                           {"opset": opset, "recipe": FP16_RECIPE}))
+    if "int8" in precisions:
+        t = time.perf_counter()
+        path = ctx.out / artifact_filename(FORMAT, "int8")
+        convert_int8(fp32_path, path)
+        check(path)
+        built.append(Built(FORMAT, "int8", path.name, time.perf_counter() - t,
+                           {"opset": opset, "recipe": INT8_RECIPE, "quantization": "dynamic"}))
+    if "fp32" not in precisions:
+        fp32_path.unlink()
+    return built

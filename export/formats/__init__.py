@@ -1,0 +1,55 @@
+"""Export formats: one module per format, each with one public ``export(ctx, precisions)``
+returning the artifacts it built (as in Keras 3's ``keras/src/export/``).
+
+The registry maps a format name (``probattn.export.contract.EXPORT_FORMATS``) to its
+module. A format module declares:
+
+* ``FORMAT``: its name in the contract;
+* ``NEEDS_SAVED_MODEL``: it converts from the SavedModel (built once, in a temporary
+  place when the SavedModel itself was not asked for);
+* ``IN_CHILD``: it runs in a child process, so the exporter runs it beside the others.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..contract import EXPORT_FORMATS
+
+
+@dataclass
+class ExportContext:
+    """What every format exporter needs, built once by the exporter."""
+
+    out: Path  # the bundle being written (a temporary directory until the end)
+    module: object  # tf.Module whose ``serve`` is the traced serving function
+    concrete: object  # its concrete function
+    output_names: list  # in contract order
+    opset: int = 17
+    calibration: list | None = None  # int32 id batches for full-int8 calibration
+    saved_model_dir: Path | None = None  # set by the exporter when a format needs it
+    saved_model_seconds: float = 0.0
+    log: Callable = print
+    started: Callable | None = None  # called with a child process once it runs (to stop it)
+
+
+@dataclass
+class Built:
+    """One artifact a format exporter wrote into ``ctx.out``."""
+
+    format: str
+    precision: str
+    path: str  # relative to the bundle
+    seconds: float
+    extra: dict = field(default_factory=dict)  # recipe, opset, ... (goes into the manifest)
+
+
+def get(fmt: str):
+    """The module that exports ``fmt``."""
+    if fmt not in EXPORT_FORMATS:
+        from probattn.models.errors import UsageError
+
+        raise UsageError(f"unknown format '{fmt}'; allowed: {', '.join(EXPORT_FORMATS)}")
+    return importlib.import_module(f"{__name__}.{fmt}")

@@ -1,0 +1,29 @@
+"""TensorFlow SavedModel with the signature ``serving_default`` (the traced function)."""
+from __future__ import annotations
+
+import time
+
+from ..contract import SIGNATURE_KEY, artifact_filename
+from . import Built, ExportContext
+
+FORMAT = "savedmodel"
+NEEDS_SAVED_MODEL = False
+IN_CHILD = False
+
+
+def save(ctx: ExportContext, directory) -> float:
+    """Write the SavedModel to ``directory``; returns the seconds it took."""
+    import tensorflow as tf
+
+    t = time.perf_counter()
+    tf.saved_model.save(ctx.module, str(directory), signatures={SIGNATURE_KEY: ctx.concrete})
+    return time.perf_counter() - t
+
+
+def export(ctx: ExportContext, precisions) -> list:
+    rel = artifact_filename(FORMAT, "fp32")
+    if ctx.saved_model_dir is not None and ctx.saved_model_dir == ctx.out / rel:
+        seconds = ctx.saved_model_seconds  # already written for a converter that needed it
+    else:
+        seconds = save(ctx, ctx.out / rel)
+    return [Built(FORMAT, "fp32", rel, seconds, {"signature": SIGNATURE_KEY})]

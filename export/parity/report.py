@@ -1,0 +1,126 @@
+"""Reports: the result object and its three views (terminal table, parity.md/.json, plot)."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import tolerances as T
+from .compare import fmt
+
+
+@dataclass
+class Report:
+    rows: list = field(default_factory=list)  # one per artifact x runtime
+    checks: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def failures(self):
+        return [c for c in self.checks if not c.passed]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and not self.failures
+
+    def row_passed(self, artifact, runtime) -> bool:
+        return all(c.passed for c in self.checks if c.artifact == artifact and c.runtime == runtime)
+
+
+def _cell(v, kind="g"):
+    if v is None:
+        return "-"
+    if kind == "pct":
+        return f"{100 * v:.2f}%"
+    if kind == "acc":
+        return f"{v:.4f}"
+    return fmt(float(v))
+
+
+def markdown_table(report: Report) -> str:
+    lines = ["| artifact | runtime | size | accuracy | top-1 agreement | max abs error | padding invariance | pad attention | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in report.rows:
+        lines.append(
+            f"| {r['artifact']} | {r['runtime']} | {r['bytes'] / 1e6:.2f} MB | {_cell(r['accuracy'], 'acc')} | "
+            f"{_cell(r['top1_agreement'], 'pct')} | {_cell(r['max_abs'])} | {_cell(r['pad_invariance'])} | "
+            f"{_cell(r['pad_attention'])} | {'PASS' if r['passed'] else '**FAIL**'} |")
+    for s in report.skipped:
+        lines.append(f"| {s['artifact']} | {s['runtime']} | - | - | - | - | - | - | skipped: {s['reason']} |")
+    return "\n".join(lines)
+
+
+def terminal_summary(report: Report) -> str:
+    out = [markdown_table(report), ""]
+    if report.failures:
+        out.append(f"{len(report.failures)} of {len(report.checks)} checks FAILED:")
+        out.extend(f"  FAIL {c.message()}" for c in report.failures[:40])
+        if len(report.failures) > 40:
+            out.append(f"  ... and {len(report.failures) - 40} more (parity.json lists all)")
+    else:
+        out.append(f"all {len(report.checks)} checks passed ({len(report.rows)} artifact x runtime pairs, "
+                   f"{len(report.meta['cases'])} case families)")
+    return "\n".join(out)
+
+
+def json_safe(v):
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [json_safe(x) for x in v]
+    if isinstance(v, (np.floating, np.integer)):
+        return json_safe(v.item())
+    return v
+
+
+def write_report(report: Report, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = {"passed": report.passed, "meta": report.meta, "rows": report.rows, "skipped": report.skipped,
+           "checks": [c.__dict__ for c in report.checks],
+           "failures": [c.message() for c in report.failures]}
+    (out_dir / "parity.json").write_text(json.dumps(json_safe(doc), indent=1))
+    md = ["# Parity report", "", f"Bundle `{report.meta['bundle']}`, data: {report.meta['data']} "
+          f"({report.meta['n_texts']} texts), {len(report.checks)} checks: "
+          f"**{'PASS' if report.passed else 'FAIL'}**", "", markdown_table(report), ""]
+    if report.failures:
+        md += ["## Failures", ""] + [f"- {c.message()}" for c in report.failures] + [""]
+    md += ["## Tolerances", "", "```", json.dumps(T.as_json(), indent=1), "```", ""]
+    (out_dir / "parity.md").write_text("\n".join(md))
+    plot_errors(report, out_dir / "parity.png")
+
+
+def plot_errors(report: Report, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report.rows if not r.get("reference")]
+    if not rows:
+        return
+    labels = [f"{r['artifact']}\n{r['runtime']}" for r in rows]
+    floor = 1e-9
+    maxabs = [max(floor, r["max_abs"]) if np.isfinite(r["max_abs"]) else 1.0 for r in rows]
+    pad = [max(floor, r["pad_invariance"] or 0.0) if np.isfinite(r["pad_invariance"] or 0.0) else 1.0 for r in rows]
+    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(rows)), 5))
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, maxabs, 0.4, label="max abs error vs Keras")
+    ax.bar(x + 0.2, pad, 0.4, label="padding invariance")
+    for bound, style, name in ((T.FP32_MAX_ABS, "--", "fp32 bound"), (T.FP16_MAX_ABS, ":", "fp16 bound")):
+        ax.axhline(bound, linestyle=style, color="grey", linewidth=1)
+        ax.text(len(rows) - 0.5, bound, name, fontsize=7, va="bottom", ha="right")
+    ax.set_yscale("log")
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(f"probability error (floor {floor:g})")
+    ax.set_title("Parity with Keras per artifact and runtime (all case families)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

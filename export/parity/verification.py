@@ -1,0 +1,130 @@
+"""``probattn verify``: every artifact x runtime x case family against the Keras reference.
+
+The Keras model (the reference) and every artifact run in every runtime the registry says
+can run them, on real held-out texts and on generated case families; the bounds of
+``tolerances`` are checked and the report is written. Padding invariance is checked on
+the Keras model itself too: a model whose masking is broken fails even when every runtime
+agrees with it.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from probattn.models.errors import UsageError
+from probattn.models.fsutil import directory_lock
+from probattn.models.text.tokenizer import load_tokenizer
+
+from .. import bundle as B
+from .. import runtimes
+from ..versions import machine, versions
+from . import tolerances as T
+from .cases import build_cases, load_texts
+from .compare import checks_for, metrics, run_case
+from .report import Report, write_report
+
+
+def verify(bundle, data: str | None = None, report_dir=None, formats=None, quiet=False,
+           check_hashes: bool = True, text_column: str = "text", label_column: str = "label",
+           encoding: str = "utf-8") -> Report:
+    bundle = Path(bundle).absolute()
+    manifest = B.load_manifest(bundle)
+    t0 = time.perf_counter()
+    if report_dir is not None and Path(report_dir).exists() and not Path(report_dir).is_dir():
+        raise UsageError(f"--report-dir exists and is not a directory: {report_dir}")
+    # everything that can be refused is refused before the lock file is touched
+    tok_path = B.verified_path(bundle, manifest["tokenizer"]) if check_hashes else bundle / manifest["tokenizer"]["path"]
+    tokenizer = load_tokenizer(tok_path)
+    texts, labels, source = load_texts(bundle, manifest, data, text_column, label_column, encoding)
+    # every artifact's hash is checked, also those --formats leaves out
+    paths = {a["path"]: (B.verified_path(bundle, a) if check_hashes else bundle / a["path"])
+             for a in manifest["artifacts"]}
+    # a shared lock: an export cannot replace the bundle while it is judged
+    with directory_lock(bundle, shared=True):
+        if B.load_manifest(bundle)["artifacts"] != manifest["artifacts"]:
+            raise UsageError(f"{bundle} was replaced while verify started; run verify again")
+        return _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, report_dir,
+                              formats, quiet, t0)
+
+
+def _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, report_dir, formats,
+                   quiet, t0) -> Report:
+    cases = build_cases(tokenizer, manifest, texts, labels)
+    vocab = int(manifest["vocab_size"])
+    report = Report(meta={"bundle": str(bundle), "data": source, "n_texts": len(texts),
+                          "versions": versions(), "machine": machine(), "tolerances": T.as_json(),
+                          "cases": [c.name for c in cases]})
+    say = (lambda *a: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    keras_entry = B.find_artifact(manifest, "keras")
+    if keras_entry is None:
+        raise UsageError(f"{bundle}: no Keras reference (model.keras) in the manifest")
+    entries = [keras_entry] + [a for a in manifest["artifacts"] if a["format"] != "keras"
+                               and (not formats or a["format"] in formats)]
+
+    reference = {}
+    keras_acc = None
+    for entry in entries:
+        is_reference = entry is keras_entry
+        for cls, variant in runtimes.pairs_for(entry["format"]):
+            runner = cls(paths[entry["path"]], vocab, variant=variant)
+            label = f"{entry['path']} on {runner.name}"
+            reason = cls.unavailable() or cls.cannot_run(entry["format"], entry["precision"])
+            if reason:
+                report.skipped.append({"artifact": entry["path"], "runtime": runner.name, "reason": reason})
+                say(f"  - skip {label}: {reason}")
+                continue
+            t = time.perf_counter()
+            per_case = {}
+            with runner:
+                for case in cases:
+                    out, base = run_case(runner, case)
+                    if is_reference:
+                        reference[case.name] = out
+                    m = metrics(out, reference[case.name], case, base, keras_acc)
+                    if is_reference and case.name == "heldout" and "accuracy" in m:
+                        keras_acc = m["accuracy"]
+                    per_case[case.name] = m
+                    report.checks.extend(checks_for(entry["path"], runner.name, entry["precision"], case, m,
+                                                    reference=is_reference))
+            row = _summary_row(entry, runner.name, per_case, is_reference)
+            row["seconds"] = round(time.perf_counter() - t, 2)
+            report.rows.append(row)
+            row["passed"] = report.row_passed(entry["path"], runner.name)
+            say(f"  {'PASS' if row['passed'] else 'FAIL'} {label}  ({row['seconds']:.1f} s)")
+        if is_reference and not reference:
+            raise UsageError(f"the Keras reference could not run: {report.skipped[-1]['reason']}")
+    accuracy_checked = any(c.metric == "accuracy_drop" for c in report.checks)
+    report.meta["accuracy_checked"] = accuracy_checked
+    report.meta["seconds"] = round(time.perf_counter() - t0, 1)
+    if report_dir is not None:
+        write_report(report, Path(report_dir))
+    verdict = {"passed": report.passed, "failures": len(report.failures), "checks": len(report.checks),
+               "skipped": [f"{s['artifact']} on {s['runtime']}: {s['reason']}" for s in report.skipped],
+               "formats": sorted({e["format"] for e in entries}), "data": source,
+               "accuracy_checked": accuracy_checked,
+               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    current = B.load_manifest(bundle)  # record only the verdict, on the manifest that was judged
+    if current.get("artifacts") == manifest["artifacts"]:
+        current["verdict"] = verdict
+        B.write_manifest(bundle, current)
+    return report
+
+
+def _summary_row(entry, runtime, per_case, reference: bool) -> dict:
+    held = per_case.get("heldout", {})
+    pad = [m["pad_invariance"] for m in per_case.values() if "pad_invariance" in m]
+    patt = [m["pad_attention"] for m in per_case.values() if "pad_attention" in m]
+    return {
+        "artifact": entry["path"], "format": entry["format"], "precision": entry["precision"],
+        "runtime": runtime, "bytes": entry["bytes"], "reference": reference,
+        "accuracy": held.get("accuracy"), "accuracy_drop": held.get("accuracy_drop"),
+        "top1_agreement": held.get("top1_agreement"),
+        "max_abs": max(m["max_abs"] for m in per_case.values()),
+        "mean_abs": held.get("mean_abs"), "max_rel": held.get("max_rel"),
+        "pad_invariance": max(pad) if pad else None,
+        "pad_attention": max(patt) if patt else None,
+        "nan_inf": sum(m["nan_inf"] for m in per_case.values()),
+        "cases": per_case, "passed": None,
+    }

@@ -1,0 +1,147 @@
+"""The Runner base class: one small class per runtime (as in Polygraphy's
+``backend/base/runner.py``): ``infer()`` checks the inputs once, here, then calls the
+runtime's own ``_infer``. A runner declares its runtime name, the formats and variants it
+runs, the import names it needs and the pip package that provides them.
+
+Input errors have one fixed shape: ``Input 'token_ids' | Received dtype float32. Expected
+an integer dtype (int32)``.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+from probattn.models.errors import UsageError
+
+from ..contract import INPUT
+
+
+def check_token_ids(ids, vocab_size: int | None) -> np.ndarray:
+    """Validate before inference: runtimes differ here (onnxruntime errors, a TFLite
+    gather may read out of bounds), so the check is ours. The common case (an int32
+    matrix of valid ids) costs one pass over the ids."""
+    arr = ids if type(ids) is np.ndarray else np.asarray(ids)
+    if arr.dtype != np.int32:
+        if arr.dtype == object or not np.issubdtype(arr.dtype, np.integer):
+            raise UsageError(f"Input '{INPUT}' | Received dtype {arr.dtype}. Expected an integer dtype (int32)")
+    if arr.ndim != 2:
+        raise UsageError(f"Input '{INPUT}' | Received rank {arr.ndim} (shape {arr.shape}). Expected rank 2 [batch, sequence]")
+    if arr.size == 0:
+        raise UsageError(f"Input '{INPUT}' | Received an empty batch (shape {arr.shape}). Expected at least 1 x 1")
+    if arr.dtype != np.int32:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= min(vocab_size or 2**31 - 1, 2**31 - 1):
+            _raise_range(lo, hi, vocab_size)
+        arr = arr.astype(np.int32)
+    elif vocab_size is not None and _max_as_unsigned(arr) >= vocab_size:  # negatives wrap high
+        _raise_range(int(arr.min()), int(arr.max()), vocab_size)
+    return arr
+
+
+#: Up to this many ids the range check runs in Python: a NumPy reduction right before an
+#: onnxruntime call measured ~11 us slower at batch 1 x 64 (vs ~3 us in Python), which
+#: is a third of the call itself. Larger inputs use NumPy.
+_PY_CHECK_MAX = 4096
+
+
+def _max_as_unsigned(arr: np.ndarray) -> int:
+    flat = arr.view(np.uint32).ravel()
+    return max(flat.tolist()) if flat.size <= _PY_CHECK_MAX else int(flat.max())
+
+
+def _raise_range(lo, hi, vocab_size):
+    bad = lo if lo < 0 else hi
+    raise UsageError(f"Input '{INPUT}' | Received id {bad}. Expected ids in [0, {vocab_size})")
+
+
+class Runner:
+    """``with Runner(path, vocab_size=...) as r: r.infer(ids) -> {output name: float32 array}``.
+
+    Subclasses set the class attributes and implement ``_load``, ``_infer`` and, when they
+    hold resources, ``_close``. Register them with ``probattn.export.runtimes.register``.
+    """
+
+    #: registry key, what ``--runtime`` takes
+    runtime = "base"
+    #: artifact formats this runtime runs
+    formats: tuple = ()
+    #: kernel families / optimisation levels verified separately; the first is the default
+    variants: tuple = (None,)
+    #: import names; a runtime that is missing is skipped with the reason
+    requires: tuple = ()
+    #: the pip package that provides ``requires``
+    package = ""
+    #: True when loading and running never import TensorFlow (allowed in ``predict``)
+    tensorflow_free = True
+    #: position in listings and in the verify matrix
+    order = 100
+    description = ""
+
+    def __init__(self, path, vocab_size: int | None = None, threads: int | None = None,
+                 variant: str | None = None):
+        self.path = Path(path)
+        self.vocab_size = vocab_size
+        self.threads = threads
+        if variant is None:
+            variant = self.variants[0]
+        if variant not in self.variants:
+            raise UsageError(f"unknown {self.runtime} variant '{variant}'; allowed: "
+                             + ", ".join(str(v) for v in self.variants))
+        self.variant = variant
+        self.active = False
+
+    @property
+    def name(self) -> str:
+        """``runtime`` or ``runtime-variant``: how reports name this runner."""
+        return self.runtime if self.variant is None else f"{self.runtime}-{self.variant}"
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """None when the runtime can run here; otherwise the reason it is skipped."""
+        missing = [m for m in cls.requires if importlib.util.find_spec(m) is None]
+        if missing:
+            return f"{', '.join(missing)} not installed (pip install {cls.package or ' '.join(missing)})"
+        return None
+
+    @classmethod
+    def cannot_run(cls, fmt: str, precision: str) -> str | None:
+        """None when this runtime runs artifacts of ``fmt`` in ``precision``; otherwise why
+        not (a documented limit of the runtime, reported as a skip)."""
+        return None if fmt in cls.formats else f"{cls.runtime} does not run {fmt} files"
+
+    def activate(self):
+        if not self.active:
+            self._load()
+            self.active = True
+        return self
+
+    def deactivate(self):
+        if self.active:
+            self._close()
+        self.active = False
+
+    def __enter__(self):
+        return self.activate()
+
+    def __exit__(self, *exc):
+        self.deactivate()
+
+    def infer(self, ids, check_inputs: bool = True) -> dict:
+        """Run token ids ``[batch, sequence]``. ``check_inputs=False`` skips our validation
+        (for callers that checked the ids already, and for benchmarks of the bare call)."""
+        self.activate()
+        if check_inputs:
+            ids = check_token_ids(ids, self.vocab_size)
+        return {k: np.asarray(v, dtype=np.float32) for k, v in self._infer(ids).items()}
+
+    # subclasses
+    def _load(self):
+        raise NotImplementedError
+
+    def _infer(self, ids) -> dict:
+        raise NotImplementedError
+
+    def _close(self):
+        pass

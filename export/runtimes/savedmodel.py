@@ -1,0 +1,45 @@
+"""TensorFlow SavedModel, called through its ``serving_default`` signature."""
+from __future__ import annotations
+
+from probattn.models.errors import UsageError, one_line
+
+from . import register
+from .base import Runner
+from .keras import tf_threads
+
+
+@register
+class SavedModelRunner(Runner):
+    runtime = "savedmodel"
+    formats = ("savedmodel",)
+    requires = ("tensorflow",)
+    package = "tensorflow"
+    tensorflow_free = False
+    order = 10
+    description = "tf.saved_model.load, signature serving_default"
+
+    def _load(self):
+        from probattn.models.quiet import import_tensorflow
+
+        from ..contract import SIGNATURE_KEY
+
+        tf = import_tensorflow()
+        if self.threads:
+            tf_threads(self.threads)
+        try:
+            self.obj = tf.saved_model.load(str(self.path))
+        except Exception as e:
+            raise UsageError(f"could not load SavedModel {self.path}: {one_line(e, 200)}") from None
+        if SIGNATURE_KEY not in self.obj.signatures:
+            raise UsageError(f"SavedModel {self.path} has no '{SIGNATURE_KEY}' signature")
+        self.fn = self.obj.signatures[SIGNATURE_KEY]
+
+    def _infer(self, ids):
+        import tensorflow as tf
+
+        from ..contract import INPUT
+
+        return {k: v.numpy() for k, v in self.fn(**{INPUT: tf.constant(ids)}).items()}
+
+    def _close(self):
+        self.obj = self.fn = None
