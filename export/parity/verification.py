@@ -68,7 +68,7 @@ def _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, re
     for entry in entries:
         is_reference = entry is keras_entry
         for cls, variant in runtimes.pairs_for(entry["format"]):
-            runner = cls(paths[entry["path"]], vocab, variant=variant)
+            runner = cls(paths[entry["path"]], vocab, variant=variant, input_shape=entry.get("input_shape"))
             label = f"{entry['path']} on {runner.name}"
             reason = cls.unavailable() or cls.cannot_run(entry["format"], entry["precision"])
             if reason:
@@ -76,9 +76,14 @@ def _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, re
                 say(f"  - skip {label}: {reason}")
                 continue
             t = time.perf_counter()
-            per_case = {}
+            per_case, not_applicable = {}, []
             with runner:
                 for case in cases:
+                    # longer than this artifact's (or the reference's) fixed length
+                    if (not all(runner.accepts_length(b.shape[1]) for b in case.batches + (case.base or []))
+                            or (not is_reference and case.name not in reference)):
+                        not_applicable.append(case.name)
+                        continue
                     out, base = run_case(runner, case)
                     if is_reference:
                         reference[case.name] = out
@@ -89,6 +94,7 @@ def _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, re
                     report.checks.extend(checks_for(entry["path"], runner.name, entry["precision"], case, m,
                                                     reference=is_reference))
             row = _summary_row(entry, runner.name, per_case, is_reference)
+            row["cases_not_applicable"] = not_applicable
             row["seconds"] = round(time.perf_counter() - t, 2)
             report.rows.append(row)
             row["passed"] = report.row_passed(entry["path"], runner.name)

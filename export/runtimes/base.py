@@ -15,7 +15,26 @@ import numpy as np
 
 from probattn.models.errors import UsageError
 
-from ..contract import INPUT
+from probattn.models.text.tokenizer import PAD_ID
+
+from ..contract import ATTENTION, INPUT
+
+#: outputs with one value per step, cut back to the caller's length after padding
+PER_STEP_OUTPUTS = (ATTENTION,)
+
+
+def fixed_dims(input_shape) -> tuple:
+    """``(fixed batch or None, fixed length or None)`` from a manifest ``input_shape``."""
+    if input_shape is None:
+        return None, None
+    if not isinstance(input_shape, (list, tuple)) or len(input_shape) != 2:
+        raise UsageError(f"input_shape must be [batch, sequence]; received {input_shape!r}")
+    dims = []
+    for d in input_shape:
+        if isinstance(d, bool) or not (isinstance(d, str) or (isinstance(d, int) and d >= 1)):
+            raise UsageError(f"input_shape dims must be names or positive integers; received {input_shape!r}")
+        dims.append(d if isinstance(d, int) else None)
+    return tuple(dims)
 
 
 def check_token_ids(ids, vocab_size: int | None) -> np.ndarray:
@@ -80,10 +99,13 @@ class Runner:
     description = ""
 
     def __init__(self, path, vocab_size: int | None = None, threads: int | None = None,
-                 variant: str | None = None):
+                 variant: str | None = None, input_shape=None):
         self.path = Path(path)
         self.vocab_size = vocab_size
         self.threads = threads
+        #: ``[batch, sequence]`` from the manifest: an int fixes a dim (a device artifact of
+        #: shape ``[1, 64]``, a model with ``Input(shape=(64,))``), a name leaves it dynamic
+        self.fixed_batch, self.fixed_length = fixed_dims(input_shape)
         if variant is None:
             variant = self.variants[0]
         if variant not in self.variants:
@@ -130,11 +152,36 @@ class Runner:
 
     def infer(self, ids, check_inputs: bool = True) -> dict:
         """Run token ids ``[batch, sequence]``. ``check_inputs=False`` skips our validation
-        (for callers that checked the ids already, and for benchmarks of the bare call)."""
+        (for callers that checked the ids already, and for benchmarks of the bare call).
+
+        A fixed-shape artifact gets what it takes: ids shorter than its fixed length are
+        right-padded (with the pad id, which the model masks) and its per-step outputs cut
+        back to the caller's length; a fixed batch of 1 is run row by row. Longer ids are
+        refused: truncating them would change the text."""
         self.activate()
         if check_inputs:
             ids = check_token_ids(ids, self.vocab_size)
-        return {k: np.asarray(v, dtype=np.float32) for k, v in self._infer(ids).items()}
+        if self.fixed_length is None and self.fixed_batch is None:
+            return {k: np.asarray(v, dtype=np.float32) for k, v in self._infer(ids).items()}
+        return self._infer_fixed(ids)
+
+    def accepts_length(self, length: int) -> bool:
+        return self.fixed_length is None or length <= self.fixed_length
+
+    def _infer_fixed(self, ids) -> dict:
+        length = ids.shape[1]
+        if not self.accepts_length(length):
+            raise UsageError(f"Input '{INPUT}' | Received sequence length {length}. Expected at most "
+                             f"{self.fixed_length} ({self.path.name} has a fixed length)")
+        if self.fixed_length is not None and length < self.fixed_length:
+            ids = np.pad(ids, ((0, 0), (0, self.fixed_length - length)), constant_values=PAD_ID)
+        rows = [ids[i:i + 1] for i in range(ids.shape[0])] if self.fixed_batch == 1 else [ids]
+        outs = [self._infer(np.ascontiguousarray(r)) for r in rows]
+        merged = {k: np.concatenate([np.asarray(o[k], dtype=np.float32) for o in outs]) for k in outs[0]}
+        for k, v in merged.items():  # per-step outputs back to the caller's length
+            if k in PER_STEP_OUTPUTS and v.ndim == 2 and v.shape[1] > length:
+                merged[k] = v[:, :length]
+        return merged
 
     # subclasses
     def _load(self):
