@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_file_args(v)
     v.add_argument("--report-dir", help="where to write parity.json/.md/.png (default BUNDLE/report)")
     v.add_argument("--formats", help=f"only these formats (comma list of {', '.join(C.EXPORT_FORMATS)})")
+    v.add_argument("--strict", action="store_true",
+                   help="fail when a runtime is not installed or an artifact could not be run (for CI)")
 
     free = runtimes.names(tensorflow_free=True)
     pr = sub.add_parser("predict", help=f"label texts with {', '.join(free)} (no TensorFlow)")
@@ -188,7 +190,8 @@ def _verify(args) -> int:
         formats = C.parse_list(args.formats, C.EXPORT_FORMATS, "format")
     report_dir = Path(args.report_dir) if args.report_dir else Path(args.bundle) / "report"
     report = verify(args.bundle, data=args.data, report_dir=report_dir, formats=formats,
-                    text_column=args.text_column, label_column=args.label_column, encoding=args.encoding)
+                    text_column=args.text_column, label_column=args.label_column, encoding=args.encoding,
+                    strict=args.strict)
     print(terminal_summary(report))
     print(f"report: {report_dir}/parity.md, parity.json, parity.png")
     return 0 if report.passed else 1

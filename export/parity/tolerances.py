@@ -35,6 +35,10 @@ MAX_PAD_ATTENTION = 1e-6
 #: max relative error is taken over probabilities of at least this size (smaller ones
 #: make any ratio meaningless)
 REL_FLOOR = 1e-3
+#: Top-1 agreement is judged on at least this many rows: with the 2% budget of
+#: INT8_MIN_AGREEMENT, fewer rows would let one flipped near-tie fail a whole family
+#: (1/50 = 2%). Smaller families are reported, their values still judged.
+MIN_JUDGED_ROWS = round(1 / (1 - INT8_MIN_AGREEMENT))
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,10 @@ class Policy:
     max_accuracy_drop: float | None = None
     #: share of decisions padding may leave unchanged
     pad_min_top1_agreement: float | None = None
+    #: largest change of a row's output between running alone and inside a batch
+    batch_invariance: float | None = None
+    #: share of rows whose decision is the same alone and inside a batch
+    batch_min_top1_agreement: float | None = None
     #: |artifact - Keras| on an all-padding row
     all_padding_row_max_abs: float | None = None
     #: values are judged on every family; decisions only on families of real texts
@@ -61,19 +69,24 @@ class Policy:
 
 
 POLICIES = {
+    # a row alone and inside a batch run the same float math on different kernel shapes:
+    # the precision's own value bound applies
     "fp32": Policy(max_abs=FP32_MAX_ABS, pad_invariance=FP32_PAD_INVARIANCE,
-                   all_padding_row_max_abs=FP32_MAX_ABS),
+                   all_padding_row_max_abs=FP32_MAX_ABS, batch_invariance=FP32_MAX_ABS),
     "fp16": Policy(max_abs=FP16_MAX_ABS, pad_invariance=FP16_PAD_INVARIANCE,
-                   all_padding_row_max_abs=FP16_MAX_ABS),
+                   all_padding_row_max_abs=FP16_MAX_ABS, batch_invariance=FP16_MAX_ABS),
     "int8-dynamic": Policy(min_top1_agreement=INT8_MIN_AGREEMENT, max_accuracy_drop=INT8_MAX_ACCURACY_DROP,
                            pad_min_top1_agreement=INT8_PAD_MIN_AGREEMENT,
-                           all_padding_row_max_abs=INT8_ALL_PAD_MAX_ABS),
+                           all_padding_row_max_abs=INT8_ALL_PAD_MAX_ABS,
+                           batch_min_top1_agreement=INT8_MIN_AGREEMENT),
     "int8": Policy(min_top1_agreement=INT8_MIN_AGREEMENT, max_accuracy_drop=INT8_MAX_ACCURACY_DROP,
                    pad_min_top1_agreement=INT8_PAD_MIN_AGREEMENT,
-                   all_padding_row_max_abs=INT8_ALL_PAD_MAX_ABS),
+                   all_padding_row_max_abs=INT8_ALL_PAD_MAX_ABS,
+                   batch_min_top1_agreement=INT8_MIN_AGREEMENT),
 }
-#: the Keras model itself (the reference): its masking must hold
-REFERENCE = Policy(pad_invariance=FP32_PAD_INVARIANCE)
+#: the Keras model itself (the reference): its masking must hold on both padding sides,
+#: and a row must mean the same alone and inside a batch
+REFERENCE = Policy(pad_invariance=FP32_PAD_INVARIANCE, batch_invariance=FP32_MAX_ABS)
 #: every artifact, whatever its precision
 COMMON = {"nan_inf": 0, "max_pad_attention": MAX_PAD_ATTENTION}
 
