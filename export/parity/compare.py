@@ -81,6 +81,9 @@ def metrics(out, ref, case: Case, base, keras_acc):
     allpad = ids_rows == PAD_ID
     if allpad.any():
         m["all_pad_abs"] = float(np.max(diff[allpad])) if np.isfinite(p[allpad]).all() else float("inf")
+        top2 = np.sort(r[allpad], axis=-1)[:, -2:] if r.shape[-1] > 1 else None
+        m["all_pad_margin"] = float(np.min(top2[:, 1] - top2[:, 0])) if top2 is not None else float("inf")
+        m["all_pad_top1_agreement"] = float(np.mean(decisions(p[allpad]) == decisions(r[allpad])))
     if case.labels is not None:
         acc = float(np.mean(decisions(p) == case.labels))
         m["accuracy"] = acc
@@ -124,6 +127,8 @@ def checks_for(artifact, runtime, precision, case: Case, m, reference: bool = Fa
     pol = T.policy(precision)  # raises on a precision without a policy
     judge_decisions = m.get("rows", 0) >= T.MIN_JUDGED_ROWS  # below it one flip alone would fail
     add("all_pad_abs", pol.all_padding_row_max_abs, "<=")  # same on every runtime
+    if pol.all_padding_row_decision_margin is not None and m.get("all_pad_margin", 0) > pol.all_padding_row_decision_margin:
+        add("all_pad_top1_agreement", 1.0, ">=")
     add("max_abs", pol.max_abs, "<=")
     add("pad_invariance", pol.pad_invariance, "<=")
     add("batch_invariance", pol.batch_invariance, "<=")
