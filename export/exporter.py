@@ -13,17 +13,14 @@ from pathlib import Path
 
 from probattn.models.errors import UsageError
 from probattn.models.fsutil import atomic_directory, check_output_dir
-from probattn.models.text.tokenizer import PAD_ID, UNK_ID, encode, load_tokenizer
-from probattn.models.train import CALIBRATION_MAX_TEXTS
+from probattn.models.text.tokenizer import PAD_ID, UNK_ID, load_tokenizer
 
 from . import bundle as B
 from . import contract as C
 from . import formats
+from .calibration import calibration_batches
 from .formats.onnx import DEFAULT_OPSET, check_opset
 from .versions import versions
-
-#: full-int8 calibration: real texts at their own lengths, this many per padded batch
-CALIBRATION_BATCH = 4
 
 
 @dataclass
@@ -90,13 +87,6 @@ def _read_labels(path) -> list:
     if dupes:
         raise UsageError(f"{path}: duplicate label names {dupes}; each class needs its own name")
     return labels
-
-
-def calibration_batches(texts, tokenizer, max_length) -> list:
-    """Real texts at their own lengths, in small batches padded to the longest (padding included)."""
-    texts = [t for t in texts if t.strip()][:CALIBRATION_MAX_TEXTS]
-    return [encode(tokenizer, texts[i:i + CALIBRATION_BATCH], max_length)
-            for i in range(0, len(texts), CALIBRATION_BATCH)]
 
 
 def _calibration_texts(src: Source, opts: ExportOptions) -> list | None:

@@ -57,6 +57,9 @@ def test_verdict_records_formats_data_and_skips(bundle_copy, monkeypatch):
 
 def test_verdict_not_written_over_a_manifest_that_changed(bundle_copy, monkeypatch):
     """An export that replaced the bundle meanwhile must not receive the old verdict."""
+    m = _manifest(bundle_copy)
+    m["verdict"] = None  # whatever an earlier verify of the shared bundle recorded
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
     from probattn.export.parity import verification as verify_mod
 
     real = verify_mod.run_case

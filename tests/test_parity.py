@@ -175,16 +175,21 @@ def test_naive_int8_collapse_caught_on_reference_kernels(naive_int8):
 
 # --------------------------------------------------------------------------- NaN and skipped
 
+UNIT_ROWS = 60  # decisions are judged from 50 rows on (tolerances.MIN_JUDGED_ROWS)
+
+
 def _unit_case():
-    return Case("heldout", [np.array([[5, 6, 7, 8], [9, 10, 11, 0], [3, 4, 0, 0]], np.int32)], real=True)
+    rows = np.array([[5, 6, 7, 8], [9, 10, 11, 0], [3, 4, 0, 0]], np.int32)
+    return Case("heldout", [np.tile(rows, (UNIT_ROWS // 3, 1))], real=True)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8-dynamic", "int8"])
 @pytest.mark.parametrize("where", ["probabilities", "attention_weights"])
 def test_one_nan_fails_even_when_everything_else_is_close(precision, where):
-    ref = {"probabilities": np.array([[0.7, 0.3], [0.2, 0.8], [0.55, 0.45]], np.float32),
-           "attention_weights": np.array([[0.1, 0.2, 0.3, 0.4], [0.5, 0.25, 0.25, 0], [0.5, 0.5, 0, 0]],
-                                         np.float32)}
+    ref = {"probabilities": np.tile(np.array([[0.7, 0.3], [0.2, 0.8], [0.55, 0.45]], np.float32),
+                                    (UNIT_ROWS // 3, 1)),
+           "attention_weights": np.tile(np.array([[0.1, 0.2, 0.3, 0.4], [0.5, 0.25, 0.25, 0], [0.5, 0.5, 0, 0]],
+                                                 np.float32), (UNIT_ROWS // 3, 1))}
     out = {k: v.copy() for k, v in ref.items()}
     # the NaN sits where it cannot change a decision: argmax of [0.2, nan] is still class 1
     out[where][1, 1] = np.nan

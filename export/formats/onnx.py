@@ -107,9 +107,49 @@ def convert_fp16(model_fp32):
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     try:
-        return convert_float_to_float16(model_fp32, keep_io_types=True)
+        model = convert_float_to_float16(model_fp32, keep_io_types=True)
     except Exception as e:
         raise UsageError(f"ONNX fp16 conversion failed: {one_line(e)}") from None
+    # ops the converter keeps in float32 (Min, Max, ...) get cast nodes that it appends after
+    # their consumers; ONNX requires nodes in topological order
+    toposort(model.graph)
+    return model
+
+
+def _outer_names(node) -> list:
+    """Names a node's subgraphs (If/Loop/Scan bodies) read from the enclosing graph."""
+    out = []
+    for a in node.attribute:
+        for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+            local = {i.name for i in g.input} | {t.name for t in g.initializer}
+            for n in g.node:
+                local.update(n.output)
+            for n in g.node:
+                out += [i for i in list(n.input) + _outer_names(n) if i and i not in local]
+    return out
+
+
+def toposort(graph) -> None:
+    """Reorder ``graph.node`` so every node comes after the nodes producing its inputs (stable:
+    nodes already in order keep their order). Raises on a cycle."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    nodes = list(graph.node)
+    ordered, pending = [], nodes
+    while pending:
+        progress, rest = False, []
+        for node in pending:
+            if all(i in available for i in list(node.input) + _outer_names(node)):
+                ordered.append(node)
+                available.update(node.output)
+                progress = True
+            else:
+                rest.append(node)
+        if not progress:
+            missing = sorted({i for n in rest for i in n.input if i not in available})[:5]
+            raise UsageError(f"ONNX graph has a cycle or undefined inputs ({', '.join(missing)})")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 def convert_int8(fp32_path: Path, out_path: Path) -> None:
