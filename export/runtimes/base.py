@@ -168,6 +168,12 @@ class Runner:
     def accepts_length(self, length: int) -> bool:
         return self.fixed_length is None or length <= self.fixed_length
 
+    def accepts(self, ids) -> bool:
+        """Whether this runner can run the batch ``ids`` as it is (verify reports a case it
+        cannot run as not applicable): not longer than a fixed length, and, for runtimes that
+        rebuild texts from ids, ids a text could have produced."""
+        return self.accepts_length(np.shape(ids)[1])
+
     def _infer_fixed(self, ids) -> dict:
         length = ids.shape[1]
         if not self.accepts_length(length):

@@ -26,8 +26,9 @@ class KerasRunner(Runner):
     order = 0
     description = "the Keras model called directly: the reference"
 
-    def __init__(self, path, vocab_size=None, threads=None, variant=None, unsafe=False, attention=True):
-        super().__init__(path, vocab_size, threads, variant)
+    def __init__(self, path, vocab_size=None, threads=None, variant=None, input_shape=None, unsafe=False,
+                 attention=True):
+        super().__init__(path, vocab_size, threads, variant, input_shape)
         self.unsafe = unsafe
         self.attention = attention
 

@@ -13,7 +13,7 @@ from .base import Runner
 @register
 class LiteRTRunner(Runner):
     runtime = "litert"
-    formats = ("tflite",)
+    formats = ("tflite", "tflite-fixed", "mediapipe")  # the first is what predict runs
     variants = ("xnnpack", "reference")
     requires = ("ai_edge_litert",)
     package = "ai-edge-litert"
@@ -38,8 +38,14 @@ class LiteRTRunner(Runner):
             if SIGNATURE_KEY not in sigs:
                 raise UsageError(f"{self.path.name} has no '{SIGNATURE_KEY}' signature (found {list(sigs)})")
             self.runner = self.interp.get_signature_runner(SIGNATURE_KEY)
+            shape = [int(d) for d in self.runner.get_input_details()[INPUT]["shape_signature"]]
+            if len(shape) == 2 and min(shape) >= 1:  # a fixed-shape file: run only that shape
+                if (self.fixed_batch, self.fixed_length) not in ((None, None), tuple(shape)):
+                    raise UsageError(f"{self.path.name}: the manifest says input [{self.fixed_batch}, "
+                                     f"{self.fixed_length}], the file stores {shape}")
+                self.fixed_batch, self.fixed_length = shape
             with quiet_stderr():  # the delegate is created, and announces itself, on first use
-                self.runner(**{INPUT: np.zeros((1, 1), np.int32)})
+                self.runner(**{INPUT: np.zeros([max(1, d) for d in shape] if len(shape) == 2 else (1, 1), np.int32)})
         except UsageError:
             raise
         except Exception as e:
