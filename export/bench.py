@@ -69,7 +69,7 @@ def _accuracy(runner, bundle: Path, manifest: dict):
 
 
 def entry_runs_on(entry, cls) -> bool:
-    return entry["format"] in cls.formats and cls.cannot_run(entry["format"], entry["precision"]) is None
+    return entry["format"] in cls.formats and cls.cannot_run(entry["format"], entry["precision"], entry) is None
 
 
 def worker(bundle, threads: int, quick: bool, runtime_names, with_accuracy: bool, with_scaling: bool) -> dict:

@@ -153,7 +153,7 @@ def convert_in_child(ctx: ExportContext, jobs, progress=None) -> list:
     for name in sorted({j["calibration"] for j in jobs if j["calibration"]}):
         if not sets.get(name):
             raise UsageError("full-integer int8 needs calibration texts (--calibration-data)")
-        path = out_dir / f".calibration-{name}.npz"
+        path = out_dir / (".calibration.npz" if name == "dynamic" else f".calibration-{name}.npz")
         np.savez(path, *[np.asarray(c, np.int32) for c in sets[name]])
         spec["calibration"][name] = str(path)
         written.append(path)

@@ -70,7 +70,7 @@ def _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, re
         for cls, variant in runtimes.pairs_for(entry["format"]):
             runner = cls(paths[entry["path"]], vocab, variant=variant, input_shape=entry.get("input_shape"))
             label = f"{entry['path']} on {runner.name}"
-            reason = cls.unavailable() or cls.cannot_run(entry["format"], entry["precision"])
+            reason = cls.unavailable() or cls.cannot_run(entry["format"], entry["precision"], entry)
             if reason:
                 report.skipped.append({"artifact": entry["path"], "runtime": runner.name, "reason": reason})
                 say(f"  - skip {label}: {reason}")

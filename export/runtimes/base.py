@@ -128,9 +128,10 @@ class Runner:
         return None
 
     @classmethod
-    def cannot_run(cls, fmt: str, precision: str) -> str | None:
+    def cannot_run(cls, fmt: str, precision: str, entry: dict | None = None) -> str | None:
         """None when this runtime runs artifacts of ``fmt`` in ``precision``; otherwise why
-        not (a documented limit of the runtime, reported as a skip)."""
+        not (a documented limit of the runtime, reported as a skip). ``entry``: the
+        artifact's manifest entry, whose ``target_checks`` say what the export measured."""
         return None if fmt in cls.formats else f"{cls.runtime} does not run {fmt} files"
 
     def activate(self):

@@ -1,5 +1,9 @@
 """LiteRT (``ai_edge_litert``) on two kernel families: ``xnnpack`` (the default delegate)
-and ``reference`` (``BUILTIN_REF``: the kernels microcontroller builds run)."""
+and ``reference`` (``BUILTIN_REF``: the kernels microcontroller builds run).
+
+It runs the dynamic ``tflite`` files (what ``predict --runtime litert`` picks) and, in
+verify and bench, the fixed-shape ``tflite-fixed`` and ``mediapipe`` files at their
+stored shape. int8 outputs are dequantized with their own scale and zero point."""
 from __future__ import annotations
 
 import numpy as np
@@ -46,6 +50,12 @@ class LiteRTRunner(Runner):
                 self.fixed_batch, self.fixed_length = shape
             with quiet_stderr():  # the delegate is created, and announces itself, on first use
                 self.runner(**{INPUT: np.zeros([max(1, d) for d in shape] if len(shape) == 2 else (1, 1), np.int32)})
+            # int8 outputs (a device artifact) come back as float32: (q - zero_point) * scale
+            self._quantized = {}
+            for name, d in self.runner.get_output_details().items():
+                q = d["quantization_parameters"]
+                if np.issubdtype(d["dtype"], np.integer) and len(q["scales"]):
+                    self._quantized[name] = (np.float32(q["scales"][0]), np.float32(q["zero_points"][0]))
         except UsageError:
             raise
         except Exception as e:
@@ -53,7 +63,10 @@ class LiteRTRunner(Runner):
         self._input = INPUT
 
     def _infer(self, ids):
-        return self.runner(**{self._input: ids})
+        out = self.runner(**{self._input: ids})
+        for name, (scale, zero_point) in self._quantized.items():
+            out[name] = (out[name].astype(np.float32) - zero_point) * scale
+        return out
 
     def _close(self):
         self.runner = self.interp = None

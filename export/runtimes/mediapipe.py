@@ -107,6 +107,13 @@ class MediaPipeRunner(Runner):
     order = 50
     description = "MediaPipe TextClassifier on texts rebuilt from the ids (regex-tokenizer bundles)"
 
+    @classmethod
+    def cannot_run(cls, fmt: str, precision: str, entry: dict | None = None) -> str | None:
+        measured = (entry or {}).get("target_checks", {}).get("mediapipe", "ok")
+        if fmt in cls.formats and measured != "ok":
+            return f"measured at export: {measured}"
+        return super().cannot_run(fmt, precision, entry)
+
     def _load(self):
         from ..formats.tflite_flatbuffer import describe
         from probattn.models.text.tokenizer import REGEX_PAD, REGEX_START, REGEX_UNK, REGEX_WORD_CHARS

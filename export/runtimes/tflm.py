@@ -37,9 +37,12 @@ class TFLMRunner(Runner):
     description = "TensorFlow Lite Micro kernels (tflite-micro), fixed-shape files, one row at a time"
 
     @classmethod
-    def cannot_run(cls, fmt: str, precision: str) -> str | None:
+    def cannot_run(cls, fmt: str, precision: str, entry: dict | None = None) -> str | None:
         if fmt not in cls.formats:
-            return super().cannot_run(fmt, precision)
+            return super().cannot_run(fmt, precision, entry)
+        measured = (entry or {}).get("target_checks", {}).get("tflm", "ok")
+        if fmt != "tflite" and measured != "ok":  # what the export measured on this very file
+            return f"measured at export: {measured}"
         why = []
         if fmt == "tflite":
             why.append("TFLite Micro cannot resize inputs and this file has a dynamic [batch, sequence] input "
