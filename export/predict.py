@@ -35,7 +35,7 @@ class Predictor:
         fmt = runtimes.default_format(runtime)
         entry = B.find_artifact(self.manifest, fmt, precision)
         if entry is None:
-            have = sorted(a["precision"] for a in self.manifest["artifacts"] if a["format"] == fmt)
+            have = sorted({a["precision"] for a in self.manifest["artifacts"] if a["format"] == fmt})
             raise UsageError(f"bundle has no {fmt} {precision} artifact; it has {fmt}: {', '.join(have) or 'none'}")
         reason = cls.unavailable()
         if reason:

@@ -184,7 +184,7 @@ def test_cli_predict_json(bundle_dir, predictors, runtime):
                                    rtol=0, atol=1e-6, err_msg=f"CLI vs Predictor ({runtime})")
 
 
-@pytest.mark.parametrize("runtime", ["onnxruntime", "litert"])
+@pytest.mark.parametrize("runtime", ["onnxruntime", "litert", "tflm"])
 def test_cli_predict_never_imports_tensorflow(bundle_dir, runtime):
     code = ("import sys\n"
             "from probattn.export.cli import main\n"
