@@ -189,7 +189,11 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
 
     attention = opts.attention_weights and with_attention_output(model) is not None
     module, concrete = serving_module(model, attention=attention)
-    fixed = (1, int(max_length))
+    # the fixed-shape formats hold one text of max_length ids, or of the model's own length
+    # when its input has one (Input(shape=(n,)))
+    model_length = model.inputs[0].shape[1] if model.inputs and len(model.inputs[0].shape) == 2 else None
+    fixed_length = int(model_length) if isinstance(model_length, int) else int(max_length)
+    fixed = (1, fixed_length)
     traces = {  # the same serving function, traced again for the fixed-shape formats
         "fixed": lambda: serving_module(model, attention=attention, shape=fixed),
         "fixed-probabilities": lambda: serving_module(model, attention=False, shape=fixed),
@@ -234,8 +238,8 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
         ctx = formats.ExportContext(
             out=tmp, module=module, concrete=concrete, output_names=out_names, opset=opset,
             calibration=calibration_batches(cal_texts, tokenizer, max_length) if cal_texts else None,
-            calibration_fixed=calibration_fixed(cal_texts, tokenizer, max_length) if cal_texts else None,
-            max_length=int(max_length), labels=labels, tokenizer=tokenizer, log=log)
+            calibration_fixed=calibration_fixed(cal_texts, tokenizer, fixed_length) if cal_texts else None,
+            max_length=fixed_length, labels=labels, tokenizer=tokenizer, log=log)
         for built in _run_formats(ctx, selected, precisions, traces):
             record(built)
         artifacts.sort(key=lambda a: C.sort_key(a["format"], a["precision"], a.get("output_dtype", "float32")))

@@ -40,7 +40,7 @@ class ExportContext:
     calibration: list | None = None  # int32 id batches for full-int8 calibration
     saved_model_dir: Path | None = None  # set by the exporter when a format needs it
     saved_model_seconds: float = 0.0
-    max_length: int = 64
+    max_length: int = 64  # the fixed-shape formats' length
     #: one text per [1, max_length] array, for the fixed-shape formats' full-int8 calibration
     calibration_fixed: list | None = None
     #: SavedModel directory per trace (``SAVED_MODEL`` of the format modules)
