@@ -90,6 +90,18 @@ def find_artifact(manifest: dict, fmt: str, precision: str = "fp32", output_dtyp
     return None
 
 
+def inside(bundle, rel) -> Path:
+    """``bundle / rel`` after checking that ``rel`` is a relative path that stays inside the
+    bundle (no absolute path, no ``..``, no symlink out of it)."""
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        raise UsageError(f"manifest path {rel!r} is not a file name inside the bundle; refusing it")
+    root = Path(bundle).resolve()
+    path = (root / rel).resolve()
+    if Path(rel).is_absolute() or root not in path.parents:
+        raise UsageError(f"manifest path '{rel}' points outside the bundle; refusing it")
+    return path
+
+
 def verified_path(bundle, entry: dict) -> Path:
     """The artifact's path after checking it exists, stays inside the bundle and matches
     its manifest hash. Refuses anything else with a UsageError."""

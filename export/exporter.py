@@ -13,17 +13,14 @@ from pathlib import Path
 
 from probattn.models.errors import UsageError
 from probattn.models.fsutil import atomic_directory, check_output_dir
-from probattn.models.text.tokenizer import PAD_ID, UNK_ID, encode, encode_fixed, load_tokenizer, regex_spec
-from probattn.models.train import CALIBRATION_MAX_TEXTS
+from probattn.models.text.tokenizer import PAD_ID, UNK_ID, load_tokenizer, regex_spec
 
 from . import bundle as B
 from . import contract as C
 from . import formats
+from .calibration import calibration_batches, calibration_fixed
 from .formats.onnx import DEFAULT_OPSET, check_opset
 from .versions import versions
-
-#: full-int8 calibration: real texts at their own lengths, this many per padded batch
-CALIBRATION_BATCH = 4
 
 
 @dataclass
@@ -93,19 +90,6 @@ def _read_labels(path) -> list:
     if dupes:
         raise UsageError(f"{path}: duplicate label names {dupes}; each class needs its own name")
     return labels
-
-
-def calibration_batches(texts, tokenizer, max_length) -> list:
-    """Real texts at their own lengths, in small batches padded to the longest (padding included)."""
-    texts = [t for t in texts if t.strip()][:CALIBRATION_MAX_TEXTS]
-    return [encode(tokenizer, texts[i:i + CALIBRATION_BATCH], max_length)
-            for i in range(0, len(texts), CALIBRATION_BATCH)]
-
-
-def calibration_fixed(texts, tokenizer, max_length) -> list:
-    """The same texts for the fixed-shape formats: one per ``[1, max_length]`` input, right-padded."""
-    texts = [t for t in texts if t.strip()][:CALIBRATION_MAX_TEXTS]
-    return [encode_fixed(tokenizer, [t], max_length) for t in texts]
 
 
 def selected_formats(opts: ExportOptions, tokenizer) -> tuple:
@@ -238,7 +222,7 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
         ctx = formats.ExportContext(
             out=tmp, module=module, concrete=concrete, output_names=out_names, opset=opset,
             calibration=calibration_batches(cal_texts, tokenizer, max_length) if cal_texts else None,
-            calibration_fixed=calibration_fixed(cal_texts, tokenizer, fixed_length) if cal_texts else None,
+            calibration_fixed=calibration_fixed(cal_texts, tokenizer, fixed_length, int(max_length)) if cal_texts else None,
             max_length=fixed_length, labels=labels, tokenizer=tokenizer, log=log)
         for built in _run_formats(ctx, selected, precisions, traces):
             record(built)

@@ -28,7 +28,7 @@ class TrainConfig:
     label_column: str = "label"
     encoding: str = "utf-8"
     seed: int = 0
-    max_length: int = 64
+    max_length: int | None = None  # None: the dataset's default (see resolve_max_length)
     vocab_size: int = 20000
     embedding_dim: int = 64
     hidden_units: int = 128
@@ -43,6 +43,8 @@ class TrainConfig:
         for name in ("max_length", "vocab_size", "embedding_dim", "hidden_units", "epochs",
                      "batch_size"):
             v = getattr(self, name)
+            if name == "max_length" and v is None:
+                continue
             if not isinstance(v, int) or v < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be a positive integer; received {v!r}")
         if self.vocab_size < 3:
@@ -57,6 +59,23 @@ class TrainConfig:
             raise UsageError(f"--limit must be >= 0; received {self.limit}")
         if self.tokenizer not in TOKENIZER_KINDS:
             raise UsageError(f"--tokenizer must be one of {', '.join(TOKENIZER_KINDS)}; received {self.tokenizer!r}")
+
+
+#: --max-length bounds (a user file's default is derived from its texts, within these)
+MIN_DEFAULT_LENGTH, MAX_DEFAULT_LENGTH = 16, 256
+
+
+def resolve_max_length(config, tokenizer, texts) -> int:
+    """``--max-length`` if given; a bundled dataset's own default; otherwise the 95th
+    percentile of the training texts' token counts, rounded up to a multiple of 16 and kept
+    within [16, 256], so 95% of texts are never truncated."""
+    if config.max_length:
+        return config.max_length
+    if config.dataset in data_mod.DEFAULT_MAX_LENGTH:
+        return data_mod.DEFAULT_MAX_LENGTH[config.dataset]
+    lengths = sorted(len(e.ids) for e in tokenizer.encode_batch(list(texts)))
+    p95 = lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))] if lengths else MIN_DEFAULT_LENGTH
+    return int(min(MAX_DEFAULT_LENGTH, max(MIN_DEFAULT_LENGTH, -(-p95 // 16) * 16)))
 
 
 def _write_jsonl(path: Path, texts, labels):
@@ -95,7 +114,9 @@ def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
 
-    tokenizer = train_tokenizer_of_kind(config.tokenizer, split.train.texts, config.vocab_size, config.max_length)
+    tokenizer = train_tokenizer_of_kind(config.tokenizer, split.train.texts, config.vocab_size, MAX_DEFAULT_LENGTH * 64)
+    config.max_length = resolve_max_length(config, tokenizer, split.train.texts)
+    tokenizer.enable_truncation(max_length=config.max_length)
     vocab = tokenizer.get_vocab_size()
     index = {name: i for i, name in enumerate(split.label_names)}
 

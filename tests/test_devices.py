@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -238,6 +237,18 @@ def test_fixed_family_entries_are_unique_and_self_describing(manifest, bundle_di
         assert {o["op"]: o["count"] for o in a["ops"]} == {n: ops.count(n) for n in ops}, a["path"]
         assert a["targets"] == ["litert", "tflm"], (a["path"], a["target_checks"])
         assert a["target_checks"]["mediapipe"].startswith("no MediaPipe metadata")
+    # TFLite Micro has no int8 EXP or LOG: the device files run those two in float, the rest in int8
+    from probattn.export.formats.tflite_fixed import TFLM_FLOAT_OPS
+    from probattn.export.formats.tflite_flatbuffer import op_input_dtypes
+
+    for a in fixed:
+        if a["precision"] == "int8":
+            dtypes = op_input_dtypes((bundle_dir / a["path"]).read_bytes())
+            assert {op: dtypes[op] for op in TFLM_FLOAT_OPS if op in dtypes} == \
+                {op: {"float32"} for op in TFLM_FLOAT_OPS if op in dtypes}, (a["path"], dtypes)
+            assert dtypes["FULLY_CONNECTED"] == {"int8"} and dtypes["BATCH_MATMUL"] == {"int8"}, dtypes
+    dyn = op_input_dtypes((bundle_dir / B.find_artifact(manifest, "tflite", "int8")["path"]).read_bytes())
+    assert all(dyn[op] == {"int8"} for op in TFLM_FLOAT_OPS if op in dyn), dyn  # LiteRT's file: all int8
     q = B.find_artifact(manifest, "tflite-fixed", "int8", "int8")
     assert q["path"] == "model_fixed_int8_int8out.tflite"
     assert q["quantization"][C.PROBABILITIES] == {"scale": C.INT8_PROBABILITIES_SCALE,
@@ -320,7 +331,7 @@ def test_tflm_runs_in_verify_and_passes(parity_report, manifest, bundle_dir):
         assert set(r["cases_not_applicable"]) == longer, r["cases_not_applicable"]
         print(f"\n{a['path']} on tflm: agreement {r['top1_agreement']:.4f}, accuracy {r['accuracy']:.4f}, "
               f"max abs {r['max_abs']:.3g}")
-    by_design = [s for s in parity_report.skipped if s["runtime"] == "tflm"]
+    by_design = [s for s in parity_report.meta["not_applicable"] if s["runtime"] == "tflm"]
     assert sorted(s["artifact"] for s in by_design) == sorted(a["path"] for a in _entries(manifest, "tflite"))
     assert all("cannot resize" in s["reason"] for s in by_design)
 

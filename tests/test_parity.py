@@ -47,10 +47,12 @@ def test_session_bundle_passes_every_check(parity_report):
     assert parity_report.checks, "no checks were run"
     assert not parity_report.failures, "\n".join(c.message() for c in parity_report.failures[:20])
     assert parity_report.passed is True
-    # skipped only by design: TFLite Micro cannot run the dynamic-shape files (no runtime missing)
-    assert {(s["artifact"], s["runtime"]) for s in parity_report.skipped} == \
-        {(f"model_{p}.tflite", "tflm") for p in ("fp32", "fp16", "int8_dynamic", "int8")}, parity_report.skipped
-    assert all("cannot resize" in s["reason"] for s in parity_report.skipped)
+    assert not parity_report.skipped, parity_report.skipped
+    # not applicable by design: TFLite Micro cannot run the dynamic-shape files
+    na = parity_report.meta["not_applicable"]
+    assert {(s["artifact"], s["runtime"]) for s in na} == \
+        {(f"model_{p}.tflite", "tflm") for p in ("fp32", "fp16", "int8_dynamic", "int8")}, na
+    assert all("cannot resize" in s["reason"] for s in na)
 
 
 def test_rows_for_every_artifact_and_runtime(parity_report, bundle_dir, manifest):
@@ -133,8 +135,8 @@ def test_seed_masking_fails_on_every_exported_artifact(seed_masking):
                          ("model_fp32.tflite", "openvino"), ("model_fp32.onnx", "openvino"),
                          ("model_fp32.onnx", "onnxruntime-all"), ("model_fp32.onnx", "onnxruntime-none"),
                          ("model_fixed_fp32.tflite", "litert-xnnpack"), ("model_fixed_fp32.tflite", "litert-reference")}
-    # Masking() needs REDUCE_ANY, which TFLite Micro lacks: measured at export, skipped with that reason
-    tflm = [s for s in report.skipped if s["artifact"] == "model_fixed_fp32.tflite"]
+    # Masking() needs REDUCE_ANY, which TFLite Micro lacks: measured at export, not applicable for that reason
+    tflm = [s for s in report.meta["not_applicable"] if s["artifact"] == "model_fixed_fp32.tflite"]
     assert len(tflm) == 1 and "REDUCE_ANY" in tflm[0]["reason"], report.skipped
     fixed = {k for k in rows if k[0] == "model_fixed_fp32.tflite"}
     for key, row in rows.items():
@@ -196,16 +198,21 @@ def test_naive_int8_collapse_caught_on_reference_kernels(naive_int8):
 
 # --------------------------------------------------------------------------- NaN and skipped
 
+UNIT_ROWS = 60  # decisions are judged from 50 rows on (tolerances.MIN_JUDGED_ROWS)
+
+
 def _unit_case():
-    return Case("heldout", [np.array([[5, 6, 7, 8], [9, 10, 11, 0], [3, 4, 0, 0]], np.int32)], real=True)
+    rows = np.array([[5, 6, 7, 8], [9, 10, 11, 0], [3, 4, 0, 0]], np.int32)
+    return Case("heldout", [np.tile(rows, (UNIT_ROWS // 3, 1))], real=True)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8-dynamic", "int8"])
 @pytest.mark.parametrize("where", ["probabilities", "attention_weights"])
 def test_one_nan_fails_even_when_everything_else_is_close(precision, where):
-    ref = {"probabilities": np.array([[0.7, 0.3], [0.2, 0.8], [0.55, 0.45]], np.float32),
-           "attention_weights": np.array([[0.1, 0.2, 0.3, 0.4], [0.5, 0.25, 0.25, 0], [0.5, 0.5, 0, 0]],
-                                         np.float32)}
+    ref = {"probabilities": np.tile(np.array([[0.7, 0.3], [0.2, 0.8], [0.55, 0.45]], np.float32),
+                                    (UNIT_ROWS // 3, 1)),
+           "attention_weights": np.tile(np.array([[0.1, 0.2, 0.3, 0.4], [0.5, 0.25, 0.25, 0], [0.5, 0.5, 0, 0]],
+                                                 np.float32), (UNIT_ROWS // 3, 1))}
     out = {k: v.copy() for k, v in ref.items()}
     # the NaN sits where it cannot change a decision: argmax of [0.2, nan] is still class 1
     out[where][1, 1] = np.nan

@@ -32,12 +32,16 @@ from probattn.models.errors import UsageError, one_line
 from ..contract import MEDIAPIPE_OUTPUTS, artifact_filename, fixed_input_shape
 from . import Built, ExportContext
 from .tflite import conversion, convert_in_child
-from .tflite_fixed import FIXED_INT8_RECIPE
+from .tflite import INT8_RECIPE
 
 FORMAT = "mediapipe"
 NEEDS_SAVED_MODEL = True
 SAVED_MODEL = "fixed-probabilities"
 IN_CHILD = True
+
+#: all int8 (MediaPipe runs LiteRT, which has int8 EXP and LOG), calibrated like tflite-fixed
+MEDIAPIPE_INT8_RECIPE = {**INT8_RECIPE,
+                         "calibration": "the tflite recipe's rows that fit, one per [1, max_length] input, right-padded"}
 
 _VERSION_MODULE = "mediapipe.tasks.cc.metadata.python._pywrap_metadata_version"
 #: metadata_schema.fbs added RegexTokenizerOptions in 1.2.1; nothing newer is written here
@@ -77,7 +81,7 @@ def finish(ctx: ExportContext, results) -> list:
                               "delimiter": spec["delimiter"], "start_token": spec["start"],
                               "min_parser_version": min_version}}
         if r["precision"] == "int8":
-            extra["recipe"] = FIXED_INT8_RECIPE
+            extra["recipe"] = MEDIAPIPE_INT8_RECIPE
         extra.update(measure(path, ctx.max_length))
         built.append(Built(FORMAT, r["precision"], r["path"], r["seconds"], extra))
     return built

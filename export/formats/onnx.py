@@ -28,7 +28,12 @@ IN_CHILD = False
 DEFAULT_OPSET = 17
 MIN_OPSET, MAX_OPSET = 13, 18  # tf2onnx 1.17 refuses opsets above 18
 ONNX_PRECISIONS = SUPPORTED[FORMAT]
-INT8_RECIPE = {"method": "onnxruntime quantize_dynamic", "weights": "int8 (QInt8)",
+#: reduce_range: 7-bit weights. onnxruntime's MatMulInteger on CPUs without VNNI (AVX2's
+#: u8 x s8 pair products saturate at int16) returned e.g. [1055, -1491] instead of 0 for an
+#: input equal to its zero point, so the all-padding row's zero vector gave logits in the
+#: thousands; with 7-bit weights the pair sums cannot saturate and the result is the same
+#: on every CPU.
+INT8_RECIPE = {"method": "onnxruntime quantize_dynamic", "weights": "int8 (QInt8), reduce_range (7 bit)",
                "activations": "uint8, quantized at run time", "ops": "MatMul, Gather"}
 FP16_RECIPE = {"method": "onnxruntime.transformers.float16", "io": "int32 in, float32 out"}
 
@@ -120,9 +125,49 @@ def convert_fp16(model_fp32):
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     try:
-        return convert_float_to_float16(model_fp32, keep_io_types=True)
+        model = convert_float_to_float16(model_fp32, keep_io_types=True)
     except Exception as e:
         raise UsageError(f"ONNX fp16 conversion failed: {one_line(e)}") from None
+    # ops the converter keeps in float32 (Min, Max, ...) get cast nodes that it appends after
+    # their consumers; ONNX requires nodes in topological order
+    toposort(model.graph)
+    return model
+
+
+def _outer_names(node) -> list:
+    """Names a node's subgraphs (If/Loop/Scan bodies) read from the enclosing graph."""
+    out = []
+    for a in node.attribute:
+        for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+            local = {i.name for i in g.input} | {t.name for t in g.initializer}
+            for n in g.node:
+                local.update(n.output)
+            for n in g.node:
+                out += [i for i in list(n.input) + _outer_names(n) if i and i not in local]
+    return out
+
+
+def toposort(graph) -> None:
+    """Reorder ``graph.node`` so every node comes after the nodes producing its inputs (stable:
+    nodes already in order keep their order). Raises on a cycle."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    nodes = list(graph.node)
+    ordered, pending = [], nodes
+    while pending:
+        progress, rest = False, []
+        for node in pending:
+            if all(i in available for i in list(node.input) + _outer_names(node)):
+                ordered.append(node)
+                available.update(node.output)
+                progress = True
+            else:
+                rest.append(node)
+        if not progress:
+            missing = sorted({i for n in rest for i in n.input if i not in available})[:5]
+            raise UsageError(f"ONNX graph has a cycle or undefined inputs ({', '.join(missing)})")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 def convert_int8(fp32_path: Path, out_path: Path) -> None:
@@ -132,7 +177,7 @@ def convert_int8(fp32_path: Path, out_path: Path) -> None:
 
     logging.disable(logging.WARNING)  # "consider pre-processing" advice logged on the root logger
     try:
-        quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8,
+        quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8, reduce_range=True,
                          op_types_to_quantize=["MatMul", "Gather"])
     except Exception as e:
         raise UsageError(f"ONNX int8 quantization failed: {one_line(e)}") from None

@@ -46,7 +46,8 @@ INT8_RECIPE = {
     "activations": "int8",
     "input": "int32 token_ids (not quantized)",
     "outputs": "float32 (dequantized in the graph)",
-    "calibration": "training texts at their own lengths, batches of 4 padded to the longest",
+    "calibration": "training texts at their own length, cut to random lengths, as 1- and 2-token rows, and "
+                   "joined beyond max_length (export/calibration.py); batches of 4 padded to the longest",
     "ops": "TFLITE_BUILTINS_INT8 only",
 }
 
@@ -66,9 +67,10 @@ def _flex_ops(message: str) -> list:
 
 
 def convert(saved_model_dir: str, precision: str, calibration: list | None = None,
-            int8_output: bool = False) -> bytes:
+            int8_output: bool = False, float_ops=()) -> bytes:
     """One conversion. ``int8_output``: full int8 with int8 outputs (no final DEQUANTIZE);
-    the input stays int32 (token ids are not quantized)."""
+    the input stays int32 (token ids are not quantized). ``float_ops``: builtin op names
+    (e.g. ``EXP``) that full int8 keeps in float32, between a DEQUANTIZE and a QUANTIZE."""
     import tensorflow as tf
 
     if precision not in TFLITE_PRECISIONS:
@@ -94,6 +96,8 @@ def convert(saved_model_dir: str, precision: str, calibration: list | None = Non
         conv.representative_dataset = representative
         if int8_output:
             conv.inference_output_type = tf.int8
+        if float_ops:
+            return _convert_with_float_ops(conv, float_ops, int8_output)
     try:
         return conv.convert()
     except Exception as e:  # ConverterError and friends: report what the converter said
@@ -109,13 +113,31 @@ def convert(saved_model_dir: str, precision: str, calibration: list | None = Non
         raise UsageError(f"TFLite {precision} conversion failed: {one_line(msg)}") from None
 
 
+def _convert_with_float_ops(conv, float_ops, int8_output: bool) -> bytes:
+    """Full int8 with ``float_ops`` left in float32: calibrate with the converter, then
+    quantize with the MLIR quantizer's op denylist (what the public
+    ``tf.lite.experimental.QuantizationDebugger`` does with ``denylisted_ops``)."""
+    import tensorflow as tf
+    from tensorflow.lite.python import convert as tf_convert
+
+    conv._experimental_calibrate_only = True  # the converter stops after calibration
+    try:
+        calibrated = conv.convert()
+        return tf_convert.mlir_quantize(calibrated, disable_per_channel=False,
+                                        output_data_type=tf.int8 if int8_output else tf.float32,
+                                        denylisted_ops=list(float_ops))
+    except Exception as e:
+        raise UsageError(f"TFLite int8 conversion with {', '.join(float_ops)} in float failed: {one_line(e)}") from None
+
+
 def conversion(fmt: str, saved_model, precision: str, path: str, calibration: str | None = None,
-               int8_output: bool = False) -> dict:
+               int8_output: bool = False, float_ops=()) -> dict:
     """One job for the converter child: convert ``saved_model`` at ``precision`` (full int8
     calibrated with the context's ``calibration`` set, ``"dynamic"`` or ``"fixed"``),
     rewrite its I/O names and order, write it to ``path`` inside the bundle."""
     return {"format": fmt, "saved_model": str(saved_model), "precision": precision, "path": path,
-            "calibration": calibration if precision == "int8" else None, "int8_output": bool(int8_output)}
+            "calibration": calibration if precision == "int8" else None, "int8_output": bool(int8_output),
+            "float_ops": list(float_ops) if precision == "int8" else []}
 
 
 def conversions(ctx: ExportContext, precisions) -> list:
@@ -230,7 +252,7 @@ def _child_main(argv):
         t0 = time.perf_counter()
         try:
             blob = convert(job["saved_model"], job["precision"], calibration.get(job["calibration"]),
-                           int8_output=job["int8_output"])
+                           int8_output=job["int8_output"], float_ops=job.get("float_ops", ()))
             blob = rewrite_io(blob, OUTPUT_ORDER)  # raw names and order = the contract's
         except UsageError as e:
             print(json.dumps({"error": str(e)}), flush=True)

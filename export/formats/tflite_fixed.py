@@ -7,8 +7,9 @@ TensorFlow Lite Micro cannot resize inputs, and the dynamic ``tflite`` files sto
 float16 or hybrid kernels). Full int8 comes twice: with float32 outputs (a DEQUANTIZE at
 the end, like ``tflite``) and with int8 outputs (``output_dtype: int8``; probabilities
 then have scale 1/256 and zero point -128, read from the file into ``quantization``).
-Full-int8 calibration uses the same texts as ``tflite``, one text per ``[1, max_length]``
-input, right-padded.
+Full-int8 calibration uses the same rows as ``tflite`` that fit, one per
+``[1, max_length]`` input, right-padded. ``TFLM_FLOAT_OPS`` (EXP, LOG) stay in float32:
+TFLite Micro has no int8 kernels for them.
 
 Each manifest entry records ``input_shape``, ``output_dtype``, ``quantization`` (int8
 outputs), ``ops``, ``arena_bytes`` (the smallest TFLM arena that allocates and invokes
@@ -27,7 +28,14 @@ NEEDS_SAVED_MODEL = True
 SAVED_MODEL = "fixed"
 IN_CHILD = True
 
-FIXED_INT8_RECIPE = {**INT8_RECIPE, "calibration": "training texts, one per [1, max_length] input, right-padded"}
+#: ops full int8 keeps in float32 here: TFLite Micro has float kernels only for them (its
+#: EXP and LOG refuse int8 inputs). LiteRT's int8 EXP and LOG are lookup tables of the same
+#: float functions, so on LiteRT the outputs equal those of the all-int8 graph.
+TFLM_FLOAT_OPS = ("EXP", "LOG")
+FIXED_INT8_RECIPE = {**INT8_RECIPE,
+                     "calibration": "the tflite recipe's rows that fit, one per [1, max_length] input, right-padded",
+                     "ops": "TFLITE_BUILTINS_INT8, except " + " and ".join(TFLM_FLOAT_OPS) + " in float32 between "
+                            "DEQUANTIZE and QUANTIZE (TFLite Micro has no int8 kernels for them)"}
 
 
 def conversions(ctx: ExportContext, precisions, fmt: str = FORMAT, saved_model: str = SAVED_MODEL) -> list:
@@ -37,7 +45,7 @@ def conversions(ctx: ExportContext, precisions, fmt: str = FORMAT, saved_model: 
     for p in precisions:
         for dtype in output_dtypes(fmt, p):
             jobs.append(conversion(fmt, ctx.saved_models[saved_model], p, artifact_filename(fmt, p, dtype),
-                                   "fixed", int8_output=dtype == "int8"))
+                                   "fixed", int8_output=dtype == "int8", float_ops=TFLM_FLOAT_OPS))
     return jobs
 
 

@@ -164,3 +164,20 @@ def op_list(model, s=None) -> list:
                 name = f"CUSTOM:{_text(code.customCode)}"
             counts[name] = counts.get(name, 0) + 1
     return [{"op": k, "count": v} for k, v in counts.items()]
+
+
+def op_input_dtypes(blob: bytes) -> dict:
+    """Builtin op name -> the set of dtypes of its first input, over every use (which ops a
+    full-int8 file runs in float)."""
+    s = schema()
+    m = s.ModelT.InitFromPackedBuf(bytearray(blob), 0)
+    names = {v: k for k, v in vars(s.BuiltinOperator).items() if not k.startswith("_")}
+    types = {v: k.lower() for k, v in vars(s.TensorType).items() if not k.startswith("_")}
+    out = {}
+    for sg in m.subgraphs:
+        for op in sg.operators or []:
+            code = m.operatorCodes[op.opcodeIndex]
+            name = names.get(max(code.builtinCode, code.deprecatedBuiltinCode))
+            if op.inputs is not None and len(op.inputs) and op.inputs[0] >= 0:
+                out.setdefault(name, set()).add(types.get(sg.tensors[op.inputs[0]].type))
+    return out

@@ -57,10 +57,16 @@ def _concat(arrs):
     return np.concatenate(arrs)
 
 
+def decisions(probs: np.ndarray) -> np.ndarray:
+    """The decision each row's probabilities stand for: the top-1 class."""
+    return probs.argmax(-1)
+
+
 def metrics(out, ref, case: Case, base, keras_acc):
-    """Every figure of one artifact x runtime x case against the reference outputs."""
+    """Every figure of one artifact x runtime x case against the reference outputs (and, for
+    an invariance family, against the same rows computed another way on this runtime)."""
     p, r = out[PROBABILITIES], ref[PROBABILITIES]
-    m = {}
+    m = {"rows": int(p.shape[0])}
     m["nan_inf"] = int(sum(np.count_nonzero(~np.isfinite(v)) for v in out.values()))
     with np.errstate(invalid="ignore", divide="ignore"):
         diff = np.abs(p.astype(np.float64) - r)
@@ -70,20 +76,25 @@ def metrics(out, ref, case: Case, base, keras_acc):
         m["max_rel"] = float(np.nanmax(diff[big] / np.abs(r[big]))) if big.any() and np.isfinite(diff).any() else float("nan")
     if m["nan_inf"]:
         m["max_abs"] = float("inf")
-    m["top1_agreement"] = float(np.mean(p.argmax(-1) == r.argmax(-1)))
+    m["top1_agreement"] = float(np.mean(decisions(p) == decisions(r)))
     ids_rows = np.concatenate([b.max(axis=1) for b in case.batches])
     allpad = ids_rows == PAD_ID
     if allpad.any():
         m["all_pad_abs"] = float(np.max(diff[allpad])) if np.isfinite(p[allpad]).all() else float("inf")
+        top2 = np.sort(r[allpad], axis=-1)[:, -2:] if r.shape[-1] > 1 else None
+        m["all_pad_margin"] = float(np.min(top2[:, 1] - top2[:, 0])) if top2 is not None else float("inf")
+        m["all_pad_top1_agreement"] = float(np.mean(decisions(p[allpad]) == decisions(r[allpad])))
     if case.labels is not None:
-        acc = float(np.mean(p.argmax(-1) == case.labels))
+        acc = float(np.mean(decisions(p) == case.labels))
         m["accuracy"] = acc
         if keras_acc is not None:
             m["accuracy_drop"] = keras_acc - acc
     if base is not None:
         bp = base[PROBABILITIES]
-        m["pad_invariance"] = float(np.max(np.abs(p.astype(np.float64) - bp))) if np.isfinite(p).all() else float("inf")
-        m["pad_top1_agreement"] = float(np.mean(p.argmax(-1) == bp.argmax(-1)))
+        kind = case.invariance
+        m[f"{kind}_invariance"] = (float(np.max(np.abs(p.astype(np.float64) - bp))) if np.isfinite(p).all()
+                                   else float("inf"))
+        m[f"{kind}_top1_agreement"] = float(np.mean(decisions(p) == decisions(bp)))
     if ATTENTION in out:
         ids = np.concatenate([np.pad(b, ((0, 0), (0, out[ATTENTION].shape[1] - b.shape[1])))
                               for b in case.batches])
@@ -94,7 +105,8 @@ def metrics(out, ref, case: Case, base, keras_acc):
 
 def checks_for(artifact, runtime, precision, case: Case, m, reference: bool = False) -> list:
     """The checks for one artifact x runtime x case; every bound comes from ``tolerances``.
-    ``reference``: the Keras model itself, whose masking must hold."""
+    ``reference``: the Keras model itself, whose masking (padding on either side, and
+    batching) must hold."""
     out = []
 
     def add(metric, bound, op):
@@ -110,13 +122,19 @@ def checks_for(artifact, runtime, precision, case: Case, m, reference: bool = Fa
     add("pad_attention", T.COMMON["max_pad_attention"], "<=")
     if reference:
         add("pad_invariance", T.REFERENCE.pad_invariance, "<=")
+        add("batch_invariance", T.REFERENCE.batch_invariance, "<=")
         return out
     pol = T.policy(precision)  # raises on a precision without a policy
+    judge_decisions = m.get("rows", 0) >= T.MIN_JUDGED_ROWS  # below it one flip alone would fail
     add("all_pad_abs", pol.all_padding_row_max_abs, "<=")  # same on every runtime
+    if pol.all_padding_row_decision_margin is not None and m.get("all_pad_margin", 0) > pol.all_padding_row_decision_margin:
+        add("all_pad_top1_agreement", 1.0, ">=")
     add("max_abs", pol.max_abs, "<=")
     add("pad_invariance", pol.pad_invariance, "<=")
-    if case.real or not pol.decisions_on_real_texts_only:  # random ids give near-ties
+    add("batch_invariance", pol.batch_invariance, "<=")
+    if judge_decisions and (case.real or not pol.decisions_on_real_texts_only):  # random ids: near-ties
         add("top1_agreement", pol.min_top1_agreement, ">=")
+        add("batch_top1_agreement", pol.batch_min_top1_agreement, ">=")
     if case.name == "heldout":
         add("accuracy_drop", pol.max_accuracy_drop, "<=")
     add("pad_top1_agreement", pol.pad_min_top1_agreement, ">=")
