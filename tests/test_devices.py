@@ -543,7 +543,7 @@ def regex_bundle(tmp_path_factory):
     from probattn.models.train import TrainConfig, train
 
     d = tmp_path_factory.mktemp("regex")
-    train(TrainConfig(epochs=2, seed=0, tokenizer="regex"), d / "run", verbose=0)
+    train(TrainConfig(epochs=1, seed=0, tokenizer="regex"), d / "run", verbose=0)
     proc = run_cli("export", d / "run", "--out", d / "bundle", "--formats", "tflite-fixed,mediapipe", "--c-array")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = verify(d / "bundle", report_dir=d / "report", quiet=True)
@@ -556,7 +556,10 @@ def test_mediapipe_bundle_passes_verify_on_mediapipe(regex_bundle):
     rows = {(r["artifact"], r["runtime"]): r for r in report.rows}
     for a in _entries(man, "mediapipe"):
         assert a["targets"] == ["litert", "mediapipe"], a["target_checks"]
-        assert "not 16-byte aligned" in a["target_checks"]["tflm"]
+        # not a TFLite Micro file: the metadata writer unaligns its buffers, and the int8 one runs
+        # EXP and LOG in int8 (for LiteRT), which TFLite Micro has no kernels for
+        why = "not 16-byte aligned" if a["precision"] == "fp32" else "Node EXP"
+        assert why in a["target_checks"]["tflm"], a["target_checks"]["tflm"]
         assert a["metadata"]["min_parser_version"] == "1.2.1" and a["outputs"] == [C.PROBABILITIES]
         r = rows[(a["path"], "mediapipe")]
         assert r["passed"] is True
