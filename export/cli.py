@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--embedding-dim", type=_positive_int, default=64)
     t.add_argument("--batch-size", type=_positive_int, default=32)
     t.add_argument("--limit", type=int, default=0, help="use only the first N examples (0 = all)")
+    t.add_argument("--model", default="probattn",
+                   help="probattn (default: Embedding -> ProbAttention pooling) or probsparse (Embedding -> "
+                        "ProbSparse self-attention encoder block -> ProbAttention pooling)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing RUN_DIR")
 
     e = sub.add_parser("export", help="export SOURCE to SavedModel, TFLite and ONNX in a bundle")
@@ -160,7 +163,7 @@ def _train(args) -> int:
     cfg = TrainConfig(dataset=args.dataset, text_column=args.text_column, label_column=args.label_column,
                       encoding=args.encoding, seed=args.seed, epochs=args.epochs, max_length=args.max_length,
                       vocab_size=args.vocab_size, embedding_dim=args.embedding_dim,
-                      batch_size=args.batch_size, limit=args.limit)
+                      batch_size=args.batch_size, limit=args.limit, model=args.model)
     cfg.validate()
     m = train(cfg, args.out, overwrite=args.overwrite)
     t = m["test"]
