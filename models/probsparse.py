@@ -38,18 +38,22 @@ Graph choices, each for a measured runtime reason:
   select, so it is exactly 0) and multiplied by the mask, ``e = exp(c) * mask`` (pads exactly
   0, no mask constant to stretch an int8 range or overflow float16), the mass
   ``s = e @ mask`` is a batched matmul, and the weights are ``exp(c - log s) * mask``.
-  Means use the weights ``exp(-log n) * mask``.
+  The mean of V is attention with equal scores, with the pooling layer's two gated
+  normalisations (its weights are all 1/n: a single [0, 1] int8 grid is too coarse for
+  long rows; see ``masked_mean``).
 * An all-padding row has ``s = n = 0``, clamped to 1 before the log: its weights are 0 and
   its output is 0, finite in every precision.
 * Causal (``causal=True``): the causal test compares int32 positions (exact in every
-  precision); the cumulative mean uses CUMSUM (a LiteRT builtin for float32; it has no
-  int8 kernel, so a causal layer does not convert to full int8).
+  precision); the cumulative mean is CUMSUM (a LiteRT builtin and an ONNX op). LiteRT has
+  no int8 CUMSUM (nor int8 TOPK_V2): in a full-int8 file the converter runs both in
+  float32 between a DEQUANTIZE and a QUANTIZE.
 """
 from __future__ import annotations
 
 import math
 
 from .keras_compat import check_flavour, get_keras
+from .layers import GATE, GATE_MARGIN
 from .quiet import import_tensorflow
 
 tf = import_tensorflow()  # quietly: TensorFlow's native start-up lines stay off stderr
@@ -93,22 +97,66 @@ def _reciprocal(count):
     return tf.exp(-tf.math.log(tf.maximum(count, tf.constant(1.0, count.dtype))))
 
 
-def masked_attention_weights(scores, valid, key_mask):
-    """Softmax of ``scores (B, H, Q, T)`` over the keys where ``valid`` (bool, broadcastable
-    to ``scores``) holds; exactly 0 elsewhere; all 0 on a row with no valid key.
-    ``key_mask``: ``(B, 1, 1, T)`` float, 1 on every key ``valid`` may hold on (the padding
-    mask), used to sum the mass with a matmul.
+def _row_mass(e, key_mask):
+    """``sum_t e[..., t]`` of ``e (B, H, Q, T)`` whose non-zero entries lie on ``key_mask
+    (B, 1, 1, T)``, as ``(B, H, Q, 1)``: a batched matmul, not SUM."""
+    return tf.matmul(e, tf.transpose(key_mask, [0, 1, 3, 2]))
 
-    ``exp(c - log s) * mask`` with ``c`` the scores centred on the best valid one and
-    ``s = exp(c) @ key_mask`` (no SOFTMAX, DIV or SUM: see the module docstring)."""
+
+def masked_attention(scores, valid, key_mask, v):
+    """``softmax(scores) @ v`` over the keys where ``valid`` (bool, broadcastable to
+    ``scores (B, H, Q, T)``) holds: other keys get exactly 0 weight; a row with no valid key
+    gives 0. ``key_mask``: ``(B, 1, 1, T)`` float, 1 on every key ``valid`` may hold on (the
+    padding mask), to sum with a matmul. Returns ``(context (B, H, Q, E), weights)``.
+
+    ``exp(c - log s) * mask`` with ``c`` the scores centred on the best valid one and ``s``
+    the row's mass ``exp(c) @ key_mask`` (no SOFTMAX, DIV or SUM: see the module
+    docstring). The kept queries are the ones whose attention is most peaked (largest
+    max - mean), so their weights use one [0, 1] grid (two gated grids as in
+    ``masked_mean`` measured no better in full int8 and double the attention matmuls)."""
     dtype = scores.dtype
+    one = tf.constant(1.0, dtype)
     m = tf.cast(valid, dtype)
     low = tf.reduce_min(scores, axis=-1, keepdims=True)
     best = tf.reduce_max(tf.where(valid, scores, low), axis=-1, keepdims=True)  # a score itself
     c = (scores - best) * m  # valid <= 0, the best exactly 0, others 0
     e = tf.exp(c) * m  # valid (0, 1], others exactly 0
-    s = tf.matmul(e, tf.transpose(key_mask, [0, 1, 3, 2]))  # (B, H, Q, 1): >= 1 on rows with a valid key
-    return tf.exp(c - tf.math.log(tf.maximum(s, tf.constant(1.0, dtype)))) * m
+    return _normalised_context(c, e, m, key_mask, v, gated=False)
+
+
+def masked_mean(key_mask, v):
+    """The mean of ``v (B, H, T, E)`` over the keys of ``key_mask (B, 1, 1, T)`` (float
+    0/1), as ``(B, H, 1, E)``: attention with equal scores (0 on a row with no key).
+
+    Its weights are all ``1/n``, so one [0, 1] int8 grid would give a 100-key row 2.55
+    steps (a 20% error on every mean); two normalisations gated by the mass as in
+    ProbAttention pooling (``probattn.models.layers``): rows of fewer than ``GATE`` keys
+    use weights in [0, 1], longer rows weights in [0, 1/GATE], a GATE-times finer grid. In
+    float both are exactly ``1/n``."""
+    return _normalised_context(None, key_mask, key_mask, key_mask, v, gated=True)
+
+
+def _normalised_context(c, e, m, key_mask, v, gated):
+    """``(e / sum(e)) @ v`` with ``e = exp(c) * m`` (``c`` None: 0), as ``exp(c - log s)``."""
+    dtype = e.dtype
+    one = tf.constant(1.0, dtype)
+
+    def weights(mass, mask):  # exp(c - log mass) * mask
+        shift = -tf.math.log(mass)
+        return tf.exp(shift if c is None else c + shift) * mask
+
+    s = _row_mass(e, key_mask)  # >= 1 on rows with a valid key, 0 on the others
+    if not gated:
+        w = weights(tf.maximum(s, one), m)
+        return tf.matmul(w, v), w
+    gate = tf.constant(GATE, dtype)
+    g = tf.clip_by_value(s - gate, 0.0, 1.0)  # 0: coarse path, 1: fine path
+    keep = one - tf.clip_by_value(s - (gate + tf.constant(GATE_MARGIN, dtype)), 0.0, 1.0)
+    s_coarse = tf.maximum(_row_mass(e * keep, key_mask), one)  # s where used, 1 past the cut
+    w_coarse = weights(s_coarse, m * keep)  # in [0, 1]
+    w_fine = weights(tf.maximum(s, gate), m)  # in [0, 1/GATE]
+    ctx = g * tf.matmul(w_fine, v) + (one - g) * tf.matmul(w_coarse, v)
+    return ctx, g * w_fine + (one - g) * w_coarse
 
 
 def _masks(x, mask):
@@ -185,9 +233,8 @@ def prob_sparse_attention(x, mask, wq, bq, wk, bk, wv, bv, wo, bo, num_heads: in
     if causal:
         keys_ok = tf.logical_and(keys_ok, tf.less_equal(positions, tf.expand_dims(idx, -1)))
     q_top = tf.matmul(sel, q)  # (B, H, K, E)
-    weights = masked_attention_weights(tf.matmul(q_top, k, transpose_b=True), keys_ok,
-                                       tf.reshape(m_f, [bsz, 1, 1, t]))
-    ctx_top = tf.matmul(weights, v)  # (B, H, K, E)
+    key_mask = tf.reshape(m_f, [bsz, 1, 1, t])
+    ctx_top, _ = masked_attention(tf.matmul(q_top, k, transpose_b=True), keys_ok, key_mask, v)  # (B, H, K, E)
     out_sel = tf.matmul(sel, ctx_top, transpose_a=True)  # (B, H, T, E), 0 where not kept
     kept = tf.expand_dims(tf.reduce_max(sel, axis=2), -1)  # (B, H, T, 1)
 
@@ -195,8 +242,7 @@ def prob_sparse_attention(x, mask, wq, bq, wk, bk, wv, bv, wo, bo, num_heads: in
     if causal:
         rest = _causal_mean(v, m_f)
     else:
-        w_mean = tf.reshape(m_f * tf.expand_dims(inv_n, 1), [bsz, 1, 1, t])
-        rest = tf.matmul(w_mean, v)  # (B, H, 1, E)
+        rest, _ = masked_mean(key_mask, v)  # (B, H, 1, E)
     out = (out_sel + (tf.constant(1.0, dtype) - kept) * rest) * tf.reshape(m_f, [bsz, 1, t, 1])
     y = _merge(out, wo, bo, h, e) * tf.expand_dims(m_f, -1)
     if return_details:
@@ -220,7 +266,7 @@ def full_attention(x, mask, wq, bq, wk, bk, wv, bv, wo, bo, num_heads: int, key_
         before = tf.less_equal(tf.reshape(pos, [1, 1, 1, t]), tf.reshape(pos, [1, 1, t, 1]))
         keys_ok = tf.logical_and(keys_ok, before)
     key_mask = tf.reshape(m_f, [bsz, 1, 1, t])
-    out = tf.matmul(masked_attention_weights(tf.matmul(q, k, transpose_b=True), keys_ok, key_mask), v)
+    out, _ = masked_attention(tf.matmul(q, k, transpose_b=True), keys_ok, key_mask, v)
     out = out * tf.reshape(m_f, [bsz, 1, t, 1])
     return _merge(out, wo, bo, h, e) * tf.expand_dims(m_f, -1)
 

@@ -426,12 +426,40 @@ def _ort_options(level):
     return so
 
 
-def test_full_int8_runs_long_rows_on_both_kernel_families(tmp_path):
+def _softmax_attention(scores, valid, key_mask, v):
+    """The textbook recipe (pads at -20 below the best score, SOFTMAX, times the mask),
+    for the negative control below."""
+    m = tf.cast(valid, scores.dtype)
+    best = tf.reduce_max(tf.where(valid, scores, tf.reduce_min(scores, -1, keepdims=True)), -1, keepdims=True)
+    w = tf.nn.softmax((scores - best) * m + (m - 1.0) * 20.0, axis=-1) * m
+    return tf.matmul(w, v), w
+
+
+_RUN_1024 = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    ids = np.full((1, 1024), 7, np.int32)  # one token 1,024 times: uniform attention over 1,024 keys
+    resolver = getattr(OpResolverType, sys.argv[2])
+    out = Interpreter(model_path=sys.argv[1], experimental_op_resolver_type=resolver
+                      ).get_signature_runner()(token_ids=ids)["probabilities"]
+    assert np.isfinite(out).all(), out
+    print("ok")
+""")
+
+
+@pytest.mark.parametrize("recipe", ["exp-log", "softmax"], ids=["layer", "softmax-control"])
+def test_full_int8_runs_long_rows_on_both_kernel_families(recipe, tmp_path, monkeypatch):
     """Full int8 with the layer's exp/log/matmul normalisation: no SOFTMAX over time, no
-    DIV and no int8 SUM in the file, and
-    a 1,024-token row (attention mass far above the 512 at which the reference int8
-    SOFTMAX kernel aborts the process) runs on both kernel families, in a child process so
-    an abort fails this test instead of killing the session."""
+    DIV and no int8 SUM in the file, and a 1,024-token row (an exponent sum of 1,024,
+    above the 512 at which LiteRT's reference int8 SOFTMAX kernel aborts the process) runs
+    on both kernel families, each in a child process so an abort fails this test instead of
+    killing the session. The control (the same model with a SOFTMAX over time) shows the
+    check can fail: it aborts on the reference kernels."""
+    import probattn.models.probsparse as module
+
+    if recipe == "softmax":
+        monkeypatch.setattr(module, "masked_attention", _softmax_attention)
     model = _tiny("2")
     rng = np.random.default_rng(8)
     calibration = [rng.integers(1, 60, size=(2, n)).astype(np.int32) for n in (1, 2, 5, 16, 64, 256)]
@@ -442,24 +470,25 @@ def test_full_int8_runs_long_rows_on_both_kernel_families(tmp_path):
 
     it = Interpreter(model_path=str(path))
     tensors = {d["index"]: d for d in it.get_tensor_details()}
+    softmax_widths = []
     for op in it._get_ops_details():
         inputs = [tensors[i] for i in op["inputs"] if i >= 0]
         where = f"{op['op_name']} on {[(t['name'], t['dtype'].__name__) for t in inputs]}"
         assert op["op_name"] != "DIV", where
         if op["op_name"] == "SUM":  # sizes: exact int32 sums
             assert all(t["dtype"] == np.int32 for t in inputs), where
-        if op["op_name"] == "SOFTMAX":  # only the classifier's output, over its 3 classes
-            assert inputs[0]["shape_signature"][-1] == 3, where
-    script = textwrap.dedent(f"""
-        import numpy as np
-        from ai_edge_litert.interpreter import Interpreter, OpResolverType
-        ids = np.full((1, 1024), 7, np.int32)  # identical tokens: uniform attention over 1,024 keys
-        for r in (OpResolverType.AUTO, OpResolverType.BUILTIN_REF):
-            out = Interpreter(model_path={str(path)!r}, experimental_op_resolver_type=r
-                              ).get_signature_runner()(token_ids=ids)["probabilities"]
-            assert np.isfinite(out).all(), out
-        print("ok")
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
+        if op["op_name"] == "SOFTMAX":
+            softmax_widths.append(int(inputs[0]["shape_signature"][-1]))
+    if recipe == "softmax":
+        assert -1 in softmax_widths  # a SOFTMAX over the (dynamic) time axis
+    else:
+        assert softmax_widths == [3], softmax_widths  # only the classifier's, over its 3 classes
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    for resolver in ("BUILTIN_REF",) if recipe == "softmax" else ("AUTO", "BUILTIN_REF"):
+        proc = subprocess.run([sys.executable, "-c", _RUN_1024, str(path), resolver], capture_output=True,
+                              text=True, timeout=300, env=env)
+        if recipe == "softmax":
+            assert proc.returncode != 0, "the reference int8 SOFTMAX ran an exponent sum of 1,024"
+        else:
+            assert proc.returncode == 0 and proc.stdout.strip() == "ok", (resolver, proc.returncode,
+                                                                          proc.stderr[-2000:])
