@@ -106,8 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true", help="one JSON object per line")
 
     b = sub.add_parser("bench", help="latency, throughput, size and accuracy per artifact and runtime")
-    b.add_argument("bundle")
+    b.add_argument("bundle", nargs="?", help="the bundle to measure (not with --attention-scaling)")
     b.add_argument("--out", help="directory for bench.json/.md/.png (default BUNDLE/bench)")
+    b.add_argument("--attention-scaling", action="store_true",
+                   help="instead of a bundle: latency against sequence length of ProbSparse self-attention and "
+                        "of dense attention of the same size, in LiteRT and onnxruntime (needs --out)")
+    b.add_argument("--lengths", help="with --attention-scaling: comma list of lengths (default 64 to 4096, "
+                                     "doubling)")
     b.add_argument("--threads", default="1,all", help="comma list of thread counts and/or 'all' (default 1,all)")
     b.add_argument("--quick", action="store_true", help="fewer repetitions and shapes")
     b.add_argument("--runtimes", help=f"only these runtimes (comma list of {', '.join(runtimes.names())})")

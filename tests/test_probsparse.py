@@ -492,3 +492,48 @@ def test_full_int8_runs_long_rows_on_both_kernel_families(recipe, tmp_path, monk
         else:
             assert proc.returncode == 0 and proc.stdout.strip() == "ok", (resolver, proc.returncode,
                                                                           proc.stderr[-2000:])
+
+
+# ------------------------------------------------------------ the model, end to end
+
+@pytest.fixture(scope="module")
+def probsparse_bundle(tmp_path_factory):
+    """A small real run of ``--model probsparse`` (800 Rotten Tomatoes texts, 1 epoch, 32
+    tokens), exported in fp32 (values are judged to 1e-5; a one-epoch model's quantized
+    decisions are near-ties, and the full matrix on the real run is in the README) and
+    verified on every installed runtime."""
+    from probattn.export.exporter import ExportOptions, export
+    from probattn.export.parity import verify
+    from probattn.models.train import TrainConfig, train
+
+    base = tmp_path_factory.mktemp("probsparse")
+    metrics = train(TrainConfig(model="probsparse", limit=800, epochs=1, embedding_dim=16, hidden_units=16,
+                                max_length=32), base / "run", verbose=0)
+    export(base / "run", base / "bundle", ExportOptions(precisions=("fp32",)))
+    report = verify(base / "bundle", report_dir=base / "report", quiet=True)
+    return metrics, report
+
+
+def test_probsparse_model_passes_verify_on_every_runtime(probsparse_bundle):
+    metrics, report = probsparse_bundle
+    assert metrics["model"] == "probsparse"
+    assert report.passed, "\n".join(c.message() for c in report.failures[:20])
+    runners = {(r["artifact"], r["runtime"]) for r in report.rows}
+    want = {"litert-xnnpack", "litert-reference", "onnxruntime-all", "onnxruntime-none"}
+    assert want <= {rt for _, rt in runners}, sorted(runners)
+    for artifact, runtime in runners:
+        mine = [c for c in report.checks if (c.artifact, c.runtime) == (artifact, runtime)]
+        metrics_seen = {c.metric for c in mine}
+        assert "pad_invariance" in metrics_seen, f"{artifact} on {runtime}: padding invariance not checked"
+        if runtime != "keras":  # the reference is what the all-padding row is compared with
+            assert any(c.metric == "all_pad_abs" and c.case == "all_padding_row" for c in mine), (artifact, runtime)
+        assert all(c.passed for c in mine)
+
+
+def test_train_refuses_an_unknown_model(tmp_path):
+    from helpers import assert_one_error_line, run_cli
+
+    proc = run_cli("train", "--model", "informer", "--out", tmp_path / "run")
+    line = assert_one_error_line(proc, "train")
+    assert "'informer'" in line and "probattn, probsparse" in line
+    assert not (tmp_path / "run").exists()
