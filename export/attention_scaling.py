@@ -282,9 +282,9 @@ def markdown(doc) -> str:
                 parts.append(f"than {LABELS[base]} from L = {w}" if w else f"than {LABELS[base]} at no measured length")
             growth = ""
             if len(ls) >= 2 and ls[-1] >= 2 * ls[-2]:
-                a, b = ls[-2], ls[-1]
+                a, b = ls[max(0, len(ls) - 3)], ls[-1]  # the last two doublings (geometric mean)
                 doublings = np.log2(b / a)
-                growth = "; per doubling of L from {} to {}: ".format(a, b) + ", ".join(
+                growth = "; latency factor per doubling of L from {} to {}: ".format(a, b) + ", ".join(
                     f"{LABELS[g]} x{(cells[(rt, b)][g] / cells[(rt, a)][g]) ** (1 / doublings):.2f}" for g in GRAPHS)
             lines.append(f"- {rt}: ProbSparse is faster {parts[0]}, {parts[1]}{growth}")
         for r in run_["rows"]:

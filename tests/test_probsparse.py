@@ -537,3 +537,44 @@ def test_train_refuses_an_unknown_model(tmp_path):
     line = assert_one_error_line(proc, "train")
     assert "'informer'" in line and "probattn, probsparse" in line
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------- bench --attention-scaling
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--attention-scaling"], "needs --out"),
+    (["BUNDLE", "--attention-scaling", "--out", "OUT"], "takes no BUNDLE"),
+    (["--attention-scaling", "--out", "OUT", "--lengths", "64,0"], "--lengths"),
+    (["--attention-scaling", "--out", "OUT", "--runtimes", "openvino"], "runs litert, onnxruntime"),
+    (["--attention-scaling", "--out", "OUT", "--threads", "0"], "--threads"),
+    (["--out", "OUT"], "needs a BUNDLE"),
+], ids=["no-out", "with-bundle", "bad-length", "other-runtime", "zero-threads", "no-bundle"])
+def test_attention_scaling_bad_input(argv, needle, tmp_path):
+    from helpers import assert_one_error_line, run_cli
+
+    argv = [str(tmp_path / "OUT") if a == "OUT" else str(tmp_path / "bundle") if a == "BUNDLE" else a for a in argv]
+    line = assert_one_error_line(run_cli("bench", *argv), "bench", stdout_empty=True)
+    assert needle in line
+    assert list(tmp_path.iterdir()) == [], "a refused command wrote files"
+
+
+def test_attention_scaling_writes_table_json_and_plot(tmp_path):
+    """The benchmark runs end to end (a measurement: nothing is asserted about time)."""
+    import json
+
+    from helpers import run_cli
+
+    out = tmp_path / "scaling"
+    proc = run_cli("bench", "--attention-scaling", "--out", out, "--quick", "--lengths", "8,32", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((out / "attention_scaling.json").read_text())
+    rows = doc["runs"][0]["rows"]
+    got = {(r["runtime"], r["graph"], r["length"]) for r in rows}
+    assert got == {(rt, g, n) for rt in ("litert-xnnpack", "onnxruntime-all")
+                   for g in ("probsparse", "dense", "dense_softmax") for n in (8, 32)}
+    assert all(r["median_us"] > 0 and r["reps"] >= 3 for r in rows)
+    table = (out / "attention_scaling.md").read_text()
+    assert "| 32 | onnxruntime-all |" in table and table in proc.stdout
+    assert (out / "attention_scaling.png").stat().st_size > 10_000
+    assert {p.name for p in (out / "models").iterdir()} == {f"{g}.{f}" for g in ("probsparse", "dense", "dense_softmax")
+                                                           for f in ("tflite", "onnx")}
