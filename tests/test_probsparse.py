@@ -328,6 +328,30 @@ def test_layer_in_both_kerases(flavour, tmp_path):
     np.testing.assert_array_equal(np.asarray(again(ids)), y)
 
 
+@pytest.mark.parametrize("flavour", ["2", "3"], ids=["tf_keras", "keras3"])
+def test_classifier_keeps_the_mask_and_is_padding_invariant(flavour):
+    """The mask reaches the pooling through the encoder (residuals, LayerNorm, FFN) in
+    both Kerases: padding appended on the right or put on the left moves nothing."""
+    from probattn.export.parity.tolerances import FP32_PAD_INVARIANCE
+
+    model = _tiny(flavour)
+    rng = np.random.default_rng(9)
+    ids = rng.integers(1, 60, (4, 20)).astype(np.int32)
+    ids[1, 7:] = 0
+    ids[2, 15:] = 0
+    right = np.pad(ids, ((0, 0), (0, 30)))
+    left = np.zeros((4, 50), np.int32)
+    for i in range(4):
+        real = ids[i][ids[i] != 0]
+        left[i, 50 - len(real):] = real
+    base = np.asarray(model(ids))
+    for name, padded in (("right", right), ("left", left)):
+        np.testing.assert_allclose(np.asarray(model(padded)), base, rtol=0, atol=FP32_PAD_INVARIANCE,
+                                   err_msg=f"{name} padding, flavour {flavour}")
+    # the check can fail: the same ids without their zeros as padding (id 1 instead) differ
+    assert np.abs(np.asarray(model(np.where(right == 0, 1, right))) - base).max() > 1e-3
+
+
 @pytest.mark.parametrize("kwargs", [dict(num_heads=0, key_dim=4), dict(num_heads=2, key_dim=4, factor=0),
                                     dict(num_heads=2, key_dim=2.5), dict(num_heads=2, key_dim=4, output_dim=-1)])
 def test_layer_rejects_bad_arguments(kwargs):
