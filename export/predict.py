@@ -35,7 +35,7 @@ class Predictor:
         fmt = runtimes.default_format(runtime)
         entry = B.find_artifact(self.manifest, fmt, precision)
         if entry is None:
-            have = sorted(a["precision"] for a in self.manifest["artifacts"] if a["format"] == fmt)
+            have = sorted({a["precision"] for a in self.manifest["artifacts"] if a["format"] == fmt})
             raise UsageError(f"bundle has no {fmt} {precision} artifact; it has {fmt}: {', '.join(have) or 'none'}")
         reason = cls.unavailable()
         if reason:
@@ -48,7 +48,8 @@ class Predictor:
         self.labels = list(self.manifest["labels"])
         self.vocab_size = int(self.manifest["vocab_size"])
         self.max_length = max_length or self.manifest.get("max_length")
-        self.runner = cls(path, self.vocab_size, threads, variant=variant).activate()
+        self.runner = cls(path, self.vocab_size, threads, variant=variant,
+                          input_shape=entry.get("input_shape")).activate()
 
     def predict_ids(self, token_ids) -> np.ndarray:
         """Probabilities ``[batch, classes]`` for int token ids ``[batch, sequence]``."""
