@@ -552,6 +552,13 @@ def test_probsparse_model_passes_verify_on_every_runtime(probsparse_bundle):
         if runtime != "keras":  # the reference is what the all-padding row is compared with
             assert any(c.metric == "all_pad_abs" and c.case == "all_padding_row" for c in mine), (artifact, runtime)
         assert all(c.passed for c in mine)
+    # TFLite Micro has no TOPK_V2 kernel: the fixed-shape files convert (LiteRT runs them,
+    # judged above) and are measured unrunnable on TFLite Micro, with the reason, at export
+    fixed = {r["artifact"] for r in report.rows if r["artifact"].startswith("model_fixed_")}
+    assert fixed, sorted(runners)
+    refused = {n["artifact"]: n["reason"] for n in report.meta["not_applicable"] if n["runtime"] == "tflm"}
+    for artifact in fixed:
+        assert "TOPK_V2" in refused.get(artifact, ""), (artifact, refused)
 
 
 def test_train_refuses_an_unknown_model(tmp_path):
