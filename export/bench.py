@@ -342,6 +342,14 @@ def plot_size_accuracy(doc, path):
 
 
 def run_cli(args) -> int:
+    if getattr(args, "attention_scaling", False):
+        from .attention_scaling import run_cli as scaling
+
+        return scaling(args)
+    if not args.bundle:
+        raise UsageError("bench needs a BUNDLE (or --attention-scaling --out DIR)")
+    if getattr(args, "lengths", None):
+        raise UsageError(f"--lengths is for --attention-scaling; received --lengths {args.lengths} with a BUNDLE")
     names = tuple(x.strip() for x in args.runtimes.split(",")) if args.runtimes else None
     doc = run(args.bundle, args.out, args.threads, args.quick, names)
     print(markdown(doc))

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--embedding-dim", type=_positive_int, default=64)
     t.add_argument("--batch-size", type=_positive_int, default=32)
     t.add_argument("--limit", type=int, default=0, help="use only the first N examples (0 = all)")
+    t.add_argument("--model", default="probattn",
+                   help="probattn (default: Embedding -> ProbAttention pooling) or probsparse (Embedding -> "
+                        "ProbSparse self-attention encoder block -> ProbAttention pooling)")
     t.add_argument("--tokenizer", default="wordlevel",
                    help="wordlevel (default: NFKC, lowercase, word split), regex (exactly MediaPipe "
                    "TextClassifier's regex tokenizer: case-sensitive split on [^0-9A-Za-z_']+, <PAD>=0, "
@@ -112,8 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true", help="one JSON object per line")
 
     b = sub.add_parser("bench", help="latency, throughput, size and accuracy per artifact and runtime")
-    b.add_argument("bundle")
+    b.add_argument("bundle", nargs="?", help="the bundle to measure (not with --attention-scaling)")
     b.add_argument("--out", help="directory for bench.json/.md/.png (default BUNDLE/bench)")
+    b.add_argument("--attention-scaling", action="store_true",
+                   help="instead of a bundle: latency against sequence length of ProbSparse self-attention and "
+                        "of dense attention of the same size, in LiteRT and onnxruntime (needs --out)")
+    b.add_argument("--lengths", help="with --attention-scaling: comma list of lengths (default 64 to 4096, "
+                                     "doubling)")
     b.add_argument("--threads", default="1,all", help="comma list of thread counts and/or 'all' (default 1,all)")
     b.add_argument("--quick", action="store_true", help="fewer repetitions and shapes")
     b.add_argument("--runtimes", help=f"only these runtimes (comma list of {', '.join(runtimes.names())})")
@@ -169,7 +177,8 @@ def _train(args) -> int:
     cfg = TrainConfig(dataset=args.dataset, text_column=args.text_column, label_column=args.label_column,
                       encoding=args.encoding, seed=args.seed, epochs=args.epochs, max_length=args.max_length,
                       vocab_size=args.vocab_size, embedding_dim=args.embedding_dim,
-                      batch_size=args.batch_size, limit=args.limit, tokenizer=args.tokenizer)
+                      batch_size=args.batch_size, limit=args.limit, model=args.model,
+                      tokenizer=args.tokenizer)
     cfg.validate()
     m = train(cfg, args.out, overwrite=args.overwrite)
     t = m["test"]

@@ -7,7 +7,8 @@
 
 This package never imports ``probattn.export``. Its ``__init__`` imports nothing heavy:
 ``from probattn.models import ProbAttention`` loads TensorFlow and Keras and registers
-``probattn>ProbAttention`` (so saved models load with plain ``load_model``), while
+``probattn>ProbAttention`` (so saved models load with plain ``load_model``; the same for
+``ProbSparseAttention``, Informer's ProbSparse self-attention), while
 ``import probattn.models.text`` stays TensorFlow-free.
 """
 from __future__ import annotations
@@ -19,6 +20,9 @@ _LAZY = {
     "layer_classes": "layers",
     "build_classifier": "classifier",
     "find_attention_layer": "classifier",
+    "ProbSparseAttention": "probsparse",
+    "prob_sparse_attention": "probsparse",
+    "build_probsparse_classifier": "probsparse",
 }
 
 __all__ = sorted(_LAZY)

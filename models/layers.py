@@ -162,10 +162,12 @@ def layer_classes(flavour=None) -> types.SimpleNamespace:
     if flavour not in _CLASSES:
         keras = get_keras(flavour)
         from .naive import make_naive_prob_attention
+        from .probsparse import make_prob_sparse_attention
 
         _CLASSES[flavour] = types.SimpleNamespace(
             ProbAttention=_make_prob_attention(keras, flavour),
             NaiveProbAttention=make_naive_prob_attention(keras),
+            ProbSparseAttention=make_prob_sparse_attention(keras, flavour),
         )
     return _CLASSES[flavour]
 

@@ -19,6 +19,9 @@ from .text.tokenizer import TOKENIZER_KINDS, encode_fixed, train_tokenizer_of_ki
 RUN_MARKER = "metrics.json"
 #: Training texts kept in a run as ``calibration.jsonl`` (full-int8 calibration at export).
 CALIBRATION_MAX_TEXTS = 400
+#: ``--model``: the seed page's classifier, or the same with a ProbSparse self-attention
+#: encoder in front of its pooling (``probattn.models.probsparse``)
+MODELS = ("probattn", "probsparse")
 
 
 @dataclass
@@ -37,6 +40,7 @@ class TrainConfig:
     batch_size: int = 32
     learning_rate: float = 2e-3
     limit: int = 0  # use only N examples, drawn per class in proportion (quick runs); 0 = all
+    model: str = "probattn"  # one of MODELS
     tokenizer: str = "wordlevel"  # or "regex" / "regex-start": MediaPipe's regex tokenizer
 
     def validate(self):
@@ -57,6 +61,8 @@ class TrainConfig:
             raise UsageError(f"--seed must be an integer from 0 to 2**32-1; received {self.seed!r}")
         if self.limit < 0:
             raise UsageError(f"--limit must be >= 0; received {self.limit}")
+        if self.model not in MODELS:
+            raise UsageError(f"unknown --model {self.model!r}; allowed: {', '.join(MODELS)}")
         if self.tokenizer not in TOKENIZER_KINDS:
             raise UsageError(f"--tokenizer must be one of {', '.join(TOKENIZER_KINDS)}; received {self.tokenizer!r}")
 
@@ -126,9 +132,15 @@ def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None
     x_train, y_train = xy(split.train)
     x_val, y_val = xy(split.validation)
     x_test, y_test = xy(split.test)
-    model = build_classifier(vocab, len(split.label_names), config.embedding_dim,
-                             config.hidden_units, config.dropout,
-                             attention_layer=attention_layer() if attention_layer else None)
+    if config.model == "probsparse":
+        from .probsparse import build_probsparse_classifier
+
+        model = build_probsparse_classifier(vocab, len(split.label_names), config.embedding_dim,
+                                            config.hidden_units, config.dropout)
+    else:
+        model = build_classifier(vocab, len(split.label_names), config.embedding_dim,
+                                 config.hidden_units, config.dropout,
+                                 attention_layer=attention_layer() if attention_layer else None)
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     if verbose is None:
@@ -150,6 +162,7 @@ def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None
         "sizes": {"train": len(split.train.texts), "validation": len(split.validation.texts),
                   "test": len(split.test.texts)},
         "vocab_size": vocab,
+        "model": config.model,
     }
     with atomic_directory(out, overwrite=overwrite, marker=RUN_MARKER) as tmp:
         # an uncompiled twin (same layers and weights): the .keras file carries no optimizer state
