@@ -9,7 +9,7 @@ from pathlib import Path
 from probattn.models.errors import UsageError
 from probattn.models.fsutil import sha256_path  # noqa: F401  (re-exported: bundles are hashed with it)
 
-from .contract import FORMATS, PRECISIONS, SUPPORTED
+from .contract import FORMATS, INPUT_DTYPE, INPUT_DTYPES, PRECISIONS, SUPPORTED, input_dtype_of
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -62,6 +62,9 @@ def load_manifest(bundle) -> dict:
         if a["format"] not in FORMATS or a["precision"] not in SUPPORTED[a["format"]]:
             raise UsageError(f"{path}: artifact {a['path']} has format '{a['format']}' / precision "
                              f"'{a['precision']}'; allowed formats {', '.join(FORMATS)}, precisions {', '.join(PRECISIONS)}")
+        if input_dtype_of(a) not in INPUT_DTYPES:
+            raise UsageError(f"{path}: artifact {a['path']} has input_dtype {a.get('input_dtype')!r}; "
+                             f"allowed: {', '.join(INPUT_DTYPES)}")
     return manifest
 
 
@@ -74,9 +77,10 @@ def write_manifest(bundle, manifest: dict) -> None:
     os.replace(tmp, path)
 
 
-def find_artifact(manifest: dict, fmt: str, precision: str = "fp32") -> dict | None:
+def find_artifact(manifest: dict, fmt: str, precision: str = "fp32", input_dtype: str = INPUT_DTYPE) -> dict | None:
+    """The entry of ``fmt`` / ``precision`` with an ``input_dtype`` input (int32: the contract's)."""
     for a in manifest["artifacts"]:
-        if a["format"] == fmt and a["precision"] == precision:
+        if a["format"] == fmt and a["precision"] == precision and input_dtype_of(a) == input_dtype:
             return a
     return None
 

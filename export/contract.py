@@ -7,11 +7,17 @@ other module reads these; none spells them itself. TensorFlow-free.
 from __future__ import annotations
 
 from probattn.models.errors import UsageError
+from probattn.models.text.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE  # noqa: F401  (names of the bundle)
 
 # ------------------------------------------------------------------ signature
 #: the one input: token ids, int32 ``[batch, sequence]``
 INPUT = "token_ids"
 INPUT_DTYPE = "int32"
+#: input dtypes an artifact may take: the contract's int32, and int64, what Hugging Face
+#: convention clients send (transformers.js, ``return_tensors="np"``)
+INPUT_DTYPES = (INPUT_DTYPE, "int64")
+#: formats that also ship an int64-input twin of each precision (a Cast to int32 in front)
+INT64_INPUT_FORMATS = ("onnx",)
 BATCH_DIM, SEQUENCE_DIM = "batch", "sequence"
 #: the primary output: class probabilities ``[batch, classes]``
 PROBABILITIES = "probabilities"
@@ -71,26 +77,39 @@ FORMAT_DESCRIPTIONS = {
 }
 
 
-def artifact_filename(fmt: str, precision: str) -> str:
+#: label names in output order, one per line (Triton's label_filename, TF Serving assets)
+LABELS_FILE = "labels.txt"
+
+
+def artifact_filename(fmt: str, precision: str, input_dtype: str = INPUT_DTYPE) -> str:
     """Where an artifact lives inside a bundle."""
     if fmt not in SUPPORTED:
         raise UsageError(f"unknown format '{fmt}'; allowed: {', '.join(FORMATS)}")
     if precision not in SUPPORTED[fmt]:
         raise UsageError(f"format {fmt} has no precision '{precision}'; allowed: {', '.join(SUPPORTED[fmt])}")
+    if input_dtype != INPUT_DTYPE and (input_dtype not in INPUT_DTYPES or fmt not in INT64_INPUT_FORMATS):
+        raise UsageError(f"format {fmt} has no {input_dtype} input; int64 twins exist for "
+                         f"{', '.join(INT64_INPUT_FORMATS)}")
     if fmt == "keras":
         return "model.keras"
     if fmt == "savedmodel":
         return "saved_model"
-    return f"model_{precision.replace('-', '_')}.{fmt}"
+    suffix = "" if input_dtype == INPUT_DTYPE else f"_{input_dtype}"
+    return f"model_{precision.replace('-', '_')}{suffix}.{fmt}"
+
+
+def input_dtype_of(entry: dict) -> str:
+    """The input dtype of a manifest artifact entry (int32 unless it says otherwise)."""
+    return entry.get("input_dtype", INPUT_DTYPE)
 
 
 def selection_is_empty(formats, precisions) -> bool:
     return not any(p in SUPPORTED[f] for f in formats for p in precisions)
 
 
-def sort_key(fmt: str, precision: str) -> tuple:
-    """Artifacts in manifest order: by format, then precision."""
-    return FORMATS.index(fmt), PRECISIONS.index(precision)
+def sort_key(fmt: str, precision: str, input_dtype: str = INPUT_DTYPE) -> tuple:
+    """Artifacts in manifest order: by format, then input dtype, then precision."""
+    return FORMATS.index(fmt), INPUT_DTYPES.index(input_dtype), PRECISIONS.index(precision)
 
 
 def parse_list(value, allowed, what) -> tuple:

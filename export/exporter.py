@@ -13,7 +13,8 @@ from pathlib import Path
 
 from probattn.models.errors import UsageError
 from probattn.models.fsutil import atomic_directory, check_output_dir
-from probattn.models.text.tokenizer import PAD_ID, UNK_ID, load_tokenizer
+from probattn.models.text.tokenizer import (PAD_ID, RECIPE_PORTABLE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, UNK_ID,
+                                            load_tokenizer, recipe_of, write_tokenizer_config)
 
 from . import bundle as B
 from . import contract as C
@@ -33,6 +34,9 @@ class ExportOptions:
     labels: str | None = None
     max_length: int | None = None
     attention_weights: bool = True
+    #: also write each ONNX precision with an int64 ``token_ids`` input (what Hugging Face
+    #: clients such as transformers.js send)
+    onnx_int64: bool = True
     unsafe: bool = False
     overwrite: bool = False
 
@@ -166,17 +170,24 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
         else:
             model.save(tmp / keras_rel)
         record(formats.Built("keras", "fp32", keras_rel, time.perf_counter() - t))
-        shutil.copyfile(src.tokenizer_path, tmp / "tokenizer.json")
+        shutil.copyfile(src.tokenizer_path, tmp / TOKENIZER_FILE)
+        tok_entry = {"path": TOKENIZER_FILE, "sha256": B.sha256_path(tmp / TOKENIZER_FILE),
+                     "recipe": recipe_of(tokenizer)}
+        if tok_entry["recipe"] == RECIPE_PORTABLE:  # JavaScript clients need it (and give our ids only then)
+            write_tokenizer_config(tmp, max_length)
+            tok_entry["config"] = {"path": TOKENIZER_CONFIG_FILE,
+                                   "sha256": B.sha256_path(tmp / TOKENIZER_CONFIG_FILE)}
         if src.test_data:
             shutil.copyfile(src.test_data, tmp / "test.jsonl")
 
         ctx = formats.ExportContext(
             out=tmp, module=module, concrete=concrete, output_names=out_names, opset=opset,
+            onnx_int64=opts.onnx_int64,
             calibration=calibration_batches(cal_texts, tokenizer, max_length) if cal_texts else None,
             log=log)
         for built in _run_formats(ctx, selected, precisions):
             record(built)
-        artifacts.sort(key=lambda a: C.sort_key(a["format"], a["precision"]))
+        artifacts.sort(key=lambda a: C.sort_key(a["format"], a["precision"], C.input_dtype_of(a)))
         manifest = {
             "schema_version": B.SCHEMA_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -187,7 +198,7 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
             "unk_id": UNK_ID,
             "vocab_size": vocab_size,
             "max_length": int(max_length),
-            "tokenizer": {"path": "tokenizer.json", "sha256": B.sha256_path(tmp / "tokenizer.json")},
+            "tokenizer": tok_entry,
             "test_data": "test.jsonl" if src.test_data else None,
             "source": {"model": str(src.model_path), **src.extra},
             "artifacts": artifacts,

@@ -13,7 +13,7 @@ from .errors import UsageError
 from .fsutil import atomic_directory, check_output_dir
 from .metrics import classification_report
 from .text import data as data_mod
-from .text.tokenizer import encode_fixed, train_tokenizer
+from .text.tokenizer import encode_fixed, save_tokenizer, train_tokenizer
 
 #: The file that marks a directory as a probattn run (``--overwrite`` replaces only runs).
 RUN_MARKER = "metrics.json"
@@ -152,7 +152,7 @@ def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None
     with atomic_directory(out, overwrite=overwrite, marker=RUN_MARKER) as tmp:
         # an uncompiled twin (same layers and weights): the .keras file carries no optimizer state
         keras.Model(model.inputs, model.outputs, name=model.name).save(tmp / "model.keras")
-        tokenizer.save(str(tmp / "tokenizer.json"))
+        save_tokenizer(tokenizer, tmp, config.max_length)
         (tmp / "labels.json").write_text(json.dumps(split.label_names, indent=1))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
         cfg = asdict(config)
