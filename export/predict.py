@@ -82,12 +82,12 @@ class Predictor:
             raise UsageError(f"runtime {runtime} cannot run here: {reason}")
         path = B.verified_path(self.bundle, entry)
         tok_entry = self.manifest.get("tokenizer", {"path": "tokenizer.json"})
-        self._tokenizer_path = B.verified_path(self.bundle, tok_entry) if tok_entry.get("sha256") \
+        self.tokenizer_path = B.verified_path(self.bundle, tok_entry) if tok_entry.get("sha256") \
             else self.bundle / tok_entry["path"]
         self._hf = None
-        self.fast = _fast_tokenizer(self._tokenizer_path, self._hf_encode)
+        self.fast = _fast_tokenizer(self.tokenizer_path, self._hf_encode)
         if self.fast is None:
-            self._hf = load_tokenizer(self._tokenizer_path)
+            self._hf = load_tokenizer(self.tokenizer_path)
         #: which tokenizer runs: "fast" (the pure-Python twin) or "tokenizers"
         self.text_path = "fast" if self.fast is not None else "tokenizers"
         self.labels = list(self.manifest["labels"])
@@ -99,7 +99,7 @@ class Predictor:
     def tokenizer(self):
         """The bundle's ``tokenizers.Tokenizer`` (loaded on first use on the fast path)."""
         if self._hf is None:
-            self._hf = load_tokenizer(self._tokenizer_path)
+            self._hf = load_tokenizer(self.tokenizer_path)
         return self._hf
 
     def _hf_encode(self, texts) -> list:

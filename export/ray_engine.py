@@ -21,7 +21,6 @@ import os
 import shutil
 import tempfile
 import warnings
-from pathlib import Path
 
 import numpy as np
 
@@ -68,14 +67,12 @@ def bundle_files(predictor) -> dict:
 
     manifest = predictor.manifest
     entry = B.find_artifact(manifest, runtimes.default_format(predictor.runtime), predictor.precision)
-    files = {}
-    for e in (manifest["tokenizer"], entry):
-        path = B.verified_path(predictor.bundle, e)
-        if not path.is_file():
-            raise UsageError(f"--engine ray ships single-file artifacts; {e['path']} is a directory")
-        files[e["path"]] = path.read_bytes()
-    files[B.MANIFEST] = (predictor.bundle / B.MANIFEST).read_bytes()
-    return files
+    path = B.verified_path(predictor.bundle, entry)
+    if not path.is_file():
+        raise UsageError(f"--engine ray ships single-file artifacts; {entry['path']} is a directory")
+    return {entry["path"]: path.read_bytes(),
+            manifest["tokenizer"]["path"]: predictor.tokenizer_path.read_bytes(),  # checked by the Predictor
+            B.MANIFEST: (predictor.bundle / B.MANIFEST).read_bytes()}
 
 
 class BatchPredictor:
