@@ -69,7 +69,7 @@ def _accuracy(runner, bundle: Path, manifest: dict):
 
 
 def entry_runs_on(entry, cls) -> bool:
-    return entry["format"] in cls.formats and cls.cannot_run(entry["format"], entry["precision"]) is None
+    return entry["format"] in cls.formats and cls.cannot_run(entry["format"], entry["precision"], entry) is None
 
 
 def worker(bundle, threads: int, quick: bool, runtime_names, with_accuracy: bool, with_scaling: bool) -> dict:
@@ -91,7 +91,8 @@ def worker(bundle, threads: int, quick: bool, runtime_names, with_accuracy: bool
         if entry["format"] == "keras":  # the user's model as they would call it: probabilities only
             runner = cls(path, vocab, threads, attention=False)
         else:
-            runner = cls(path, vocab, threads)  # the runtime's default variant
+            # the runtime's default variant; a fixed-shape file runs the shapes it accepts
+            runner = cls(path, vocab, threads, input_shape=entry.get("input_shape"))
         rt = runner.name
         reason = cls.unavailable()
         label = f"[{n}/{len(jobs)}] threads={threads} {entry['path']} on {rt}"
@@ -108,6 +109,8 @@ def worker(bundle, threads: int, quick: bool, runtime_names, with_accuracy: bool
                "runtime": rt, "threads": threads, "bytes": entry["bytes"], "load_ms": round(load_ms, 1),
                "latency": {}}
         for b, s in shapes:
+            if not runner.accepts_length(s):
+                continue
             ids = rng.integers(2, vocab, (b, s), dtype=np.int32)
             row["latency"][f"{b}x{s}"] = _time_calls(call, ids, **timing)
         ids = rng.integers(2, vocab, THROUGHPUT_SHAPE, dtype=np.int32)
@@ -119,6 +122,8 @@ def worker(bundle, threads: int, quick: bool, runtime_names, with_accuracy: bool
         if with_scaling and entry["precision"] == "fp32":
             row["scaling"] = {}
             for s in (QUICK_SCALING if quick else SCALING):
+                if not runner.accepts_length(s):
+                    continue
                 ids = rng.integers(2, vocab, (1, s), dtype=np.int32)
                 row["scaling"][str(s)] = _time_calls(call, ids, min_seconds=0.1 if quick else 0.3,
                                                      min_reps=5 if quick else 20, max_reps=1000, warmup=3)["median_us"]
@@ -237,7 +242,7 @@ def markdown(doc) -> str:
         rows = [r for r in run_["rows"] if "skipped" not in r]
         if not rows:
             continue
-        shapes = list(rows[0]["latency"])
+        shapes = list(dict.fromkeys(k for r in rows for k in r["latency"]))
         head = ["artifact", "runtime", "threads", "size", "load", "accuracy", "parity"] + \
                [f"{s}" for s in shapes] + ["p90 1x64", "texts/s"]
         lines.append("| " + " | ".join(head) + " |")
@@ -247,7 +252,7 @@ def markdown(doc) -> str:
             parity = {True: "PASS", False: "FAIL", None: "-"}[r.get("parity")]
             acc = "-" if r.get("accuracy") is None else f"{r['accuracy']:.4f}"
             cells = [r["artifact"], r["runtime"], str(r["threads"]), f"{r['bytes'] / 1e6:.2f} MB",
-                     f"{r['load_ms']:.0f} ms", acc, parity] + [_us(lat[s]["median_us"]) for s in shapes] + \
+                     f"{r['load_ms']:.0f} ms", acc, parity] + [_us(lat.get(s, {}).get("median_us")) for s in shapes] + \
                     [_us(lat.get("1x64", {}).get("p90_us")), f"{r['throughput_texts_per_s']:,.0f}"]
             lines.append("| " + " | ".join(cells) + " |")
         for r in run_["rows"]:

@@ -12,6 +12,7 @@ import os
 import sys
 
 from probattn.models.errors import ProbattnError, UsageError, one_line
+from probattn.models.text.tokenizer import DEFAULT_TOKENIZER_KIND
 
 from . import contract as C
 from . import runtimes
@@ -62,13 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--embedding-dim", type=_positive_int, default=64)
     t.add_argument("--batch-size", type=_positive_int, default=32)
     t.add_argument("--limit", type=int, default=0, help="use only the first N examples (0 = all)")
+    t.add_argument("--tokenizer", default=DEFAULT_TOKENIZER_KIND,
+                   help="portable (default: the same ids in Python, tokenizers.js and transformers.js; "
+                   "tokenizer_config.json for JavaScript clients), wordlevel (the earlier default: NFKC, "
+                   "lowercase, Whitespace split), regex (exactly MediaPipe "
+                   "TextClassifier's regex tokenizer: case-sensitive split on [^0-9A-Za-z_']+, <PAD>=0, "
+                   "<UNKNOWN>=1; its bundles get the mediapipe format) or regex-start (the same with <START> "
+                   "first)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing RUN_DIR")
 
     e = sub.add_parser("export", help="export SOURCE to SavedModel, TFLite and ONNX in a bundle")
     e.add_argument("source", help="RUN_DIR from 'probattn train', a .keras/.h5 file or a SavedModel directory")
     e.add_argument("--out", required=True, help="bundle directory to write (atomically)")
-    e.add_argument("--formats", default=",".join(C.EXPORT_FORMATS),
-                   help=f"comma list of {', '.join(C.EXPORT_FORMATS)} (default: all)")
+    e.add_argument("--formats", default=None,
+                   help=f"comma list of {', '.join(C.EXPORT_FORMATS)} (default: {','.join(C.DEFAULT_EXPORT_FORMATS)}, "
+                   "plus mediapipe when the run was trained with --tokenizer regex)")
     e.add_argument("--precisions", default=",".join(C.PRECISIONS),
                    help="comma list of " + ", ".join(C.PRECISIONS) + " (default: all; "
                    + "; ".join(f"{f} has {'/'.join(C.SUPPORTED[f])}" for f in C.EXPORT_FORMATS) + ")")
@@ -81,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-onnx-int64", action="store_true",
                    help="skip the int64-input twin of each ONNX precision (model_<precision>_int64.onnx, for "
                    "clients that send int64 ids, such as transformers.js)")
+    e.add_argument("--c-array", action="store_true",
+                   help=f"also write {C.C_ARRAY_DIR}/: the fixed-shape int8 model, vocabulary and labels as C99 "
+                   "const arrays (model 16-byte aligned) for a microcontroller build")
     e.add_argument("--unsafe", action="store_true", help="allow Lambda layers (runs code from the model file)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
 
@@ -185,7 +197,7 @@ def _train(args) -> int:
     cfg = TrainConfig(dataset=args.dataset, text_column=args.text_column, label_column=args.label_column,
                       encoding=args.encoding, seed=args.seed, epochs=args.epochs, max_length=args.max_length,
                       vocab_size=args.vocab_size, embedding_dim=args.embedding_dim,
-                      batch_size=args.batch_size, limit=args.limit)
+                      batch_size=args.batch_size, limit=args.limit, tokenizer=args.tokenizer)
     cfg.validate()
     m = train(cfg, args.out, overwrite=args.overwrite)
     t = m["test"]
@@ -200,7 +212,8 @@ def _export(args) -> int:
     opts = ExportOptions(formats=args.formats, precisions=args.precisions, opset=args.opset,
                          calibration_data=args.calibration_data, tokenizer=args.tokenizer, labels=args.labels,
                          max_length=args.max_length, attention_weights=not args.no_attention_weights,
-                         onnx_int64=not args.no_onnx_int64, unsafe=args.unsafe, overwrite=args.overwrite)
+                         onnx_int64=not args.no_onnx_int64, unsafe=args.unsafe, overwrite=args.overwrite,
+                         c_array=args.c_array)
     manifest = export(args.source, args.out, opts)
     print(summary_table(manifest))
     print(f"exported {len(manifest['artifacts'])} artifacts in {manifest['export_seconds']} s -> {args.out}")

@@ -58,30 +58,73 @@ def ordered_outputs(names) -> list:
 
 # ------------------------------------------------------------------ formats and precisions
 #: every artifact format a bundle can hold; ``keras`` is the reference
-FORMATS = ("keras", "savedmodel", "tflite", "onnx")
+FORMATS = ("keras", "savedmodel", "tflite", "tflite-fixed", "mediapipe", "onnx")
 #: the formats ``probattn export --formats`` builds
-EXPORT_FORMATS = ("savedmodel", "tflite", "onnx")
+EXPORT_FORMATS = ("savedmodel", "tflite", "tflite-fixed", "mediapipe", "onnx")
+#: what ``export`` builds when ``--formats`` is not given (``mediapipe`` is added when the
+#: tokenizer is MediaPipe's regex tokenizer, the only one MediaPipe's TextClassifier runs)
+DEFAULT_EXPORT_FORMATS = ("savedmodel", "tflite", "tflite-fixed", "onnx")
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8")
 #: which precisions each format has
 SUPPORTED = {
     "keras": ("fp32",),
     "savedmodel": ("fp32",),
     "tflite": ("fp32", "fp16", "int8-dynamic", "int8"),
+    # TFLite Micro has no fp16 kernels (DEQUANTIZE from float16) and no hybrid int8 kernels
+    "tflite-fixed": ("fp32", "int8"),
+    "mediapipe": ("fp32", "int8"),
     "onnx": ("fp32", "fp16", "int8"),
 }
 FORMAT_DESCRIPTIONS = {
     "keras": "the Keras model (the reference)",
     "savedmodel": "TensorFlow SavedModel, signature serving_default",
-    "tflite": "TFLite / LiteRT flatbuffer, builtin ops only",
+    "tflite": "TFLite / LiteRT flatbuffer, builtin ops only, dynamic [batch, sequence]",
+    "tflite-fixed": "TFLite flatbuffer with a fixed [1, max_length] input, for devices (TFLite Micro)",
+    "mediapipe": "fixed-shape TFLite, probabilities only, with MediaPipe TextClassifier metadata",
     "onnx": "ONNX (tf2onnx)",
 }
+#: formats whose files store a fixed ``[1, max_length]`` input (TFLite Micro and MediaPipe
+#: cannot resize inputs); their manifest entries carry ``input_shape``
+FIXED_SHAPE_FORMATS = ("tflite-fixed", "mediapipe")
+#: formats that hold a TFLite flatbuffer (raw tensor names are the contract's)
+TFLITE_FORMATS = ("tflite", "tflite-fixed", "mediapipe")
+#: outputs of the MediaPipe artifact: TextClassifier needs one output per output metadata
+MEDIAPIPE_OUTPUTS = (PROBABILITIES,)
+
+# ------------------------------------------------------------------ output dtypes
+#: the dtype of an artifact's outputs; float32 unless a device artifact keeps them int8
+OUTPUT_DTYPES = ("float32", "int8")
+#: the output dtypes each (format, precision) is built with
+OUTPUT_VARIANTS = {("tflite-fixed", "int8"): ("float32", "int8")}
+#: an int8 softmax output: 256 levels over [0, 1], so scale 1/256 and zero point -128
+INT8_PROBABILITIES_SCALE, INT8_PROBABILITIES_ZERO_POINT = 1 / 256, -128
 
 
-#: label names in output order, one per line (Triton's label_filename, TF Serving assets)
+def output_dtypes(fmt: str, precision: str) -> tuple:
+    return OUTPUT_VARIANTS.get((fmt, precision), ("float32",))
+
+
+def fixed_input_shape(max_length: int) -> list:
+    """The stored input shape of the fixed-shape formats: one text of ``max_length`` ids."""
+    return [1, int(max_length)]
+
+
+# ------------------------------------------------------------------ targets
+#: where a TFLite-family artifact can run, measured at export (never assumed): LiteRT
+#: (``ai_edge_litert``), TensorFlow Lite Micro (``tflite-micro``), MediaPipe TextClassifier
+TARGETS = ("litert", "tflm", "mediapipe")
+
+# ------------------------------------------------------------------ plain files in a bundle
+#: label names in output order, one per line (MCU builds, Triton's label_filename, TF Serving assets)
 LABELS_FILE = "labels.txt"
+#: the tokenizer's vocabulary, one token per line, line i holds id i
+VOCAB_FILE = "vocab.txt"
+#: C sources written by ``export --c-array``
+C_ARRAY_DIR = "c"
 
 
-def artifact_filename(fmt: str, precision: str, input_dtype: str = INPUT_DTYPE) -> str:
+def artifact_filename(fmt: str, precision: str, output_dtype: str = OUTPUT_DTYPE,
+                      input_dtype: str = INPUT_DTYPE) -> str:
     """Where an artifact lives inside a bundle."""
     if fmt not in SUPPORTED:
         raise UsageError(f"unknown format '{fmt}'; allowed: {', '.join(FORMATS)}")
@@ -90,12 +133,20 @@ def artifact_filename(fmt: str, precision: str, input_dtype: str = INPUT_DTYPE) 
     if input_dtype != INPUT_DTYPE and (input_dtype not in INPUT_DTYPES or fmt not in INT64_INPUT_FORMATS):
         raise UsageError(f"format {fmt} has no {input_dtype} input; int64 twins exist for "
                          f"{', '.join(INT64_INPUT_FORMATS)}")
+    if output_dtype not in output_dtypes(fmt, precision):
+        raise UsageError(f"format {fmt} {precision} has no {output_dtype} outputs; allowed: "
+                         f"{', '.join(output_dtypes(fmt, precision))}")
     if fmt == "keras":
         return "model.keras"
     if fmt == "savedmodel":
         return "saved_model"
+    stem = precision.replace("-", "_")
+    if fmt == "tflite-fixed":
+        return f"model_fixed_{stem}" + ("_int8out" if output_dtype == "int8" else "") + ".tflite"
+    if fmt == "mediapipe":
+        return f"model_mediapipe_{stem}.tflite"
     suffix = "" if input_dtype == INPUT_DTYPE else f"_{input_dtype}"
-    return f"model_{precision.replace('-', '_')}{suffix}.{fmt}"
+    return f"model_{stem}{suffix}.{fmt}"
 
 
 def input_dtype_of(entry: dict) -> str:
@@ -103,13 +154,30 @@ def input_dtype_of(entry: dict) -> str:
     return entry.get("input_dtype", INPUT_DTYPE)
 
 
+def output_dtype_of(entry: dict) -> str:
+    """The output dtype of a manifest artifact entry (float32 unless it says otherwise)."""
+    return entry.get("output_dtype", OUTPUT_DTYPE)
+
+
 def selection_is_empty(formats, precisions) -> bool:
     return not any(p in SUPPORTED[f] for f in formats for p in precisions)
 
 
-def sort_key(fmt: str, precision: str, input_dtype: str = INPUT_DTYPE) -> tuple:
-    """Artifacts in manifest order: by format, then input dtype, then precision."""
-    return FORMATS.index(fmt), INPUT_DTYPES.index(input_dtype), PRECISIONS.index(precision)
+def sort_key(fmt: str, precision: str, output_dtype: str = OUTPUT_DTYPE, input_dtype: str = INPUT_DTYPE) -> tuple:
+    """Artifacts in manifest order: by format, then input dtype, then precision, then
+    output dtype."""
+    return (FORMATS.index(fmt), INPUT_DTYPES.index(input_dtype), PRECISIONS.index(precision),
+            OUTPUT_DTYPES.index(output_dtype))
+
+
+def entry_sort_key(entry: dict) -> tuple:
+    return sort_key(entry["format"], entry["precision"], output_dtype_of(entry), input_dtype_of(entry))
+
+
+def artifact_key(entry: dict) -> tuple:
+    """What tells two manifest entries apart: format, precision, output dtype and input
+    dtype (the int64-input ONNX twins)."""
+    return entry["format"], entry["precision"], output_dtype_of(entry), input_dtype_of(entry)
 
 
 def parse_list(value, allowed, what) -> tuple:

@@ -6,8 +6,9 @@ no TensorFlow imported, ever.
 >>> p.predict(["a gripping, funny film"])  # [{'label': ..., 'probabilities': {...}}]
 
 Texts are tokenized by the pure-Python fast path (``probattn.models.text.fast``) when the
-bundle's ``tokenizer.json`` is exactly the portable recipe, otherwise by ``tokenizers``:
-the same ids either way. Batches follow ``batch_plan``: inside windows of
+bundle's ``tokenizer.json`` is exactly one of the kinds ``probattn train`` makes (portable,
+regex, regex-start; wordlevel on ASCII texts, its other texts through ``tokenizers``),
+otherwise by ``tokenizers``: the same ids either way. Batches follow ``batch_plan``: inside windows of
 ``SORT_WINDOW_BATCHES`` batches, texts are sorted by length, so a batch pads less. Every
 engine (``predict_texts(engine="local" | "ray")``) runs exactly these batches, so their
 results are identical, not merely close.
@@ -88,12 +89,14 @@ class Predictor:
         self.fast = _fast_tokenizer(self.tokenizer_path, self._hf_encode)
         if self.fast is None:
             self._hf = load_tokenizer(self.tokenizer_path)
-        #: which tokenizer runs: "fast" (the pure-Python twin) or "tokenizers"
+        #: which tokenizer runs: "fast" (the pure-Python twin, which hands the texts it cannot
+        #: reproduce to ``tokenizers``: ``self.fast.needs_fallback()``) or "tokenizers"
         self.text_path = "fast" if self.fast is not None else "tokenizers"
         self.labels = list(self.manifest["labels"])
         self.vocab_size = int(self.manifest["vocab_size"])
         self.max_length = max_length or self.manifest.get("max_length")
-        self.runner = cls(path, self.vocab_size, threads, variant=variant).activate()
+        self.runner = cls(path, self.vocab_size, threads, variant=variant,
+                          input_shape=entry.get("input_shape")).activate()
 
     @property
     def tokenizer(self):
@@ -135,7 +138,7 @@ class Predictor:
 
 
 def _fast_tokenizer(path, fallback):
-    """The fast path for a portable ``tokenizer.json``; None for any other file."""
+    """The fast path for a ``tokenizer.json`` of a kind it reproduces; None for any other file."""
     from probattn.models.text.fast import FastTokenizer, NotPortable
 
     try:

@@ -94,7 +94,7 @@ class BatchPredictor:
             # one runtime thread per actor: the pool, not the runtime, spreads the work
             self.predictor = p = Predictor(self._dir, runtime=runtime, precision=precision, threads=1,
                                            max_length=max_length)
-            if p.fast is not None and p.fast.unicode_problem():
+            if p.fast is not None and p.fast.needs_fallback():
                 p.tokenizer  # the fallback for non-ASCII texts: loaded before its file goes
         finally:
             # the runtime holds what it needs in memory: the copy can go at once

@@ -17,7 +17,11 @@ systems load, made from a bundle (its hashes checked first).
 
       DIR/tfserving/NAME/1/saved_model.pb, variables/   signature serving_default
       DIR/tfserving/NAME/1/assets/                      tokenizer.json, tokenizer_config.json,
-                                                        labels.txt (tracked assets)
+                                                        labels.txt, vocab.txt (tracked assets)
+
+  ``labels.txt`` and ``vocab.txt`` are the bundle's own files (the ones ``export`` writes
+  for devices, hash-checked); a bundle exported before they existed gets a ``labels.txt``
+  written from its manifest's labels, the same bytes.
 
   It is the bundle's SavedModel re-saved with the tokenizer and labels as
   ``tf.saved_model.Asset`` s, so they are part of the model's MetaGraph. It is loaded back
@@ -83,7 +87,7 @@ def package(bundle, out, targets=SERVING_TARGETS, name: str = DEFAULT_NAME, prec
     check_output_dir(out, overwrite, SERVING_MANIFEST)
     inputs = {}
     if "triton" in targets:
-        entry = B.find_artifact(manifest, "onnx", precision, input_dtype)
+        entry = B.find_artifact(manifest, "onnx", precision, input_dtype=input_dtype)
         if entry is None:
             have = sorted(f"{a['precision']} ({C.input_dtype_of(a)})" for a in manifest["artifacts"] if a["format"] == "onnx")
             raise UsageError(f"bundle has no onnx {precision} artifact with {input_dtype} input; it has onnx: "
@@ -100,6 +104,7 @@ def package(bundle, out, targets=SERVING_TARGETS, name: str = DEFAULT_NAME, prec
     tok_files = [B.verified_path(bundle, tok)]
     if tok.get("config"):
         tok_files.append(B.verified_path(bundle, tok["config"]))
+    plain = plain_files(bundle, manifest)
 
     summary = {"bundle": str(bundle.absolute()), "name": name, "version": version,
                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "targets": {}}
@@ -107,16 +112,37 @@ def package(bundle, out, targets=SERVING_TARGETS, name: str = DEFAULT_NAME, prec
         if "triton" in targets:
             entry, src = inputs["triton"]
             summary["targets"]["triton"] = write_triton(tmp / "triton", name, version, src, manifest,
-                                                         entry, max_batch_size, queue_delay_us)
+                                                         entry, max_batch_size, queue_delay_us,
+                                                         labels_src=plain.get("labels"))
             log(f"  ✓ triton     {summary['targets']['triton']['model_dir']}  ({summary['targets']['triton']['check']})")
         if "tfserving" in targets:
             entry, src = inputs["tfserving"]
             summary["targets"]["tfserving"] = write_tfserving(tmp / "tfserving", name, version, src,
-                                                               manifest, tok_files)
+                                                               manifest, tok_files, plain)
             log(f"  ✓ tfserving  {summary['targets']['tfserving']['model_dir']}  "
                 f"({summary['targets']['tfserving']['check']})")
         (tmp / SERVING_MANIFEST).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return summary
+
+
+def plain_files(bundle: Path, manifest: dict) -> dict:
+    """``{"labels": path, "vocabulary": path}``: the bundle's ``labels.txt`` and ``vocab.txt``
+    (hash-checked), those it has (bundles exported before them have neither)."""
+    files = manifest.get("files") or {}
+    return {key: B.verified_path(bundle, files[key]) for key in ("labels", "vocabulary")
+            if isinstance(files.get(key), dict)}
+
+
+def write_labels(dest: Path, manifest: dict, src: Path | None = None) -> Path:
+    """``labels.txt`` at ``dest``: a copy of the bundle's, or written from the manifest's
+    labels the way ``export`` writes it (one per line, in output order)."""
+    if src is not None:
+        shutil.copyfile(src, dest)
+    else:
+        dest.write_text("".join(f"{l}\n" for l in manifest["labels"]), encoding="utf-8")
+    if dest.read_text(encoding="utf-8").splitlines() != [str(l) for l in manifest["labels"]]:
+        raise UsageError(f"{C.LABELS_FILE} does not list the manifest's labels in order")
+    return dest
 
 
 # ----------------------------------------------------------------------------- Triton
@@ -167,11 +193,11 @@ def triton_config(name: str, manifest: dict, input_dtype: str, max_batch_size: i
 
 
 def write_triton(root: Path, name: str, version: int, onnx_path: Path, manifest: dict, entry: dict,
-                 max_batch_size: int, queue_delay_us: int) -> dict:
+                 max_batch_size: int, queue_delay_us: int, labels_src: Path | None = None) -> dict:
     model_dir = root / name
     (model_dir / str(version)).mkdir(parents=True)
     shutil.copyfile(onnx_path, model_dir / str(version) / TRITON_MODEL_FILE)
-    (model_dir / C.LABELS_FILE).write_text("\n".join(manifest["labels"]) + "\n", encoding="utf-8")
+    write_labels(model_dir / C.LABELS_FILE, manifest, labels_src)
     input_dtype = C.input_dtype_of(entry)
     text = triton_config(name, manifest, input_dtype, max_batch_size, queue_delay_us)
     (model_dir / TRITON_CONFIG).write_text(text, encoding="utf-8")
@@ -281,13 +307,15 @@ def _quiet_tf():
         logger.setLevel(level)
 
 
-def write_tfserving(root: Path, name: str, version: int, saved_model: Path, manifest: dict, tok_files) -> dict:
+def write_tfserving(root: Path, name: str, version: int, saved_model: Path, manifest: dict, tok_files,
+                    plain: dict | None = None) -> dict:
     tf = _tensorflow()
+    plain = plain or {}
     version_dir = root / name / str(version)
     scratch = root / ".assets"
     scratch.mkdir(parents=True)
-    labels = scratch / C.LABELS_FILE
-    labels.write_text("\n".join(manifest["labels"]) + "\n", encoding="utf-8")
+    labels = write_labels(scratch / C.LABELS_FILE, manifest, plain.get("labels"))
+    extra = [plain["vocabulary"]] if "vocabulary" in plain else []
     loaded = tf.saved_model.load(str(saved_model))
     signature = loaded.signatures.get(C.SIGNATURE_KEY)
     if signature is None:
@@ -295,7 +323,7 @@ def write_tfserving(root: Path, name: str, version: int, saved_model: Path, mani
     holder = tf.Module()
     holder.model = loaded
     # tracked assets: listed in the MetaGraph, copied into assets/ and kept with the model
-    holder.assets = [tf.saved_model.Asset(str(p)) for p in list(tok_files) + [labels]]
+    holder.assets = [tf.saved_model.Asset(str(p)) for p in list(tok_files) + [labels] + extra]
     with _quiet_tf():
         tf.saved_model.save(holder, str(version_dir), signatures={C.SIGNATURE_KEY: signature})
     shutil.rmtree(scratch)

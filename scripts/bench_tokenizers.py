@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         texts = load_dataset(a.texts, quiet=True).texts
     p = Predictor(a.bundle)
     if p.fast is None:
-        sys.exit(f"{a.bundle}: the tokenizer is not the portable recipe; there is no fast path to compare")
+        sys.exit(f"{a.bundle}: the tokenizer is not a kind the fast path reproduces; there is no fast path to compare")
     hf = p.tokenizer
     n = len(texts)
     rows = {

@@ -164,4 +164,4 @@ def test_node_client_refuses_tampered_and_old_bundles(node_client, bundle_dir, t
     B.write_manifest(bad, manifest)
     proc = _node(node_client, "classify.mjs", bad, "text")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "recipe 'unknown (an older bundle)'" in proc.stderr and "portable" in proc.stderr, proc.stderr
+    assert "kind 'unknown (an older bundle)'" in proc.stderr and "portable" in proc.stderr, proc.stderr

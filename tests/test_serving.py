@@ -43,6 +43,7 @@ def test_triton_repository(served, bundle_dir, manifest):
         "1", "1/model.onnx", "config.pbtxt", "labels.txt"]
     assert (model / "1" / "model.onnx").read_bytes() == (bundle_dir / "model_fp32.onnx").read_bytes()
     assert (model / "labels.txt").read_text().splitlines() == manifest["labels"]
+    assert (model / "labels.txt").read_bytes() == (bundle_dir / "labels.txt").read_bytes()  # the bundle's file
     cfg = parse_triton_config((model / "config.pbtxt").read_text())
     assert cfg.name == "probattn" and cfg.backend == "onnxruntime" and cfg.max_batch_size == 64
     assert cfg.HasField("dynamic_batching")
@@ -151,12 +152,13 @@ def test_tfserving_model(served, bundle_dir, manifest, heldout_ids):
     version = out / "tfserving" / "probattn" / "1"
     assert (version / "saved_model.pb").is_file() and (version / "variables" / "variables.index").is_file()
     assets = version / "assets"
-    assert sorted(p.name for p in assets.iterdir()) == ["labels.txt", "tokenizer.json", "tokenizer_config.json"]
-    for name in ("tokenizer.json", "tokenizer_config.json"):
+    files = ["labels.txt", "tokenizer.json", "tokenizer_config.json", "vocab.txt"]
+    assert sorted(p.name for p in assets.iterdir()) == files
+    for name in files:  # the bundle's own files (labels.txt and vocab.txt are export's, for devices too)
         assert (assets / name).read_bytes() == (bundle_dir / name).read_bytes()
     assert (assets / "labels.txt").read_text().splitlines() == manifest["labels"]
     out_tf1, listed = run_tf1_signature(version, heldout_ids)
-    assert listed == ["labels.txt", "tokenizer.json", "tokenizer_config.json"], "assets not tracked in the MetaGraph"
+    assert listed == files, "assets not tracked in the MetaGraph"
     keras = load_keras_model(bundle_dir / "model.keras")
     np.testing.assert_allclose(out_tf1[C.PROBABILITIES], keras(heldout_ids, training=False).numpy(),
                                rtol=0, atol=FP32_MAX_ABS, err_msg="TF Serving signature vs Keras")

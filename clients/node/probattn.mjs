@@ -55,8 +55,8 @@ export function readManifest(dir) {
     throw new BundleError(`${MANIFEST} has schema_version ${manifest.schema_version}; this client reads up to ${SCHEMA_VERSION}`);
   }
   const tok = manifest.tokenizer || {};
-  if (tok.recipe !== "portable" || !tok.config) {
-    throw new BundleError(`the bundle's tokenizer is recipe '${tok.recipe ?? "unknown (an older bundle)"}'; ` +
+  if (tok.kind !== "portable" || !tok.config) {
+    throw new BundleError(`the bundle's tokenizer is kind '${tok.kind ?? "unknown (an older bundle)"}'; ` +
       "JavaScript gives the same ids as Python only for the portable tokenizer: train and export again with this probattn");
   }
   return manifest;

@@ -79,8 +79,9 @@ def _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, re
         for cls, variant in runtimes.pairs_for(entry["format"]):
             runner = cls(paths[entry["path"]], vocab, variant=variant, input_shape=entry.get("input_shape"))
             label = f"{entry['path']} on {runner.name}"
-            why_not = cls.cannot_run(entry["format"], entry["precision"])
-            if why_not:  # by design (e.g. a microcontroller runtime and a dynamic-shape file)
+            # by design (e.g. a microcontroller runtime and a dynamic-shape file) or as measured at export
+            why_not = cls.cannot_run(entry["format"], entry["precision"], entry)
+            if why_not:
                 report.meta["not_applicable"].append({"artifact": entry["path"], "runtime": runner.name,
                                                       "reason": why_not})
                 continue
@@ -94,7 +95,7 @@ def _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, re
             with runner:
                 for case in cases:
                     # longer than this artifact's (or the reference's) fixed length
-                    if (not all(runner.accepts_length(b.shape[1]) for b in case.batches + (case.base or []))
+                    if (not all(runner.accepts(b) for b in case.batches + (case.base or []))
                             or (not is_reference and case.name not in reference)):
                         not_applicable.append(case.name)
                         continue

@@ -1,11 +1,26 @@
-"""The fast text path: a pure-Python twin of the portable tokenizer (standard library only:
+"""The fast text path: pure-Python twins of probattn's tokenizers (standard library only:
 ``re``, ``unicodedata``, a dict).
 
-It gives the ids of Hugging Face ``tokenizers`` for a ``tokenizer.json`` that is exactly
-the portable recipe (``probattn.models.text.tokenizer.portable_problem``) and refuses any
-other file (``NotPortable``): callers then use ``tokenizers``. Measured 3 to 10 times
-faster than ``tokenizers`` on real texts (``scripts/bench_tokenizers.py``), because a
-word-level vocabulary needs no more than one regex scan and one dict lookup per token.
+``FastTokenizer.from_spec`` gives the ids of Hugging Face ``tokenizers`` for a
+``tokenizer.json`` that is exactly one of the kinds ``probattn train`` makes
+(``probattn.models.text.tokenizer.kind_of``) and refuses any other file (``NotPortable``):
+callers then use ``tokenizers``. Measured 3 to 10 times faster than ``tokenizers`` on real
+texts (``scripts/bench_tokenizers.py``), because a word-level vocabulary needs no more
+than one regex scan and one dict lookup per token.
+
+* ``portable``: every text (below).
+* ``regex`` / ``regex-start``: every text. No normaliser; words are the runs of
+  ``[0-9A-Za-z_']`` (the complement of the delimiter class, the same in every engine),
+  looked up case-sensitively; ``<START>`` first for ``regex-start``, and truncation keeps
+  room for it, as ``tokenizers`` does.
+* ``wordlevel`` (the earlier default): ASCII texts only. Its ``Whitespace`` pre-tokenizer
+  is ``\\w+|[^\\w\\s]+`` in Oniguruma, whose ``\\w`` and ``\\s`` differ from Python's
+  outside ASCII, and NFKC/lowercase differ between Rust's and Python's Unicode tables:
+  there is no exact twin for non-ASCII text, so every non-ASCII text goes to the
+  ``fallback`` (``tokenizers``), or ``NotPortable`` is raised without one. ``[PAD]`` and
+  ``[UNK]`` are added tokens there, matched in the raw text first, as ``tokenizers`` does.
+
+The portable kind in detail:
 
 * normalize: code points outside the repertoire (read from the file's Replace pattern)
   -> U+FFFD, NFKC, ``str.lower()``, ς -> σ. ``str.lower()`` applies the final-sigma rule
@@ -32,7 +47,9 @@ import unicodedata
 from itertools import islice, repeat
 from pathlib import Path
 
-from .tokenizer import FINAL_SIGMA, REPLACEMENT_CHAR, SIGMA, UNK_TOKEN, parse_outside_pattern, portable_problem
+from .tokenizer import (FINAL_SIGMA, KIND_PORTABLE, KIND_REGEX, KIND_REGEX_START, KIND_WORDLEVEL, REGEX_START,
+                        REPLACEMENT_CHAR, SIGMA, UNK_TOKEN, kind_of, parse_outside_pattern, portable_problem,
+                        regex_spec, wordlevel_problem)
 
 #: the Split pattern's classes as General_Category names (a one-letter name is the group)
 WORD_START = ("L", "N", "Pc")
@@ -124,7 +141,10 @@ def _uncovered(unknown, outside):
 
 
 class FastTokenizer:
-    """``encode(text) -> ids`` with the ids of ``tokenizers`` for the portable recipe."""
+    """``encode(text) -> ids`` with the ids of ``tokenizers`` for the portable kind;
+    ``from_spec`` returns the twin of whichever kind a file is."""
+
+    kind = KIND_PORTABLE
 
     def __init__(self, vocab: dict, outside, unk_id: int, max_length: int | None = None,
                  fallback=None):
@@ -142,9 +162,18 @@ class FastTokenizer:
 
     @classmethod
     def from_spec(cls, spec: dict, fallback=None) -> "FastTokenizer":
+        """The twin of ``spec``'s kind (``portable``, ``regex``, ``regex-start`` or
+        ``wordlevel``); NotPortable for any other tokenizer."""
+        if cls is FastTokenizer:
+            kind = kind_of(spec)
+            if kind in (KIND_REGEX, KIND_REGEX_START):
+                return RegexFastTokenizer.from_spec(spec, fallback)
+            if kind == KIND_WORDLEVEL:
+                return WordLevelFastTokenizer.from_spec(spec, fallback)
         problem = portable_problem(spec)
         if problem:
-            raise NotPortable(f"not the portable tokenizer: {problem}")
+            raise NotPortable(f"not a tokenizer probattn reproduces (portable: {problem}; regex: not "
+                              f"MediaPipe's regex tokenizer; wordlevel: {wordlevel_problem(spec)})")
         outside = parse_outside_pattern(spec["normalizer"]["normalizers"][0]["pattern"]["Regex"])
         model = spec["model"]
         trunc = spec.get("truncation")
@@ -173,6 +202,10 @@ class FastTokenizer:
         if not self._checked:
             self.unicode_problem()
         return self._unicode_ok
+
+    def needs_fallback(self) -> bool:
+        """True when some texts go to the ``fallback`` (load it while it can be loaded)."""
+        return self.unicode_problem() is not None
 
     # -- the stages, for checks --------------------------------------------------------
     def normalize(self, text: str) -> str:
@@ -228,6 +261,130 @@ class FastTokenizer:
                 out.append(self._encode_unicode(text))
             elif self.fallback is None:
                 raise NotPortable(self._problem)
+            else:
+                out.append(None)
+                later.append(i)
+        if later:
+            for i, row in zip(later, self.fallback([texts[i] for i in later])):
+                out[i] = row
+        return out
+
+
+def _truncation(spec):
+    trunc = spec.get("truncation")
+    return trunc["max_length"] if trunc else None
+
+
+class RegexFastTokenizer:
+    """The twin of the ``regex`` / ``regex-start`` kinds (MediaPipe's regex tokenizer): every
+    text, no Unicode table needed (the word class is ASCII, everything else delimits)."""
+
+    WORD = re.compile(r"[0-9A-Za-z_']+")
+
+    def __init__(self, vocab: dict, unk_id: int, start_id: int | None, max_length: int | None):
+        self.vocab, self.unk_id, self.start_id, self.max_length = vocab, unk_id, start_id, max_length
+        self.kind = KIND_REGEX_START if start_id is not None else KIND_REGEX
+        self.fallback = None
+        # tokenizers keeps room for the <START> id the post-processor adds
+        self._keep = None if max_length is None else max(0, max_length - (start_id is not None))
+        self._long = LONG_TEXT_CHARS_PER_TOKEN * max_length if max_length else None
+
+    @classmethod
+    def from_spec(cls, spec: dict, fallback=None) -> "RegexFastTokenizer":
+        regex = regex_spec(spec)
+        if regex is None:
+            raise NotPortable("not MediaPipe's regex tokenizer")
+        model = spec["model"]
+        vocab = model["vocab"]
+        return cls(vocab, vocab[model["unk_token"]], vocab[REGEX_START] if regex["start"] else None,
+                   _truncation(spec))
+
+    def unicode_problem(self) -> str | None:
+        return None
+
+    def needs_fallback(self) -> bool:
+        return False
+
+    def normalize(self, text: str) -> str:
+        return text
+
+    def pre_tokenize(self, normalized: str) -> list:
+        return self.WORD.findall(normalized)
+
+    def encode(self, text: str) -> list:
+        if self._long is not None and len(text) > self._long:
+            words = [m.group() for m in islice(self.WORD.finditer(text), self._keep)]
+        else:
+            words = self.WORD.findall(text)
+        if self._keep is not None:
+            words = words[: self._keep]
+        ids = list(map(self.vocab.get, words, repeat(self.unk_id)))
+        return ids if self.start_id is None else [self.start_id] + ids
+
+    def encode_batch(self, texts) -> list:
+        return [self.encode(t) for t in texts]
+
+
+class WordLevelFastTokenizer:
+    """The twin of the ``wordlevel`` kind (the earlier default) on ASCII texts; non-ASCII
+    texts go to ``fallback`` (``tokenizers``), or NotPortable without one."""
+
+    #: Oniguruma's ``\\w+|[^\\w\\s]+`` restricted to ASCII: ``\\s`` is Unicode White_Space
+    #: (tab to carriage return and space), so \\x1c-\\x1f are not spaces there (Python's
+    #: ``\\s`` says they are)
+    ASCII_PATTERN = re.compile(r"[0-9A-Za-z_]+|[^0-9A-Za-z_\t\n\x0b\x0c\r ]+")
+    PROBLEM = ("the wordlevel tokenizer's Whitespace pre-tokenizer and NFKC/lowercase have no exact "
+               "pure-Python twin outside ASCII")
+
+    def __init__(self, vocab: dict, unk_id: int, added: dict, max_length: int | None, fallback=None):
+        self.vocab, self.unk_id, self.added, self.max_length = vocab, unk_id, added, max_length
+        self.fallback = fallback
+        self.kind = KIND_WORDLEVEL
+        # added tokens are matched in the raw text, longest first at each position
+        self._added = re.compile("(" + "|".join(re.escape(a) for a in sorted(added, key=len, reverse=True)) + ")") \
+            if added else None
+
+    @classmethod
+    def from_spec(cls, spec: dict, fallback=None) -> "WordLevelFastTokenizer":
+        problem = wordlevel_problem(spec)
+        if problem:
+            raise NotPortable(f"not the wordlevel tokenizer: {problem}")
+        model = spec["model"]
+        added = {a["content"]: a["id"] for a in spec.get("added_tokens") or []}
+        return cls(model["vocab"], model["vocab"][model["unk_token"]], added, _truncation(spec), fallback)
+
+    def unicode_problem(self) -> str | None:
+        return self.PROBLEM
+
+    def needs_fallback(self) -> bool:
+        return True
+
+    def _ascii_ids(self, text: str) -> list:
+        pieces = self._added.split(text) if self._added is not None else [text]
+        ids = []
+        for i, piece in enumerate(pieces):
+            if i % 2:  # an added token
+                ids.append(self.added[piece])
+            elif piece:
+                ids += map(self.vocab.get, self.ASCII_PATTERN.findall(piece.lower()), repeat(self.unk_id))
+            if self.max_length is not None and len(ids) >= self.max_length:
+                break
+        return ids if self.max_length is None else ids[: self.max_length]
+
+    def encode(self, text: str) -> list:
+        if text.isascii():
+            return self._ascii_ids(text)
+        if self.fallback is None:
+            raise NotPortable(self.PROBLEM)
+        return self.fallback([text])[0]
+
+    def encode_batch(self, texts) -> list:
+        out, later = [], []
+        for i, text in enumerate(texts):
+            if text.isascii():
+                out.append(self._ascii_ids(text))
+            elif self.fallback is None:
+                raise NotPortable(self.PROBLEM)
             else:
                 out.append(None)
                 later.append(i)

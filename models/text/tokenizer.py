@@ -1,6 +1,22 @@
-"""Word-level tokenizer saved as a Hugging Face ``tokenizer.json`` (+ ``tokenizer_config.json``).
+"""Word-level tokenizers saved as a Hugging Face ``tokenizer.json`` (+ ``tokenizer_config.json``).
 
-The default recipe (``portable``) gives the same ids in Python/Rust ``tokenizers``,
+Four kinds (``TOKENIZER_KINDS``, ``probattn train --tokenizer KIND``; ``kind_of`` tells which
+one a file is, ``custom`` for anything else):
+
+* ``portable`` (the default, below);
+* ``wordlevel``: the recipe of earlier probattn versions (``NFKC``, ``Lowercase``, the
+  ``Whitespace`` pre-tokenizer ``\\w+|[^\\w\\s]+``, ``[PAD]``/``[UNK]`` as added tokens);
+* ``regex`` / ``regex-start``: exactly the regex tokenizer of MediaPipe's
+  ``TextClassifier`` (``RegexTokenizer`` metadata), so a bundle can run there with the same
+  ids. No normalisation and no lowercasing (lookups are case-sensitive); the text is split
+  on ``REGEX_DELIMITER`` and the delimiters dropped; ``<PAD>`` = 0, ``<UNKNOWN>`` = 1, and
+  with ``regex-start`` a ``<START>`` id put at position 0 of every text. The delimiter is
+  an explicit ASCII class because RE2 (MediaPipe) reads ``\\w`` as ASCII while Python's
+  ``re`` and the Oniguruma engine of ``tokenizers`` read it as Unicode: this class means
+  the same in all three. The special tokens are plain vocabulary entries, not added
+  tokens, so a text containing ``<PAD>`` is split like any other text, as MediaPipe does.
+
+The portable recipe gives the same ids in Python/Rust ``tokenizers``,
 tokenizers.js (``@huggingface/tokenizers``), transformers.js and ``probattn.models.text.fast``
 (a pure-Python twin): checked on real texts, a battery of hard inputs and every Unicode
 code point (``scripts/tokenizer_codepoints.py``).
@@ -27,8 +43,10 @@ code point (``scripts/tokenizer_codepoints.py``).
   ignores it: clients cut ids at ``model_max_length`` from ``tokenizer_config.json``, the
   file tokenizers.js reads ``unk_token`` from and transformers.js needs to load at all.
 
-Bundles and runs made before this recipe (``NFKC, Lowercase`` + ``Whitespace``, recipe
-``whitespace``) and any other ``tokenizer.json`` load and are used as they are.
+Bundles and runs made before this recipe (kind ``wordlevel``) and any other
+``tokenizer.json`` load and are used as they are. ``probattn.models.text.fast`` reproduces
+``portable`` and ``regex``/``regex-start`` exactly, ``wordlevel`` on ASCII texts, and
+refuses the rest (``tokenizers`` is used then).
 """
 from __future__ import annotations
 
@@ -70,10 +88,25 @@ PRE_TOKENIZER = {"type": "Split", "pattern": {"Regex": SPLIT_PATTERN}, "behavior
 OUTSIDE_CLASS = re.compile(r"\[(?:\\x\{[0-9A-F]{1,6}\}(?:-\\x\{[0-9A-F]{1,6}\})?)+\]")
 _OUTSIDE_ITEM = re.compile(r"\\x\{([0-9A-F]{1,6})\}(?:-\\x\{([0-9A-F]{1,6})\})?")
 
-RECIPE_PORTABLE = "portable"
+# ------------------------------------------------------------------ kinds
+KIND_PORTABLE = "portable"
 #: the recipe of probattn before the portable one: NFKC + Lowercase, Whitespace split
-RECIPE_WHITESPACE = "whitespace"
-RECIPE_CUSTOM = "custom"
+KIND_WORDLEVEL = "wordlevel"
+KIND_REGEX, KIND_REGEX_START = "regex", "regex-start"
+#: what ``train --tokenizer`` can make; the first is the default
+TOKENIZER_KINDS = (KIND_PORTABLE, KIND_WORDLEVEL, KIND_REGEX, KIND_REGEX_START)
+DEFAULT_TOKENIZER_KIND = KIND_PORTABLE
+#: any other tokenizer.json (a user's own)
+KIND_CUSTOM = "custom"
+#: the earlier recipe's normalizer and pre-tokenizer, as ``tokenizer.json`` spells them
+WORDLEVEL_NORMALIZER = {"type": "Sequence", "normalizers": [{"type": "NFKC"}, {"type": "Lowercase"}]}
+WORDLEVEL_PRE_TOKENIZER = {"type": "Whitespace"}
+
+#: MediaPipe Model Maker splits on ``[^\w\']+`` and RE2 reads ``\w`` as ASCII: this class
+REGEX_DELIMITER = r"[^0-9A-Za-z_']+"
+REGEX_PAD, REGEX_UNK, REGEX_START = "<PAD>", "<UNKNOWN>", "<START>"
+#: every word the regex tokenizer can produce is made of these characters only
+REGEX_WORD_CHARS = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_'")
 
 
 def _merge(cps) -> list:
@@ -172,7 +205,61 @@ def train_tokenizer(texts, vocab_size: int = 20000, max_length: int = 64):
     return tok
 
 
-# ------------------------------------------------------------------ recipes
+def train_wordlevel_tokenizer(texts, vocab_size: int = 20000, max_length: int = 64):
+    """The earlier default (kind ``wordlevel``): NFKC, Lowercase, ``Whitespace``, with
+    ``[PAD]`` and ``[UNK]`` as added tokens (matched in the raw text)."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from tokenizers.trainers import WordLevelTrainer
+
+    tok = Tokenizer(WordLevel(unk_token=UNK_TOKEN))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = WordLevelTrainer(vocab_size=vocab_size, special_tokens=[PAD_TOKEN, UNK_TOKEN],
+                               show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    assert tok.token_to_id(PAD_TOKEN) == PAD_ID and tok.token_to_id(UNK_TOKEN) == UNK_ID
+    tok.enable_truncation(max_length=max_length)
+    tok.no_padding()
+    return tok
+
+
+def train_regex_tokenizer(texts, vocab_size: int = 20000, max_length: int = 64, start: bool = False):
+    """MediaPipe's regex tokenizer with the ``vocab_size`` most frequent words of ``texts``
+    (case-sensitive; ties broken by first occurrence)."""
+    import collections
+
+    from tokenizers import Regex, Tokenizer, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+
+    specials = [REGEX_PAD, REGEX_UNK] + ([REGEX_START] if start else [])
+    if vocab_size <= len(specials):
+        raise UsageError(f"--vocab-size must be above {len(specials)} for the regex tokenizer; received {vocab_size}")
+    split = re.compile(REGEX_DELIMITER)
+    counts = collections.Counter(w for t in texts for w in split.split(t) if w)
+    words = [w for w, _ in counts.most_common(vocab_size - len(specials))]
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    tok = Tokenizer(WordLevel(vocab, unk_token=REGEX_UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(REGEX_DELIMITER), behavior="removed")
+    if start:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{REGEX_START} $A", special_tokens=[(REGEX_START, vocab[REGEX_START])])
+    tok.enable_truncation(max_length=max_length)
+    tok.no_padding()
+    return tok
+
+
+def train_tokenizer_of_kind(kind: str, texts, vocab_size: int = 20000, max_length: int = 64):
+    if kind not in TOKENIZER_KINDS:
+        raise UsageError(f"unknown tokenizer '{kind}'; allowed: {', '.join(TOKENIZER_KINDS)}")
+    if kind == KIND_PORTABLE:
+        return train_tokenizer(texts, vocab_size, max_length)
+    if kind == KIND_WORDLEVEL:
+        return train_wordlevel_tokenizer(texts, vocab_size, max_length)
+    return train_regex_tokenizer(texts, vocab_size, max_length, start=kind == KIND_REGEX_START)
+
+
+# ------------------------------------------------------------------ kinds
 def spec_of(tokenizer) -> dict:
     """The ``tokenizer.json`` content of a ``tokenizers.Tokenizer`` (or a dict as is)."""
     return tokenizer if isinstance(tokenizer, dict) else json.loads(tokenizer.to_str())
@@ -215,15 +302,88 @@ def portable_problem(spec: dict) -> str | None:
     return None
 
 
-def recipe_of(tokenizer) -> str:
-    """``portable``, ``whitespace`` (the earlier default) or ``custom``."""
+def regex_spec(tokenizer) -> dict | None:
+    """``{"delimiter", "start"}`` when ``tokenizer`` (a ``tokenizers.Tokenizer`` or its
+    parsed ``tokenizer.json``) is exactly MediaPipe's regex tokenizer (no normaliser, the
+    ASCII delimiter split, a word-level vocabulary of words made of ``REGEX_WORD_CHARS``
+    plus ``<PAD>`` = 0 and ``<UNKNOWN>`` = 1, and at most a ``<START>`` prefix), otherwise
+    None: then MediaPipe would give other ids."""
+    doc = spec_of(tokenizer)
+    pre, model, post = doc.get("pre_tokenizer") or {}, doc.get("model") or {}, doc.get("post_processor")
+    if doc.get("normalizer") is not None or doc.get("added_tokens") or model.get("type") != "WordLevel":
+        return None
+    if doc.get("padding") is not None:
+        return None
+    trunc = doc.get("truncation")
+    if trunc is not None and (trunc.get("direction") != "Right" or trunc.get("stride", 0) != 0
+                              or not isinstance(trunc.get("max_length"), int)):
+        return None
+    if pre.get("type") != "Split" or pre.get("pattern") != {"Regex": REGEX_DELIMITER} \
+            or pre.get("behavior") != "Removed" or pre.get("invert"):
+        return None
+    vocab = model.get("vocab") or {}
+    if vocab.get(REGEX_PAD) != PAD_ID or vocab.get(REGEX_UNK) != UNK_ID or model.get("unk_token") != REGEX_UNK:
+        return None
+    start = REGEX_START in vocab
+    words = [w for w in vocab if w not in (REGEX_PAD, REGEX_UNK, REGEX_START)]
+    if not all(w and set(w) <= REGEX_WORD_CHARS for w in words):
+        return None
+    if post is None and not start:
+        return {"delimiter": REGEX_DELIMITER, "start": False}
+    if start and post and post.get("type") == "TemplateProcessing" \
+            and [next(iter(x.values()))["id"] for x in post.get("single", [])] == [REGEX_START, "A"] \
+            and (post.get("special_tokens") or {}).get(REGEX_START, {}).get("ids") == [vocab[REGEX_START]]:
+        return {"delimiter": REGEX_DELIMITER, "start": True}
+    return None
+
+
+def wordlevel_problem(spec: dict) -> str | None:
+    """None when ``spec`` is exactly the earlier recipe (kind ``wordlevel``) as
+    ``train_wordlevel_tokenizer`` writes it; otherwise what differs."""
+    model = spec.get("model") or {}
+    vocab = model.get("vocab")
+    if spec.get("normalizer") != WORDLEVEL_NORMALIZER or spec.get("pre_tokenizer") != WORDLEVEL_PRE_TOKENIZER:
+        return "the normalizer and pre-tokenizer are not NFKC, Lowercase and Whitespace"
+    if model.get("type") != "WordLevel" or not isinstance(vocab, dict) or model.get("unk_token") != UNK_TOKEN:
+        return f"the model is not WordLevel with unk_token {UNK_TOKEN}"
+    if vocab.get(PAD_TOKEN) != PAD_ID or vocab.get(UNK_TOKEN) != UNK_ID:
+        return f"{PAD_TOKEN} and {UNK_TOKEN} are not ids {PAD_ID} and {UNK_ID}"
+    for a in spec.get("added_tokens") or []:
+        if a.get("content") not in (PAD_TOKEN, UNK_TOKEN) or vocab.get(a.get("content")) != a.get("id") \
+                or a.get("normalized") or a.get("lstrip") or a.get("rstrip") or a.get("single_word"):
+            return "it has added tokens other than the plain [PAD] and [UNK]"
+    if spec.get("post_processor") is not None:
+        return "it has a post-processor"
+    if spec.get("padding") is not None:
+        return "padding is enabled in the file"
+    trunc = spec.get("truncation")
+    if trunc is not None and (trunc.get("direction") != "Right" or trunc.get("stride", 0) != 0
+                              or not isinstance(trunc.get("max_length"), int)):
+        return "truncation is not right truncation without stride"
+    return None
+
+
+def kind_of(tokenizer) -> str:
+    """``portable``, ``wordlevel`` (the earlier default), ``regex``, ``regex-start`` or
+    ``custom``: which of ``TOKENIZER_KINDS`` a tokenizer is, exactly."""
     spec = spec_of(tokenizer)
     if portable_problem(spec) is None:
-        return RECIPE_PORTABLE
-    if spec.get("normalizer") == {"type": "Sequence", "normalizers": [{"type": "NFKC"}, {"type": "Lowercase"}]} \
-            and spec.get("pre_tokenizer") == {"type": "Whitespace"} and (spec.get("model") or {}).get("type") == "WordLevel":
-        return RECIPE_WHITESPACE
-    return RECIPE_CUSTOM
+        return KIND_PORTABLE
+    regex = regex_spec(spec)
+    if regex is not None:
+        return KIND_REGEX_START if regex["start"] else KIND_REGEX
+    if wordlevel_problem(spec) is None:
+        return KIND_WORDLEVEL
+    return KIND_CUSTOM
+
+
+def vocabulary(tokenizer) -> list:
+    """Every token in id order (ids must be 0..n-1, each used once)."""
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    by_id = sorted(vocab.items(), key=lambda kv: kv[1])
+    if [i for _, i in by_id] != list(range(len(by_id))):
+        raise UsageError("the tokenizer's ids are not 0..n-1 without gaps; cannot list its vocabulary")
+    return [t for t, _ in by_id]
 
 
 def tokenizer_config(max_length: int) -> dict:
@@ -242,7 +402,7 @@ def tokenizer_config(max_length: int) -> dict:
         "truncation_side": "right",
         "clean_up_tokenization_spaces": False,
         "model_input_names": [MODEL_INPUT_NAME],
-        "probattn_recipe": RECIPE_PORTABLE,
+        "probattn_tokenizer_kind": KIND_PORTABLE,
         "probattn_unicode_version": unicodedata.unidata_version,
     }
 
@@ -255,11 +415,11 @@ def write_tokenizer_config(folder, max_length: int) -> Path:
 
 def save_tokenizer(tokenizer, folder, max_length: int) -> list:
     """Write ``tokenizer.json``, and ``tokenizer_config.json`` when the tokenizer is the
-    portable recipe (for another recipe JavaScript gives other ids: no config is written,
+    portable kind (for another kind JavaScript gives other ids: no config is written,
     so JavaScript clients refuse it instead). Returns the file names written."""
     folder = Path(folder)
     tokenizer.save(str(folder / TOKENIZER_FILE))
-    if recipe_of(tokenizer) != RECIPE_PORTABLE:
+    if kind_of(tokenizer) != KIND_PORTABLE:
         return [TOKENIZER_FILE]
     write_tokenizer_config(folder, max_length)
     return [TOKENIZER_FILE, TOKENIZER_CONFIG_FILE]
@@ -276,9 +436,10 @@ def load_tokenizer(path):
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # the Rust side reports parse errors as plain Exception
         raise UsageError(f"{path} is not a valid tokenizer.json ({one_line(e, 160)})") from None
-    if tok.token_to_id(PAD_TOKEN) != PAD_ID or tok.token_to_id(UNK_TOKEN) != UNK_ID:
+    if (tok.token_to_id(PAD_TOKEN), tok.token_to_id(UNK_TOKEN)) != (PAD_ID, UNK_ID) \
+            and (tok.token_to_id(REGEX_PAD), tok.token_to_id(REGEX_UNK)) != (PAD_ID, UNK_ID):
         raise UsageError(
-            f"{path}: expected {PAD_TOKEN}=0 and {UNK_TOKEN}=1, found "
+            f"{path}: expected {PAD_TOKEN}=0 and {UNK_TOKEN}=1 (or {REGEX_PAD}=0 and {REGEX_UNK}=1), found "
             f"{tok.token_to_id(PAD_TOKEN)} and {tok.token_to_id(UNK_TOKEN)}"
         )
     return tok
