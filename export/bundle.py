@@ -9,7 +9,7 @@ from pathlib import Path
 from probattn.models.errors import UsageError
 from probattn.models.fsutil import sha256_path  # noqa: F401  (re-exported: bundles are hashed with it)
 
-from .contract import FORMATS, OUTPUT_DTYPES, PRECISIONS, SUPPORTED, artifact_key
+from .contract import FORMATS, INPUT_DTYPE, INPUT_DTYPES, OUTPUT_DTYPE, OUTPUT_DTYPES, PRECISIONS, SUPPORTED, artifact_key, input_dtype_of, output_dtype_of
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -62,7 +62,10 @@ def load_manifest(bundle) -> dict:
         if a["format"] not in FORMATS or a["precision"] not in SUPPORTED[a["format"]]:
             raise UsageError(f"{path}: artifact {a['path']} has format '{a['format']}' / precision "
                              f"'{a['precision']}'; allowed formats {', '.join(FORMATS)}, precisions {', '.join(PRECISIONS)}")
-        if a.get("output_dtype", "float32") not in OUTPUT_DTYPES:
+        if input_dtype_of(a) not in INPUT_DTYPES:
+            raise UsageError(f"{path}: artifact {a['path']} has input_dtype {a.get('input_dtype')!r}; "
+                             f"allowed: {', '.join(INPUT_DTYPES)}")
+        if output_dtype_of(a) not in OUTPUT_DTYPES:
             raise UsageError(f"{path}: artifact {a['path']} has output_dtype {a.get('output_dtype')!r}; "
                              f"allowed: {', '.join(OUTPUT_DTYPES)}")
     keys = [artifact_key(a) for a in manifest["artifacts"]]
@@ -81,11 +84,13 @@ def write_manifest(bundle, manifest: dict) -> None:
     os.replace(tmp, path)
 
 
-def find_artifact(manifest: dict, fmt: str, precision: str = "fp32", output_dtype: str = "float32") -> dict | None:
-    """The entry of ``fmt`` / ``precision`` / ``output_dtype`` (entries are unique on these
-    three: the dynamic ``tflite`` and fixed-shape ``tflite-fixed`` files never mix)."""
+def find_artifact(manifest: dict, fmt: str, precision: str = "fp32", output_dtype: str = OUTPUT_DTYPE,
+                  input_dtype: str = INPUT_DTYPE) -> dict | None:
+    """The entry of ``fmt`` / ``precision`` / ``output_dtype`` / ``input_dtype`` (entries are
+    unique on these four: the dynamic ``tflite`` and fixed-shape ``tflite-fixed`` files never
+    mix, and an int64-input ONNX twin is found only when asked for)."""
     for a in manifest["artifacts"]:
-        if artifact_key(a) == (fmt, precision, output_dtype):
+        if artifact_key(a) == (fmt, precision, output_dtype, input_dtype):
             return a
     return None
 

@@ -1,4 +1,4 @@
-"""The ``probattn`` command: train, export, verify, predict, bench.
+"""The ``probattn`` command: train, export, verify, predict, package, bench.
 
 Heavy imports happen inside each verb: ``--help`` and ``predict`` never import TensorFlow.
 Errors print one line and exit 2 (bad input) or 1 (parity failure or internal error);
@@ -12,6 +12,7 @@ import os
 import sys
 
 from probattn.models.errors import ProbattnError, UsageError, one_line
+from probattn.models.text.tokenizer import DEFAULT_TOKENIZER_KIND
 
 from . import contract as C
 from . import runtimes
@@ -61,12 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab-size", type=_positive_int, default=20000)
     t.add_argument("--embedding-dim", type=_positive_int, default=64)
     t.add_argument("--batch-size", type=_positive_int, default=32)
-    t.add_argument("--limit", type=int, default=0, help="use only the first N examples (0 = all)")
+    t.add_argument("--limit", type=int, default=0, help="use only N examples, drawn from every class in proportion (0 = all)")
     t.add_argument("--model", default="probattn",
                    help="probattn (default: Embedding -> ProbAttention pooling) or probsparse (Embedding -> "
                         "ProbSparse self-attention encoder block -> ProbAttention pooling)")
-    t.add_argument("--tokenizer", default="wordlevel",
-                   help="wordlevel (default: NFKC, lowercase, word split), regex (exactly MediaPipe "
+    t.add_argument("--tokenizer", default=DEFAULT_TOKENIZER_KIND,
+                   help="portable (default: the same ids in Python, tokenizers.js and transformers.js; "
+                   "tokenizer_config.json for JavaScript clients), wordlevel (the earlier default: NFKC, "
+                   "lowercase, Whitespace split), regex (exactly MediaPipe "
                    "TextClassifier's regex tokenizer: case-sensitive split on [^0-9A-Za-z_']+, <PAD>=0, "
                    "<UNKNOWN>=1; its bundles get the mediapipe format) or regex-start (the same with <START> "
                    "first)")
@@ -87,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--labels", help="labels: JSON list or one per line")
     e.add_argument("--max-length", type=_positive_int, help="training max length (default: from the run or tokenizer)")
     e.add_argument("--no-attention-weights", action="store_true", help=f"export only '{C.PROBABILITIES}'")
+    e.add_argument("--no-onnx-int64", action="store_true",
+                   help="skip the int64-input twin of each ONNX precision (model_<precision>_int64.onnx, for "
+                   "clients that send int64 ids, such as transformers.js)")
     e.add_argument("--c-array", action="store_true",
                    help=f"also write {C.C_ARRAY_DIR}/: the fixed-shape int8 model, vocabulary and labels as C99 "
                    "const arrays (model 16-byte aligned) for a microcontroller build")
@@ -113,6 +119,26 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--input-file", help="one text per line; '-' for stdin")
     pr.add_argument("--batch-size", type=_positive_int, default=64)
     pr.add_argument("--json", action="store_true", help="one JSON object per line")
+    pr.add_argument("--engine", default="local",
+                    help="local (default: this process) or ray (Ray Data over an actor pool; a local cluster of "
+                    "this machine's cores, or the cluster RAY_ADDRESS names; pip install 'probattn[ray]'). "
+                    "Both give identical results")
+    pr.add_argument("--workers", type=_positive_int,
+                    help="--engine ray: actors in the pool (default: one per CPU of the cluster)")
+
+    k = sub.add_parser("package", help="write serving layouts of a bundle: a Triton model repository, "
+                       "a TF Serving versioned SavedModel")
+    k.add_argument("bundle")
+    k.add_argument("--serving", default="triton,tfserving",
+                   help="comma list of triton, tfserving (default: both)")
+    k.add_argument("--out", required=True, help="directory to write (atomically): OUT/triton/NAME, OUT/tfserving/NAME")
+    k.add_argument("--name", default="probattn", help="model name in both layouts (default probattn)")
+    k.add_argument("--precision", default="fp32", help="ONNX precision for Triton: fp32 (default), fp16 or int8")
+    k.add_argument("--input-dtype", default="int32",
+                   help="Triton's token_ids dtype: int32 (default) or int64 (the bundle's int64 ONNX twin)")
+    k.add_argument("--version", type=_positive_int, default=1, help="model version folder (default 1)")
+    k.add_argument("--max-batch-size", type=_positive_int, default=64, help="Triton max_batch_size (default 64)")
+    k.add_argument("--overwrite", action="store_true", help="replace an earlier 'probattn package' output")
 
     b = sub.add_parser("bench", help="latency, throughput, size and accuracy per artifact and runtime")
     b.add_argument("bundle", nargs="?", help="the bundle to measure (not with --attention-scaling)")
@@ -164,6 +190,8 @@ def _dispatch(args) -> int:
         return _export(args)
     if args.verb == "verify":
         return _verify(args)
+    if args.verb == "package":
+        return _package(args)
     if args.verb == "bench":
         from .bench import run_cli
 
@@ -193,10 +221,22 @@ def _export(args) -> int:
     opts = ExportOptions(formats=args.formats, precisions=args.precisions, opset=args.opset,
                          calibration_data=args.calibration_data, tokenizer=args.tokenizer, labels=args.labels,
                          max_length=args.max_length, attention_weights=not args.no_attention_weights,
-                         unsafe=args.unsafe, overwrite=args.overwrite, c_array=args.c_array)
+                         onnx_int64=not args.no_onnx_int64, unsafe=args.unsafe, overwrite=args.overwrite,
+                         c_array=args.c_array)
     manifest = export(args.source, args.out, opts)
     print(summary_table(manifest))
     print(f"exported {len(manifest['artifacts'])} artifacts in {manifest['export_seconds']} s -> {args.out}")
+    return 0
+
+
+def _package(args) -> int:
+    from .serving import package
+
+    summary = package(args.bundle, args.out, targets=args.serving, name=args.name, precision=args.precision,
+                      input_dtype=args.input_dtype, version=args.version, max_batch_size=args.max_batch_size,
+                      overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr, flush=True))
+    for target, info in summary["targets"].items():
+        print(f"{target}: {args.out}/{info['model_dir']} ({info['check']})")
     return 0
 
 
@@ -218,7 +258,7 @@ def _verify(args) -> int:
 
 
 def _predict(args) -> int:
-    from .predict import Predictor
+    from .predict import ENGINES, predict_texts
 
     texts = list(args.texts)
     for i, t in enumerate(texts, 1):
@@ -244,9 +284,13 @@ def _predict(args) -> int:
                 raise UsageError(f"{p} is not valid UTF-8 (offset {e.start})") from None
     if not texts:
         raise UsageError("no texts given: pass TEXT arguments or --input-file FILE|-")
-    predictor = Predictor(args.bundle, runtime=args.runtime, precision=args.precision)
-    results = predictor.predict(texts, batch_size=args.batch_size)
-    for text, r in zip(texts, results):
+    if args.engine not in ENGINES:
+        raise UsageError(f"unknown engine '{args.engine}'; allowed: {', '.join(ENGINES)}")
+    if args.workers and args.engine != "ray":
+        raise UsageError(f"--workers {args.workers} is for --engine ray; received --engine {args.engine}")
+    predictor, probs = predict_texts(args.bundle, texts, runtime=args.runtime, precision=args.precision,
+                                     batch_size=args.batch_size, engine=args.engine, workers=args.workers)
+    for text, r in zip(texts, map(predictor.result, probs)):
         if args.json:
             print(json.dumps({"text": text, **r}, ensure_ascii=False))
         else:

@@ -7,11 +7,17 @@ other module reads these; none spells them itself. TensorFlow-free.
 from __future__ import annotations
 
 from probattn.models.errors import UsageError
+from probattn.models.text.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE  # noqa: F401  (names of the bundle)
 
 # ------------------------------------------------------------------ signature
 #: the one input: token ids, int32 ``[batch, sequence]``
 INPUT = "token_ids"
 INPUT_DTYPE = "int32"
+#: input dtypes an artifact may take: the contract's int32, and int64, what Hugging Face
+#: convention clients send (transformers.js, ``return_tensors="np"``)
+INPUT_DTYPES = (INPUT_DTYPE, "int64")
+#: formats that also ship an int64-input twin of each precision (a Cast to int32 in front)
+INT64_INPUT_FORMATS = ("onnx",)
 BATCH_DIM, SEQUENCE_DIM = "batch", "sequence"
 #: the primary output: class probabilities ``[batch, classes]``
 PROBABILITIES = "probabilities"
@@ -109,7 +115,7 @@ def fixed_input_shape(max_length: int) -> list:
 TARGETS = ("litert", "tflm", "mediapipe")
 
 # ------------------------------------------------------------------ plain files in a bundle
-#: label names in output order, one per line
+#: label names in output order, one per line (MCU builds, Triton's label_filename, TF Serving assets)
 LABELS_FILE = "labels.txt"
 #: the tokenizer's vocabulary, one token per line, line i holds id i
 VOCAB_FILE = "vocab.txt"
@@ -117,12 +123,16 @@ VOCAB_FILE = "vocab.txt"
 C_ARRAY_DIR = "c"
 
 
-def artifact_filename(fmt: str, precision: str, output_dtype: str = "float32") -> str:
+def artifact_filename(fmt: str, precision: str, output_dtype: str = OUTPUT_DTYPE,
+                      input_dtype: str = INPUT_DTYPE) -> str:
     """Where an artifact lives inside a bundle."""
     if fmt not in SUPPORTED:
         raise UsageError(f"unknown format '{fmt}'; allowed: {', '.join(FORMATS)}")
     if precision not in SUPPORTED[fmt]:
         raise UsageError(f"format {fmt} has no precision '{precision}'; allowed: {', '.join(SUPPORTED[fmt])}")
+    if input_dtype != INPUT_DTYPE and (input_dtype not in INPUT_DTYPES or fmt not in INT64_INPUT_FORMATS):
+        raise UsageError(f"format {fmt} has no {input_dtype} input; int64 twins exist for "
+                         f"{', '.join(INT64_INPUT_FORMATS)}")
     if output_dtype not in output_dtypes(fmt, precision):
         raise UsageError(f"format {fmt} {precision} has no {output_dtype} outputs; allowed: "
                          f"{', '.join(output_dtypes(fmt, precision))}")
@@ -135,21 +145,39 @@ def artifact_filename(fmt: str, precision: str, output_dtype: str = "float32") -
         return f"model_fixed_{stem}" + ("_int8out" if output_dtype == "int8" else "") + ".tflite"
     if fmt == "mediapipe":
         return f"model_mediapipe_{stem}.tflite"
-    return f"model_{stem}.{fmt}"
+    suffix = "" if input_dtype == INPUT_DTYPE else f"_{input_dtype}"
+    return f"model_{stem}{suffix}.{fmt}"
+
+
+def input_dtype_of(entry: dict) -> str:
+    """The input dtype of a manifest artifact entry (int32 unless it says otherwise)."""
+    return entry.get("input_dtype", INPUT_DTYPE)
+
+
+def output_dtype_of(entry: dict) -> str:
+    """The output dtype of a manifest artifact entry (float32 unless it says otherwise)."""
+    return entry.get("output_dtype", OUTPUT_DTYPE)
 
 
 def selection_is_empty(formats, precisions) -> bool:
     return not any(p in SUPPORTED[f] for f in formats for p in precisions)
 
 
-def sort_key(fmt: str, precision: str, output_dtype: str = "float32") -> tuple:
-    """Artifacts in manifest order: by format, then precision, then output dtype."""
-    return FORMATS.index(fmt), PRECISIONS.index(precision), OUTPUT_DTYPES.index(output_dtype)
+def sort_key(fmt: str, precision: str, output_dtype: str = OUTPUT_DTYPE, input_dtype: str = INPUT_DTYPE) -> tuple:
+    """Artifacts in manifest order: by format, then input dtype, then precision, then
+    output dtype."""
+    return (FORMATS.index(fmt), INPUT_DTYPES.index(input_dtype), PRECISIONS.index(precision),
+            OUTPUT_DTYPES.index(output_dtype))
+
+
+def entry_sort_key(entry: dict) -> tuple:
+    return sort_key(entry["format"], entry["precision"], output_dtype_of(entry), input_dtype_of(entry))
 
 
 def artifact_key(entry: dict) -> tuple:
-    """What tells two manifest entries apart: format, precision and output dtype."""
-    return entry["format"], entry["precision"], entry.get("output_dtype", "float32")
+    """What tells two manifest entries apart: format, precision, output dtype and input
+    dtype (the int64-input ONNX twins)."""
+    return entry["format"], entry["precision"], output_dtype_of(entry), input_dtype_of(entry)
 
 
 def parse_list(value, allowed, what) -> tuple:

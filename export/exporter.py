@@ -13,7 +13,8 @@ from pathlib import Path
 
 from probattn.models.errors import UsageError
 from probattn.models.fsutil import atomic_directory, check_output_dir
-from probattn.models.text.tokenizer import PAD_ID, UNK_ID, load_tokenizer, regex_spec
+from probattn.models.text.tokenizer import (KIND_PORTABLE, PAD_ID, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, UNK_ID,
+                                            kind_of, load_tokenizer, regex_spec, write_tokenizer_config)
 
 from . import bundle as B
 from . import contract as C
@@ -34,6 +35,9 @@ class ExportOptions:
     labels: str | None = None
     max_length: int | None = None
     attention_weights: bool = True
+    #: also write each ONNX precision with an int64 ``token_ids`` input (what Hugging Face
+    #: clients such as transformers.js send)
+    onnx_int64: bool = True
     unsafe: bool = False
     overwrite: bool = False
     #: also write C sources (model, vocabulary, labels) of the fixed-shape int8 model
@@ -214,19 +218,26 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
         else:
             model.save(tmp / keras_rel)
         record(formats.Built("keras", "fp32", keras_rel, time.perf_counter() - t))
-        shutil.copyfile(src.tokenizer_path, tmp / "tokenizer.json")
+        shutil.copyfile(src.tokenizer_path, tmp / TOKENIZER_FILE)
+        tok_entry = {"path": TOKENIZER_FILE, "sha256": B.sha256_path(tmp / TOKENIZER_FILE),
+                     "kind": kind_of(tokenizer)}
+        if tok_entry["kind"] == KIND_PORTABLE:  # JavaScript clients need it (and give our ids only then)
+            write_tokenizer_config(tmp, max_length)
+            tok_entry["config"] = {"path": TOKENIZER_CONFIG_FILE,
+                                   "sha256": B.sha256_path(tmp / TOKENIZER_CONFIG_FILE)}
         if src.test_data:
             shutil.copyfile(src.test_data, tmp / "test.jsonl")
         files = plain_files(tmp, tokenizer, labels)
 
         ctx = formats.ExportContext(
             out=tmp, module=module, concrete=concrete, output_names=out_names, opset=opset,
+            onnx_int64=opts.onnx_int64,
             calibration=calibration_batches(cal_texts, tokenizer, max_length) if cal_texts else None,
             calibration_fixed=calibration_fixed(cal_texts, tokenizer, fixed_length, int(max_length)) if cal_texts else None,
             max_length=fixed_length, labels=labels, tokenizer=tokenizer, log=log)
         for built in _run_formats(ctx, selected, precisions, traces):
             record(built)
-        artifacts.sort(key=lambda a: C.sort_key(a["format"], a["precision"], a.get("output_dtype", "float32")))
+        artifacts.sort(key=C.entry_sort_key)
         if opts.c_array:
             from .c_array import write_c_sources
 
@@ -242,8 +253,7 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
             "unk_id": UNK_ID,
             "vocab_size": vocab_size,
             "max_length": int(max_length),
-            "tokenizer": {"path": "tokenizer.json", "sha256": B.sha256_path(tmp / "tokenizer.json"),
-                          "kind": _tokenizer_kind(tokenizer)},
+            "tokenizer": tok_entry,
             "files": files,
             "test_data": "test.jsonl" if src.test_data else None,
             "source": {"model": str(src.model_path), **src.extra},
@@ -253,13 +263,6 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
         }
         B.write_manifest(tmp, manifest)
     return manifest
-
-
-def _tokenizer_kind(tokenizer) -> str:
-    spec = regex_spec(tokenizer)
-    if spec is None:
-        return "wordlevel"
-    return "regex-start" if spec["start"] else "regex"
 
 
 #: the traces of the serving function a format can convert from (``SAVED_MODEL``)

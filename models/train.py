@@ -13,7 +13,7 @@ from .errors import UsageError
 from .fsutil import atomic_directory, check_output_dir
 from .metrics import classification_report
 from .text import data as data_mod
-from .text.tokenizer import TOKENIZER_KINDS, encode_fixed, train_tokenizer_of_kind
+from .text.tokenizer import DEFAULT_TOKENIZER_KIND, TOKENIZER_KINDS, encode_fixed, save_tokenizer, train_tokenizer_of_kind
 
 #: The file that marks a directory as a probattn run (``--overwrite`` replaces only runs).
 RUN_MARKER = "metrics.json"
@@ -41,7 +41,9 @@ class TrainConfig:
     learning_rate: float = 2e-3
     limit: int = 0  # use only N examples, drawn per class in proportion (quick runs); 0 = all
     model: str = "probattn"  # one of MODELS
-    tokenizer: str = "wordlevel"  # or "regex" / "regex-start": MediaPipe's regex tokenizer
+    #: "portable" (default), "wordlevel" (the earlier default), "regex" / "regex-start"
+    #: (MediaPipe's regex tokenizer)
+    tokenizer: str = DEFAULT_TOKENIZER_KIND
 
     def validate(self):
         for name in ("max_length", "vocab_size", "embedding_dim", "hidden_units", "epochs",
@@ -167,7 +169,7 @@ def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None
     with atomic_directory(out, overwrite=overwrite, marker=RUN_MARKER) as tmp:
         # an uncompiled twin (same layers and weights): the .keras file carries no optimizer state
         keras.Model(model.inputs, model.outputs, name=model.name).save(tmp / "model.keras")
-        tokenizer.save(str(tmp / "tokenizer.json"))
+        save_tokenizer(tokenizer, tmp, config.max_length)
         (tmp / "labels.json").write_text(json.dumps(split.label_names, indent=1))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
         cfg = asdict(config)

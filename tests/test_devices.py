@@ -71,11 +71,13 @@ def test_onnx_run_none_first_output_is_probabilities(bundle_dir, manifest, heldo
     ref = keras_session(heldout_ids)
     entries = _entries(manifest, "onnx")
     assert {a["precision"] for a in entries} == {"fp32", "fp16", "int8"}
+    assert {C.input_dtype_of(a) for a in entries} == set(C.INPUT_DTYPES)  # the int64 twins too
     for a in entries:
         sess = ort.InferenceSession(str(bundle_dir / a["path"]), providers=["CPUExecutionProvider"])
         assert [o.name for o in sess.get_outputs()] == list(C.OUTPUT_ORDER), a["path"]
-        first = sess.run(None, {C.INPUT: heldout_ids})[0]
-        named = sess.run([C.PROBABILITIES], {C.INPUT: heldout_ids})[0]
+        ids = heldout_ids.astype(C.input_dtype_of(a))
+        first = sess.run(None, {C.INPUT: ids})[0]
+        named = sess.run([C.PROBABILITIES], {C.INPUT: ids})[0]
         assert first.shape == (len(heldout_ids), len(manifest["labels"])), (a["path"], first.shape)
         np.testing.assert_array_equal(first, named, err_msg=a["path"])
         if a["precision"] == "fp32":
@@ -222,8 +224,8 @@ def test_fixed_family_entries_are_unique_and_self_describing(manifest, bundle_di
 
     fixed = _entries(manifest, "tflite-fixed")
     keys = sorted(C.artifact_key(a) for a in fixed)
-    assert keys == [("tflite-fixed", "fp32", "float32"), ("tflite-fixed", "int8", "float32"),
-                    ("tflite-fixed", "int8", "int8")]
+    assert keys == [("tflite-fixed", "fp32", "float32", "int32"), ("tflite-fixed", "int8", "float32", "int32"),
+                    ("tflite-fixed", "int8", "int8", "int32")]
     assert len({C.artifact_key(a) for a in manifest["artifacts"]}) == len(manifest["artifacts"])
     L = manifest["max_length"]
     for a in fixed:

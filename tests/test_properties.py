@@ -46,7 +46,7 @@ def runners(tmp_path_factory):
     train_tokenizer(TEXTS, vocab_size=VOCAB).save(str(d / "tokenizer.json"))
     manifest = export(d / "tiny.keras", d / "bundle",
                       ExportOptions(tokenizer=str(d / "tokenizer.json"), formats=("tflite", "onnx"),
-                                    precisions=("fp32",)))
+                                    precisions=("fp32",), onnx_int64=False))
     assert manifest["vocab_size"] == VOCAB
     paths = {(a["format"], a["precision"]): B.verified_path(d / "bundle", a) for a in manifest["artifacts"]}
     out = [KerasRunner(paths[("keras", "fp32")], VOCAB),

@@ -139,7 +139,8 @@ def _tampered(verb, change, *extra):
         change(b, s)
         args = {"predict": ["predict", b, "a fine film", *extra],
                 "verify": ["verify", b, "--report-dir", w / "report", *extra],
-                "bench": ["bench", b, "--out", w / "bench", "--quick", *extra]}[verb]
+                "bench": ["bench", b, "--out", w / "bench", "--quick", *extra],
+                "package": ["package", b, "--serving", "triton", "--out", w / "out", *extra]}[verb]
         return args
     return build
 
@@ -195,6 +196,16 @@ BAD_INPUT = [
          ("out", "not a directory")),
     Case("verify-bundle-missing", lambda w, s: ["verify", w / "nope", "--report-dir", w / "report"], ("nope", "not found")),
     Case("bench-bundle-missing", lambda w, s: ["bench", w / "nope", "--out", w / "bench"], ("nope", "not found")),
+    Case("package-bundle-missing", lambda w, s: ["package", w / "nope", "--out", w / "out"], ("nope", "not found")),
+    Case("package-out-is-a-file",
+         lambda w, s: (w / "out").write_text("x") and ["package", s["bundle"], "--serving", "triton", "--out", w / "out"],
+         ("out", "not a directory")),
+    Case("package-unknown-target", lambda w, s: ["package", s["bundle"], "--serving", "kserve", "--out", w / "out"],
+         ("'kserve'", "triton, tfserving")),
+    Case("package-artifact-tampered", _tampered("package", lambda b, s: (b / "model_fp32.onnx").open("ab").write(b" ")),
+         ("model_fp32.onnx", "does not match its manifest hash")),
+    Case("predict-unknown-engine", lambda w, s: ["predict", s["bundle"], "text", "--engine", "spark"],
+         ("'spark'", "local, ray")),
     # --- damaged model files given to export
     Case("export-keras-empty", _export_model("m.keras", lambda s: b""), ("m.keras", "empty")),
     Case("export-keras-truncated", _export_model("m.keras", lambda s: _half(s["keras"])), ("m.keras", "not a valid .keras")),
@@ -345,7 +356,7 @@ def test_bad_input_leaves_shared_inputs_untouched(bad_input_results):
 def test_bad_input_table_is_broad():
     assert len(BAD_INPUT_FAMILIES) >= 30 and len(set(BAD_INPUT_FAMILIES)) == len(BAD_INPUT_FAMILIES)
     ids = " ".join(BAD_INPUT_FAMILIES)  # every verb has its own cases
-    for verb in ("train", "export", "verify", "predict", "bench"):
+    for verb in ("train", "export", "verify", "predict", "package", "bench"):
         assert f"{verb}-" in ids, verb
 
 

@@ -37,6 +37,7 @@ class ExportContext:
     concrete: object  # its concrete function
     output_names: list  # in contract order
     opset: int = 17
+    onnx_int64: bool = True  # also an int64-input twin of each ONNX precision
     calibration: list | None = None  # int32 id batches for full-int8 calibration
     saved_model_dir: Path | None = None  # set by the exporter when a format needs it
     saved_model_seconds: float = 0.0

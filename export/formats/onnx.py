@@ -8,6 +8,11 @@
   float32 outputs). ``onnxconverter_common.float16`` produced an invalid Cast on this graph.
 * int8: ``onnxruntime.quantization.quantize_dynamic``: int8 weights for MatMul and Gather,
   activations quantized at run time (dynamic, no calibration).
+* int64 twins (``model_<precision>_int64.onnx``): the same graph (outputs in the same
+  contract order) behind one
+  ``Cast(token_ids: int64 -> int32)``, for clients that follow the Hugging Face convention
+  of int64 ids (transformers.js, ``tokenizer(..., return_tensors="np")``). Ids are below
+  the vocabulary size, so the cast is exact.
 
 Every file passes ``onnx.checker.check_model(full_check=True)``.
 """
@@ -19,10 +24,11 @@ from pathlib import Path
 from probattn.models.errors import UsageError, one_line
 
 from ..contract import (ATTENTION, BATCH_DIM, INPUT, PROBABILITIES, SEQUENCE_DIM, SUPPORTED,
-                        artifact_filename, ordered_outputs, output_dims)
+                        INPUT_DTYPES, artifact_filename, ordered_outputs, output_dims)
 from . import Built, ExportContext
 
 FORMAT = "onnx"
+INT64 = INPUT_DTYPES[1]
 NEEDS_SAVED_MODEL = False
 IN_CHILD = False
 DEFAULT_OPSET = 17
@@ -185,6 +191,45 @@ def convert_int8(fp32_path: Path, out_path: Path) -> None:
         logging.disable(logging.NOTSET)
 
 
+def int64_twin(model):
+    """A copy of ``model`` whose ``token_ids`` input is int64, cast to int32 by its first node."""
+    import copy
+
+    from onnx import TensorProto, helper
+
+    twin = copy.deepcopy(model)
+    inp = next(i for i in twin.graph.input if i.name == INPUT)
+    if inp.type.tensor_type.elem_type != TensorProto.INT32:
+        raise UsageError(f"ONNX input {INPUT} is not int32; cannot make its int64 twin")
+    inner = f"{INPUT}_int32"
+
+    def rename(graph):  # every reader, subgraphs (If/Loop/Scan bodies) included
+        for node in graph.node:
+            for i, n in enumerate(node.input):
+                if n == INPUT:
+                    node.input[i] = inner
+            for a in node.attribute:
+                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    rename(g)
+
+    rename(twin.graph)
+    twin.graph.node.insert(0, helper.make_node("Cast", [INPUT], [inner], to=TensorProto.INT32,
+                                               name=f"{INPUT}_to_int32"))
+    inp.type.tensor_type.elem_type = TensorProto.INT64
+    twin.doc_string = (model.doc_string + "; " if model.doc_string else "") + "int64 token_ids (cast to int32)"
+    return twin
+
+
+def _write_twin(ctx, model_or_path, precision, extra) -> Built:
+    import onnx
+
+    t = time.perf_counter()
+    model = onnx.load(str(model_or_path)) if isinstance(model_or_path, Path) else model_or_path
+    path = ctx.out / artifact_filename(FORMAT, precision, input_dtype=INT64)
+    save_checked(int64_twin(model), path)
+    return Built(FORMAT, precision, path.name, time.perf_counter() - t, {**extra, "input_dtype": INT64})
+
+
 def save_checked(model, path: Path) -> None:
     import onnx
 
@@ -210,21 +255,29 @@ def export(ctx: ExportContext, precisions) -> list:
     fp32_path = ctx.out / artifact_filename(FORMAT, "fp32")
     save_checked(fp32, fp32_path)
     base_seconds = time.perf_counter() - t
+    twins = ctx.onnx_int64
     if "fp32" in precisions:
         built.append(Built(FORMAT, "fp32", fp32_path.name, base_seconds, {"opset": opset}))
+        if twins:
+            built.append(_write_twin(ctx, fp32, "fp32", {"opset": opset}))
     if "fp16" in precisions:
         t = time.perf_counter()
         path = ctx.out / artifact_filename(FORMAT, "fp16")
-        save_checked(convert_fp16(fp32), path)
-        built.append(Built(FORMAT, "fp16", path.name, time.perf_counter() - t,
-                           {"opset": opset, "recipe": FP16_RECIPE}))
+        fp16 = convert_fp16(fp32)
+        save_checked(fp16, path)
+        extra = {"opset": opset, "recipe": FP16_RECIPE}
+        built.append(Built(FORMAT, "fp16", path.name, time.perf_counter() - t, extra))
+        if twins:
+            built.append(_write_twin(ctx, fp16, "fp16", extra))
     if "int8" in precisions:
         t = time.perf_counter()
         path = ctx.out / artifact_filename(FORMAT, "int8")
         convert_int8(fp32_path, path)
         check(path)
-        built.append(Built(FORMAT, "int8", path.name, time.perf_counter() - t,
-                           {"opset": opset, "recipe": INT8_RECIPE, "quantization": "dynamic"}))
+        extra = {"opset": opset, "recipe": INT8_RECIPE, "quantization": "dynamic"}
+        built.append(Built(FORMAT, "int8", path.name, time.perf_counter() - t, extra))
+        if twins:
+            built.append(_write_twin(ctx, path, "int8", extra))
     if "fp32" not in precisions:
         fp32_path.unlink()
     return built

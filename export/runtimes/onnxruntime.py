@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from probattn.models.errors import UsageError, one_line
 
 from . import register
@@ -40,8 +42,12 @@ class OnnxRuntimeRunner(Runner):
             raise UsageError(f"{self.path} is not a valid ONNX model ({one_line(e, 200)})") from None
         self.outputs = [o.name for o in self.sess.get_outputs()]
         self._input = INPUT
+        # an int64 twin takes int64 ids; ids are checked int32 already, so widening is exact
+        self._int64 = any(i.name == INPUT and i.type == "tensor(int64)" for i in self.sess.get_inputs())
 
     def _infer(self, ids):
+        if self._int64:
+            ids = ids.astype(np.int64)
         return dict(zip(self.outputs, self.sess.run(self.outputs, {self._input: ids})))
 
     def _close(self):

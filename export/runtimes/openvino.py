@@ -44,8 +44,12 @@ class OpenVINORunner(Runner):
                              f"{[sorted(i.get_names()) for i in self.compiled.inputs]}")
         self.request = self.compiled.create_infer_request()
         self.names = _output_names(self.compiled, self.path)
+        # an int64 twin takes int64 ids; ids are checked int32 already, so widening is exact
+        self._int64 = self.compiled.inputs[0].get_element_type() == ov.Type.i64
 
     def _infer(self, ids):
+        if self._int64:
+            ids = ids.astype(np.int64)
         res = self.request.infer({0: np.ascontiguousarray(ids)})
         return {name: np.array(res[out]) for out, name in zip(self.compiled.outputs, self.names)}
 

@@ -1,0 +1,394 @@
+"""The fast text path: pure-Python twins of probattn's tokenizers (standard library only:
+``re``, ``unicodedata``, a dict).
+
+``FastTokenizer.from_spec`` gives the ids of Hugging Face ``tokenizers`` for a
+``tokenizer.json`` that is exactly one of the kinds ``probattn train`` makes
+(``probattn.models.text.tokenizer.kind_of``) and refuses any other file (``NotPortable``):
+callers then use ``tokenizers``. Measured 3 to 10 times faster than ``tokenizers`` on real
+texts (``scripts/bench_tokenizers.py``), because a word-level vocabulary needs no more
+than one regex scan and one dict lookup per token.
+
+* ``portable``: every text (below).
+* ``regex`` / ``regex-start``: every text. No normaliser; words are the runs of
+  ``[0-9A-Za-z_']`` (the complement of the delimiter class, the same in every engine),
+  looked up case-sensitively; ``<START>`` first for ``regex-start``, and truncation keeps
+  room for it, as ``tokenizers`` does.
+* ``wordlevel`` (the earlier default): ASCII texts only. Its ``Whitespace`` pre-tokenizer
+  is ``\\w+|[^\\w\\s]+`` in Oniguruma, whose ``\\w`` and ``\\s`` differ from Python's
+  outside ASCII, and NFKC/lowercase differ between Rust's and Python's Unicode tables:
+  there is no exact twin for non-ASCII text, so every non-ASCII text goes to the
+  ``fallback`` (``tokenizers``), or ``NotPortable`` is raised without one. ``[PAD]`` and
+  ``[UNK]`` are added tokens there, matched in the raw text first, as ``tokenizers`` does.
+
+The portable kind in detail:
+
+* normalize: code points outside the repertoire (read from the file's Replace pattern)
+  -> U+FFFD, NFKC, ``str.lower()``, ς -> σ. ``str.lower()`` applies the final-sigma rule
+  and Rust's ``Lowercase`` does not; both then map ς to σ, so they agree.
+* pre-tokenize: the Split pattern's General_Category classes expanded into code-point
+  ranges from this Python's ``unicodedata`` (Python's ``re`` has no ``\\p{..}``).
+* ids: dict lookup, unknown -> ``[UNK]``; truncation: the first ``max_length`` ids.
+
+ASCII texts need no Unicode table (ASCII is the same in every Unicode version). For the
+first non-ASCII text the tables are built (about 0.3 s, once per process) and this Python
+must know every code point the repertoire keeps: a ``tokenizer.json`` built on a Python
+with a newer Unicode database keeps characters this one calls unassigned. Then non-ASCII
+texts go to the ``fallback`` (``tokenizers``) instead, or ``NotPortable`` is raised.
+Lone surrogates (possible in Python strings, refused by Rust) become U+FFFD, as in
+JavaScript.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import re
+import unicodedata
+from itertools import islice, repeat
+from pathlib import Path
+
+from .tokenizer import (FINAL_SIGMA, KIND_PORTABLE, KIND_REGEX, KIND_REGEX_START, KIND_WORDLEVEL, REGEX_START,
+                        REPLACEMENT_CHAR, SIGMA, UNK_TOKEN, kind_of, parse_outside_pattern, portable_problem,
+                        regex_spec, wordlevel_problem)
+
+#: the Split pattern's classes as General_Category names (a one-letter name is the group)
+WORD_START = ("L", "N", "Pc")
+PUNCT_START = ("Pd", "Ps", "Pe", "Pi", "Pf", "Po", "S")
+MARK = ("M",)
+#: texts longer than this many characters per kept token stop scanning after
+#: ``max_length`` tokens (the first N matches do not depend on the rest of the text)
+LONG_TEXT_CHARS_PER_TOKEN = 8
+
+
+class NotPortable(ValueError):
+    """The tokenizer is not one this module reproduces exactly."""
+
+
+def _ranges_of(runs, cats) -> list:
+    merged = []
+    for a, b, c in runs:
+        if c in cats or c[0] in cats:
+            if merged and merged[-1][1] == a - 1:
+                merged[-1][1] = b
+            else:
+                merged.append([a, b])
+    return merged
+
+
+def _body(ranges) -> str:
+    esc = lambda cp: f"\\U{cp:08x}"  # noqa: E731
+    return "".join(esc(a) if a == b else f"{esc(a)}-{esc(b)}" for a, b in ranges)
+
+
+def _alt(ranges) -> str:
+    """A fast regex for a set of code-point ranges. Python's ``re`` turns the BMP part of a
+    class into a constant-time bitmap but tests astral ranges one by one, so a miss would
+    scan hundreds of ranges: the astral part is tested only behind a one-range lookahead."""
+    bmp = [(a, min(b, 0xFFFF)) for a, b in ranges if a <= 0xFFFF]
+    astral = [(max(a, 0x10000), b) for a, b in ranges if b > 0xFFFF]
+    parts = []
+    if bmp:
+        parts.append(f"[{_body(bmp)}]")
+    if astral:
+        parts.append(f"(?=[\\U00010000-\\U0010ffff])[{_body(astral)}]")
+    return "(?:" + "|".join(parts) + ")" if parts else "(?!)"
+
+
+def _pattern(runs):
+    w = _alt(_ranges_of(runs, WORD_START))
+    wm = _alt(_ranges_of(runs, WORD_START + MARK))
+    p = _alt(_ranges_of(runs, PUNCT_START))
+    pm = _alt(_ranges_of(runs, PUNCT_START + MARK))
+    m = _alt(_ranges_of(runs, MARK))
+    return re.compile(f"{w}{wm}*|{p}{pm}*|{m}+")
+
+
+def _runs(first: int, last: int) -> list:
+    """``[(first, last, category)]`` over a code-point range."""
+    runs, cp = [], first
+    for cat, group in itertools.groupby(map(unicodedata.category, map(chr, range(first, last + 1)))):
+        n = sum(1 for _ in group)
+        runs.append((cp, cp + n - 1, cat))
+        cp += n
+    return runs
+
+
+_ASCII_PATTERN = _pattern(_runs(0, 0x7F))
+
+
+@functools.lru_cache(maxsize=1)
+def _unicode_tables():
+    """(runs of unassigned and surrogate code points, the full pattern): built once."""
+    runs = _runs(0, 0x10FFFF)
+    unknown = [(a, b) for a, b, c in runs if c in ("Cn", "Cs")]
+    return unknown, _pattern(runs)
+
+
+def _uncovered(unknown, outside):
+    """The first run of ``unknown`` not inside the ``outside`` ranges, or None."""
+    covered, j = sorted(outside), 0
+    for a, b in unknown:
+        while j < len(covered) and covered[j][1] < a:
+            j += 1
+        # a run may span adjacent outside ranges: walk them
+        k, reach = j, a - 1
+        while k < len(covered) and covered[k][0] <= reach + 1 and reach < b:
+            reach = max(reach, covered[k][1])
+            k += 1
+        if reach < b:
+            return a, b
+    return None
+
+
+class FastTokenizer:
+    """``encode(text) -> ids`` with the ids of ``tokenizers`` for the portable kind;
+    ``from_spec`` returns the twin of whichever kind a file is."""
+
+    kind = KIND_PORTABLE
+
+    def __init__(self, vocab: dict, outside, unk_id: int, max_length: int | None = None,
+                 fallback=None):
+        self.vocab = vocab
+        self.unk_id = unk_id
+        self.max_length = max_length
+        self.outside = [tuple(r) for r in outside]
+        #: ``fallback(texts) -> [ids]`` for non-ASCII texts when this Python lacks part of
+        #: the repertoire (None: raise NotPortable then)
+        self.fallback = fallback
+        self._long = LONG_TEXT_CHARS_PER_TOKEN * max_length if max_length else None
+        self._checked = False
+        self._unicode_ok = False
+        self._problem = None
+
+    @classmethod
+    def from_spec(cls, spec: dict, fallback=None) -> "FastTokenizer":
+        """The twin of ``spec``'s kind (``portable``, ``regex``, ``regex-start`` or
+        ``wordlevel``); NotPortable for any other tokenizer."""
+        if cls is FastTokenizer:
+            kind = kind_of(spec)
+            if kind in (KIND_REGEX, KIND_REGEX_START):
+                return RegexFastTokenizer.from_spec(spec, fallback)
+            if kind == KIND_WORDLEVEL:
+                return WordLevelFastTokenizer.from_spec(spec, fallback)
+        problem = portable_problem(spec)
+        if problem:
+            raise NotPortable(f"not a tokenizer probattn reproduces (portable: {problem}; regex: not "
+                              f"MediaPipe's regex tokenizer; wordlevel: {wordlevel_problem(spec)})")
+        outside = parse_outside_pattern(spec["normalizer"]["normalizers"][0]["pattern"]["Regex"])
+        model = spec["model"]
+        trunc = spec.get("truncation")
+        return cls(model["vocab"], outside, model["vocab"][UNK_TOKEN],
+                   trunc["max_length"] if trunc else None, fallback)
+
+    @classmethod
+    def from_file(cls, path, fallback=None) -> "FastTokenizer":
+        return cls.from_spec(json.loads(Path(path).read_text(encoding="utf-8")), fallback)
+
+    # -- the Unicode check, on the first non-ASCII text -------------------------------
+    def unicode_problem(self) -> str | None:
+        """None when this Python knows every code point the repertoire keeps."""
+        if not self._checked:
+            unknown, self._pattern = _unicode_tables()
+            gap = _uncovered(unknown, self.outside)
+            if gap:
+                self._problem = (f"this Python's Unicode {unicodedata.unidata_version} does not know "
+                                 f"U+{gap[0]:04X}..U+{gap[1]:04X}, which the tokenizer's repertoire keeps "
+                                 "(it was built with a newer Unicode database)")
+            self._outside_sub = re.compile(_alt(self.outside)).sub if self.outside else None
+            self._checked, self._unicode_ok = True, gap is None
+        return self._problem
+
+    def _unicode(self) -> bool:
+        if not self._checked:
+            self.unicode_problem()
+        return self._unicode_ok
+
+    def needs_fallback(self) -> bool:
+        """True when some texts go to the ``fallback`` (load it while it can be loaded)."""
+        return self.unicode_problem() is not None
+
+    # -- the stages, for checks --------------------------------------------------------
+    def normalize(self, text: str) -> str:
+        if text.isascii():
+            return text.lower()
+        if not self._unicode():
+            raise NotPortable(self._problem)
+        if self._outside_sub is not None:
+            text = self._outside_sub(REPLACEMENT_CHAR, text)
+        text = unicodedata.normalize("NFKC", text).lower()
+        return text.replace(FINAL_SIGMA, SIGMA) if FINAL_SIGMA in text else text
+
+    def pre_tokenize(self, normalized: str) -> list:
+        if normalized.isascii():
+            return _ASCII_PATTERN.findall(normalized)
+        if not self._unicode():
+            raise NotPortable(self._problem)
+        return self._pattern.findall(normalized)
+
+    # -- encoding ----------------------------------------------------------------------
+    def _ids(self, text: str, pattern) -> list:
+        if self._long is not None and len(text) > self._long:
+            tokens = [m.group() for m in islice(pattern.finditer(text), self.max_length)]
+        else:
+            tokens = pattern.findall(text)
+        ids = list(map(self.vocab.get, tokens, repeat(self.unk_id)))
+        return ids if self.max_length is None else ids[: self.max_length]
+
+    def encode(self, text: str) -> list:
+        if text.isascii():
+            return self._ids(text.lower(), _ASCII_PATTERN)
+        if not self._unicode():
+            if self.fallback is None:
+                raise NotPortable(self._problem)
+            return self.fallback([text])[0]
+        return self._encode_unicode(text)
+
+    def _encode_unicode(self, text: str) -> list:
+        if self._outside_sub is not None:
+            text = self._outside_sub(REPLACEMENT_CHAR, text)
+        text = unicodedata.normalize("NFKC", text).lower()
+        if FINAL_SIGMA in text:
+            text = text.replace(FINAL_SIGMA, SIGMA)
+        return self._ids(text, _ASCII_PATTERN if text.isascii() else self._pattern)
+
+    def encode_batch(self, texts) -> list:
+        out, later = [], []
+        ids, pattern = self._ids, _ASCII_PATTERN
+        for i, text in enumerate(texts):
+            if text.isascii():
+                out.append(ids(text.lower(), pattern))
+            elif self._unicode():
+                out.append(self._encode_unicode(text))
+            elif self.fallback is None:
+                raise NotPortable(self._problem)
+            else:
+                out.append(None)
+                later.append(i)
+        if later:
+            for i, row in zip(later, self.fallback([texts[i] for i in later])):
+                out[i] = row
+        return out
+
+
+def _truncation(spec):
+    trunc = spec.get("truncation")
+    return trunc["max_length"] if trunc else None
+
+
+class RegexFastTokenizer:
+    """The twin of the ``regex`` / ``regex-start`` kinds (MediaPipe's regex tokenizer): every
+    text, no Unicode table needed (the word class is ASCII, everything else delimits)."""
+
+    WORD = re.compile(r"[0-9A-Za-z_']+")
+
+    def __init__(self, vocab: dict, unk_id: int, start_id: int | None, max_length: int | None):
+        self.vocab, self.unk_id, self.start_id, self.max_length = vocab, unk_id, start_id, max_length
+        self.kind = KIND_REGEX_START if start_id is not None else KIND_REGEX
+        self.fallback = None
+        # tokenizers keeps room for the <START> id the post-processor adds
+        self._keep = None if max_length is None else max(0, max_length - (start_id is not None))
+        self._long = LONG_TEXT_CHARS_PER_TOKEN * max_length if max_length else None
+
+    @classmethod
+    def from_spec(cls, spec: dict, fallback=None) -> "RegexFastTokenizer":
+        regex = regex_spec(spec)
+        if regex is None:
+            raise NotPortable("not MediaPipe's regex tokenizer")
+        model = spec["model"]
+        vocab = model["vocab"]
+        return cls(vocab, vocab[model["unk_token"]], vocab[REGEX_START] if regex["start"] else None,
+                   _truncation(spec))
+
+    def unicode_problem(self) -> str | None:
+        return None
+
+    def needs_fallback(self) -> bool:
+        return False
+
+    def normalize(self, text: str) -> str:
+        return text
+
+    def pre_tokenize(self, normalized: str) -> list:
+        return self.WORD.findall(normalized)
+
+    def encode(self, text: str) -> list:
+        if self._long is not None and len(text) > self._long:
+            words = [m.group() for m in islice(self.WORD.finditer(text), self._keep)]
+        else:
+            words = self.WORD.findall(text)
+        if self._keep is not None:
+            words = words[: self._keep]
+        ids = list(map(self.vocab.get, words, repeat(self.unk_id)))
+        return ids if self.start_id is None else [self.start_id] + ids
+
+    def encode_batch(self, texts) -> list:
+        return [self.encode(t) for t in texts]
+
+
+class WordLevelFastTokenizer:
+    """The twin of the ``wordlevel`` kind (the earlier default) on ASCII texts; non-ASCII
+    texts go to ``fallback`` (``tokenizers``), or NotPortable without one."""
+
+    #: Oniguruma's ``\\w+|[^\\w\\s]+`` restricted to ASCII: ``\\s`` is Unicode White_Space
+    #: (tab to carriage return and space), so \\x1c-\\x1f are not spaces there (Python's
+    #: ``\\s`` says they are)
+    ASCII_PATTERN = re.compile(r"[0-9A-Za-z_]+|[^0-9A-Za-z_\t\n\x0b\x0c\r ]+")
+    PROBLEM = ("the wordlevel tokenizer's Whitespace pre-tokenizer and NFKC/lowercase have no exact "
+               "pure-Python twin outside ASCII")
+
+    def __init__(self, vocab: dict, unk_id: int, added: dict, max_length: int | None, fallback=None):
+        self.vocab, self.unk_id, self.added, self.max_length = vocab, unk_id, added, max_length
+        self.fallback = fallback
+        self.kind = KIND_WORDLEVEL
+        # added tokens are matched in the raw text, longest first at each position
+        self._added = re.compile("(" + "|".join(re.escape(a) for a in sorted(added, key=len, reverse=True)) + ")") \
+            if added else None
+
+    @classmethod
+    def from_spec(cls, spec: dict, fallback=None) -> "WordLevelFastTokenizer":
+        problem = wordlevel_problem(spec)
+        if problem:
+            raise NotPortable(f"not the wordlevel tokenizer: {problem}")
+        model = spec["model"]
+        added = {a["content"]: a["id"] for a in spec.get("added_tokens") or []}
+        return cls(model["vocab"], model["vocab"][model["unk_token"]], added, _truncation(spec), fallback)
+
+    def unicode_problem(self) -> str | None:
+        return self.PROBLEM
+
+    def needs_fallback(self) -> bool:
+        return True
+
+    def _ascii_ids(self, text: str) -> list:
+        pieces = self._added.split(text) if self._added is not None else [text]
+        ids = []
+        for i, piece in enumerate(pieces):
+            if i % 2:  # an added token
+                ids.append(self.added[piece])
+            elif piece:
+                ids += map(self.vocab.get, self.ASCII_PATTERN.findall(piece.lower()), repeat(self.unk_id))
+            if self.max_length is not None and len(ids) >= self.max_length:
+                break
+        return ids if self.max_length is None else ids[: self.max_length]
+
+    def encode(self, text: str) -> list:
+        if text.isascii():
+            return self._ascii_ids(text)
+        if self.fallback is None:
+            raise NotPortable(self.PROBLEM)
+        return self.fallback([text])[0]
+
+    def encode_batch(self, texts) -> list:
+        out, later = [], []
+        for i, text in enumerate(texts):
+            if text.isascii():
+                out.append(self._ascii_ids(text))
+            elif self.fallback is None:
+                raise NotPortable(self.PROBLEM)
+            else:
+                out.append(None)
+                later.append(i)
+        if later:
+            for i, row in zip(later, self.fallback([texts[i] for i in later])):
+                out[i] = row
+        return out
