@@ -1,77 +1,396 @@
-"""Bundle manifest: what is in a bundle, with hashes, versions and the signature (TF-free)."""
+"""Bundles: the manifest (its schema, checked completely), the SHA-256 of every file, and
+reading a bundle as one consistent generation (TF-free).
+
+A bundle is something users download and pass around, and CI verifies bundles from pull
+requests, so everything in it is checked before anything runs:
+
+* ``validate_manifest``: every field's type and range (labels, vocabulary size, maximum
+  length, the signature and its class count, artifacts unique by path and by format and
+  precision, each at the path its format and precision name, input shapes); paths are plain
+  relative names (no absolute path, ``..``, NUL or backslash).
+* ``contents``: ``{relative path: sha256}`` of every file of the bundle but the ones the
+  tool itself writes later (``manifest.json``, the output marker, ``report/``, ``bench/``),
+  SavedModel variables included. Each artifact's ``sha256`` must agree with it (a directory
+  artifact's hash is ``tree_digest`` of its files).
+* ``Bundle``: opens the bundle once (``fsutil.LockedDirectory``: a shared lock on the
+  directory, every file opened relative to it with no link followed and no FIFO or device
+  opened), so a concurrent ``export --overwrite`` can never mix two bundles, and returns
+  file contents only after their hash matched.
+"""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import re
 from pathlib import Path
 
 from probattn.models.errors import UsageError
-from probattn.models.fsutil import sha256_path  # noqa: F401  (re-exported: bundles are hashed with it)
+from probattn.models.fsutil import (OUTPUT_MARKER, LockedDirectory, safe_relpath, sha256_path,  # noqa: F401
+                                    tree_digest, write_file_at)
+from probattn.models.text.tokenizer import MAX_LENGTH_LIMIT, PAD_ID, UNK_ID
+from probattn.models.text.tokenizer_guard import MAX_TOKENIZER_BYTES, MAX_VOCAB
 
-from .contract import FORMATS, PRECISIONS, SUPPORTED
+from . import contract as C
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
+#: written by verify and bench into a bundle (with no-follow semantics), never hashed, never run
+REPORT_DIR, BENCH_DIR = "report", "bench"
+#: top-level names of a bundle that are the tool's own (not in ``contents``)
+OWN_ENTRIES = (MANIFEST, OUTPUT_MARKER, REPORT_DIR, BENCH_DIR)
+
+MAX_MANIFEST_BYTES = 16 << 20
+#: labels: at most this many, each at most this long
+MAX_LABELS, MAX_LABEL_CHARS = 10_000, 200
+MAX_ARTIFACTS = 64
+MAX_FILES = 512
+#: artifact files read into memory at most (ONNX's own limit is 2 GB)
+MAX_ARTIFACT_BYTES = 2 << 30
+#: test split read by verify and bench
+MAX_TEST_DATA_BYTES = 256 << 20
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def size_of(path: Path) -> int:
     path = Path(path)
     if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
     return path.stat().st_size
 
 
-def load_manifest(bundle) -> dict:
-    bundle = Path(bundle)
-    if not bundle.exists():
-        raise UsageError(f"bundle not found: {bundle}")
-    if not bundle.is_dir():
-        raise UsageError(f"expected a bundle directory (from 'probattn export'), received a file: {bundle}")
-    path = bundle / MANIFEST
-    if not path.is_file():
-        raise UsageError(f"{bundle} is not a bundle: no {MANIFEST} (make one with 'probattn export')")
+# ------------------------------------------------------------------ the schema
+
+def _int_in(m, key, lo, hi, where):
+    v = m.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise UsageError(f"{where}: '{key}' must be an integer from {lo:,} to {hi:,}; found {v!r}")
+    return v
+
+
+def _sha(v, what, where):
+    if not isinstance(v, str) or not _HEX64.fullmatch(v):
+        raise UsageError(f"{where}: {what} must be a SHA-256 (64 lowercase hex digits); found {str(v)[:80]!r}")
+    return v
+
+
+def _dims(shape, what, where):
+    if not isinstance(shape, list) or len(shape) != 2:
+        raise UsageError(f"{where}: {what} shape must be a list of 2 dims; found {shape!r}")
+    for d in shape:
+        if isinstance(d, bool) or not (isinstance(d, str) and 0 < len(d) <= 64
+                                       or isinstance(d, int) and 1 <= d <= MAX_LENGTH_LIMIT * 4):
+            raise UsageError(f"{where}: {what} dims must be names or integers from 1 to {MAX_LENGTH_LIMIT * 4:,}; "
+                             f"found {shape!r}")
+    return shape
+
+
+def _output_name_ok(name) -> bool:
+    return isinstance(name, str) and (name in C.OUTPUT_ORDER or name.startswith(C.PROBABILITIES + "_"))
+
+
+def _expected_path(entry) -> str | None:
+    """Where a format / precision lives in a bundle (None: the Keras reference may be any of
+    the reference files)."""
+    if entry["format"] == "keras":
+        return None
+    dtype = entry.get("output_dtype", C.OUTPUT_DTYPE)
+    extra = {} if dtype == C.OUTPUT_DTYPE else {"output_dtype": dtype}
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(manifest, dict):
-        raise UsageError(f"{path}: expected a JSON object, received {type(manifest).__name__}")
-    version = manifest.get("schema_version")
-    if not isinstance(version, int):
-        raise UsageError(f"{path}: missing or non-integer schema_version ({version!r})")
+        return C.artifact_filename(entry["format"], entry["precision"], **extra)
+    except TypeError:  # a field this version does not know
+        raise UsageError(f"artifact {entry['path']}: output_dtype {dtype!r} is not allowed; allowed: "
+                         f"{C.OUTPUT_DTYPE}") from None
+
+
+def validate_manifest(m, where: str = MANIFEST) -> dict:
+    """Check every field ``manifest.json`` may hold and their consistency; return it."""
+    if not isinstance(m, dict):
+        raise UsageError(f"{where}: expected a JSON object, received {type(m).__name__}")
+    version = m.get("schema_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise UsageError(f"{where}: missing or non-integer schema_version ({version!r})")
     if version > SCHEMA_VERSION:
-        raise UsageError(f"{path} has schema_version {version}; this probattn reads up to "
-                         f"{SCHEMA_VERSION} (upgrade probattn)")
-    for key in ("artifacts", "signature", "labels", "vocab_size", "tokenizer"):
-        if key not in manifest:
-            raise UsageError(f"{path}: missing field '{key}'")
-    tok = manifest["tokenizer"]
-    if not isinstance(tok, dict) or not isinstance(tok.get("path"), str):
-        raise UsageError(f"{path}: field 'tokenizer' must be an object with a 'path'")
-    labels = manifest["labels"]
-    if not isinstance(labels, list) or len(labels) < 2 or len(set(map(str, labels))) != len(labels):
-        raise UsageError(f"{path}: 'labels' must be a list of at least 2 distinct names; found {labels!r}")
-    if not isinstance(manifest["vocab_size"], int) or manifest["vocab_size"] < 3:
-        raise UsageError(f"{path}: 'vocab_size' must be an integer >= 3; found {manifest['vocab_size']!r}")
-    if not isinstance(manifest["artifacts"], list):
-        raise UsageError(f"{path}: 'artifacts' must be a list")
-    for i, a in enumerate(manifest["artifacts"]):
+        raise UsageError(f"{where} has schema_version {version}; this probattn reads up to {SCHEMA_VERSION} "
+                         "(upgrade probattn)")
+    if version < SCHEMA_VERSION:
+        raise UsageError(f"{where} has schema_version {version}, from an earlier probattn that did not hash every "
+                         f"file of a bundle; this probattn reads {SCHEMA_VERSION}: export the bundle again")
+    for key in ("artifacts", "signature", "labels", "vocab_size", "max_length", "tokenizer", "contents"):
+        if key not in m:
+            raise UsageError(f"{where}: missing field '{key}'")
+
+    labels = m["labels"]
+    if not isinstance(labels, list) or not 2 <= len(labels) <= MAX_LABELS:
+        raise UsageError(f"{where}: 'labels' must be a list of 2 to {MAX_LABELS:,} names; found "
+                         f"{labels if not isinstance(labels, list) else f'{len(labels)} entries'!r}")
+    for lab in labels:
+        if not isinstance(lab, str) or not 0 < len(lab) <= MAX_LABEL_CHARS \
+                or any(ord(c) < 32 or c in "\x7f\x85\u2028\u2029" for c in lab):
+            raise UsageError(f"{where}: each label must be a name of 1 to {MAX_LABEL_CHARS} printable characters; "
+                             f"found {str(lab)[:60]!r}")
+    if len(set(labels)) != len(labels):
+        raise UsageError(f"{where}: 'labels' must be a list of at least 2 distinct names; found {labels[:10]!r}")
+    _int_in(m, "vocab_size", 3, MAX_VOCAB, where)
+    _int_in(m, "max_length", 1, MAX_LENGTH_LIMIT, where)
+    for key, want in (("pad_id", PAD_ID), ("unk_id", UNK_ID)):
+        if key in m and (isinstance(m[key], bool) or m[key] != want):
+            raise UsageError(f"{where}: '{key}' must be {want}; found {m[key]!r}")
+
+    sig = m["signature"]
+    if not isinstance(sig, dict) or not isinstance(sig.get("inputs"), list) or not isinstance(sig.get("outputs"), list):
+        raise UsageError(f"{where}: 'signature' must be an object with 'inputs' and 'outputs' lists")
+    ins = sig["inputs"]
+    if len(ins) != 1 or not isinstance(ins[0], dict) or ins[0].get("name") != C.INPUT or ins[0].get("dtype") != C.INPUT_DTYPE:
+        raise UsageError(f"{where}: the signature must have one input '{C.INPUT}' of dtype {C.INPUT_DTYPE}; found "
+                         f"{json.dumps(ins)[:160]}")
+    _dims(ins[0].get("shape"), f"input '{C.INPUT}'", where)
+    outs = sig["outputs"]
+    names = [o.get("name") if isinstance(o, dict) else None for o in outs]
+    if not 1 <= len(outs) <= 16 or not all(_output_name_ok(n) for n in names) or len(set(names)) != len(names) \
+            or C.PROBABILITIES not in names:
+        raise UsageError(f"{where}: the signature's outputs must be '{C.PROBABILITIES}' and optionally "
+                         f"'{C.ATTENTION}', each once; found {names!r}")
+    for o in outs:
+        if o.get("dtype") != C.OUTPUT_DTYPE:
+            raise UsageError(f"{where}: output '{o['name']}' must be {C.OUTPUT_DTYPE}; found {o.get('dtype')!r}")
+        _dims(o.get("shape"), f"output '{o['name']}'", where)
+    classes = next(o for o in outs if o["name"] == C.PROBABILITIES)["shape"][1]
+    if classes != len(labels):
+        raise UsageError(f"{where}: output '{C.PROBABILITIES}' has {classes!r} classes but there are {len(labels)} "
+                         "labels; they must agree")
+
+    contents = m["contents"]
+    if not isinstance(contents, dict) or not 1 <= len(contents) <= MAX_FILES:
+        raise UsageError(f"{where}: 'contents' must map 1 to {MAX_FILES} file paths to their SHA-256")
+    for rel, digest in contents.items():
+        safe_relpath(rel, f"{where}: contents path")
+        if rel.split("/")[0] in OWN_ENTRIES:
+            raise UsageError(f"{where}: contents path '{rel}' is one probattn writes itself; it cannot be an input")
+        _sha(digest, f"the hash of '{rel}'", where)
+
+    def covered(rel, digest, what):
+        """A file: in contents with the same hash. A directory: its files in contents, same tree hash."""
+        if rel in contents:
+            if contents[rel] != digest:
+                raise UsageError(f"{where}: {what} '{rel}' has sha256 {digest[:12]}... but contents lists "
+                                 f"{contents[rel][:12]}...; they must agree")
+            return
+        inner = {k[len(rel) + 1:]: v for k, v in contents.items() if k.startswith(rel + "/")}
+        if not inner:
+            raise UsageError(f"{where}: {what} '{rel}' is not listed in contents")
+        if tree_digest(inner) != digest:
+            raise UsageError(f"{where}: {what} '{rel}' has sha256 {digest[:12]}... but its files in contents hash to "
+                             f"{tree_digest(inner)[:12]}...; they must agree")
+
+    tok = m["tokenizer"]
+    if not isinstance(tok, dict):
+        raise UsageError(f"{where}: field 'tokenizer' must be an object with a 'path' and a 'sha256'")
+    safe_relpath(tok.get("path"), f"{where}: tokenizer path")
+    _sha(tok.get("sha256"), "the tokenizer's sha256", where)
+    covered(tok["path"], tok["sha256"], "tokenizer")
+    test = m.get("test_data")
+    if test is not None:
+        safe_relpath(test, f"{where}: test_data path")
+        if test not in contents:
+            raise UsageError(f"{where}: test_data '{test}' is not listed in contents")
+
+    arts = m["artifacts"]
+    if not isinstance(arts, list) or not 1 <= len(arts) <= MAX_ARTIFACTS:
+        raise UsageError(f"{where}: 'artifacts' must be a list of 1 to {MAX_ARTIFACTS} entries")
+    paths, keys = set(), set()
+    for i, a in enumerate(arts):
         if not isinstance(a, dict) or not all(isinstance(a.get(k), str) for k in ("path", "format", "precision", "sha256")):
-            raise UsageError(f"{path}: artifact #{i} needs string fields path, format, precision and sha256")
-        if a["format"] not in FORMATS or a["precision"] not in SUPPORTED[a["format"]]:
-            raise UsageError(f"{path}: artifact {a['path']} has format '{a['format']}' / precision "
-                             f"'{a['precision']}'; allowed formats {', '.join(FORMATS)}, precisions {', '.join(PRECISIONS)}")
-    return manifest
+            raise UsageError(f"{where}: artifact #{i} needs string fields path, format, precision and sha256")
+        if a["format"] not in C.FORMATS or a["precision"] not in C.SUPPORTED[a["format"]]:
+            raise UsageError(f"{where}: artifact {a['path']} has format '{a['format']}' / precision "
+                             f"'{a['precision']}'; allowed formats {', '.join(C.FORMATS)}, precisions "
+                             f"{', '.join(C.PRECISIONS)}")
+        safe_relpath(a["path"], f"{where}: artifact path")
+        expected = _expected_path(a)
+        if expected is not None and a["path"] != expected:
+            raise UsageError(f"{where}: artifact {a['path']} is listed as {a['format']} {a['precision']}, which lives "
+                             f"at {expected}; a file cannot be served as another precision")
+        key = (a["format"], a["precision"], a.get("output_dtype", C.OUTPUT_DTYPE))
+        if a["path"] in paths or key in keys:
+            raise UsageError(f"{where}: artifact {a['path']} ({a['format']} {a['precision']}) is listed twice; "
+                             "entries must be unique")
+        paths.add(a["path"])
+        keys.add(key)
+        _sha(a["sha256"], f"the sha256 of {a['path']}", where)
+        covered(a["path"], a["sha256"], "artifact")
+        if "bytes" in a:
+            _int_in(a, "bytes", 0, 1 << 40, f"{where}: artifact {a['path']}")
+        if "input_shape" in a and a["input_shape"] is not None:
+            _dims(a["input_shape"], f"artifact {a['path']} input", where)
+    return m
 
 
-def write_manifest(bundle, manifest: dict) -> None:
-    path = Path(bundle) / MANIFEST
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(json.dumps(manifest, indent=1))
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+# ------------------------------------------------------------------ reading
+
+def read_manifest(d: LockedDirectory) -> dict:
+    raw = d.read(MANIFEST, MAX_MANIFEST_BYTES, "manifest")
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise UsageError(f"{d.path / MANIFEST} is not valid JSON ({type(e).__name__}: {str(e)[:120]})") from None
+    return validate_manifest(manifest, str(d.path / MANIFEST))
+
+
+def _open(bundle) -> LockedDirectory:
+    bundle = Path(bundle)
+    d = LockedDirectory(bundle, "bundle")
+    try:
+        d.__enter__()
+    except UsageError as e:
+        if "not found" in str(e):
+            raise UsageError(f"bundle not found: {bundle}") from None
+        if "received a file" in str(e):
+            raise UsageError(f"expected a bundle directory (from 'probattn export'), received a file: {bundle}") from None
+        raise
+    st = d.lstat(MANIFEST)
+    if st is None:
+        d.close()
+        raise UsageError(f"{bundle} is not a bundle: no {MANIFEST} (make one with 'probattn export')")
+    return d
+
+
+def load_manifest(bundle) -> dict:
+    """The validated manifest of ``bundle`` (read once, under the bundle's shared lock)."""
+    d = _open(bundle)
+    try:
+        return read_manifest(d)
+    finally:
+        d.close()
+
+
+class Bundle:
+    """A bundle opened for reading: one directory descriptor under a shared lock for its whole
+    life (``with Bundle(path) as b``), the manifest validated, and every file handed out only
+    after its SHA-256 matched ``contents``.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.dir = None
+        self.manifest = None
+
+    def __enter__(self):
+        self.dir = _open(self.path)
+        try:
+            self.manifest = read_manifest(self.dir)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        if self.dir is not None:
+            self.dir.close()
+            self.dir = None
+
+    @property
+    def contents(self) -> dict:
+        return self.manifest["contents"]
+
+    def read(self, rel: str, max_bytes: int, what: str = "file") -> bytes:
+        """The bytes of a file listed in ``contents``, after its hash matched."""
+        import hashlib
+
+        if rel not in self.contents:
+            raise UsageError(f"{what} '{rel}' is not listed in the manifest's contents; refusing to read it")
+        data = self.dir.read(rel, max_bytes, what)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != self.contents[rel]:
+            raise UsageError(f"{what} {rel} does not match its manifest hash (sha256 {digest[:12]}…, manifest "
+                             f"{self.contents[rel][:12]}…); it was modified or damaged, refusing to load it")
+        return data
+
+    def check_file(self, rel: str, what: str = "file") -> None:
+        """Hash a listed file in place (no copy in memory)."""
+        if rel not in self.contents:
+            raise UsageError(f"{what} '{rel}' is not listed in the manifest's contents; refusing to read it")
+        digest = self.dir.sha256(rel, what)
+        if digest != self.contents[rel]:
+            raise UsageError(f"{what} {rel} does not match its manifest hash (sha256 {digest[:12]}…, manifest "
+                             f"{self.contents[rel][:12]}…); it was modified or damaged, refusing to load it")
+
+    def check_entry(self, entry: dict) -> str:
+        """Check an artifact (a file, or every file of a directory) against the manifest and
+        return a path that reads this generation of it (``/proc/self/fd/N/...``)."""
+        rel = entry["path"]
+        st = self.dir.lstat(rel)
+        if st is None:
+            raise UsageError(f"artifact missing from bundle: {rel} (listed in {MANIFEST})")
+        import stat as _stat
+
+        if _stat.S_ISDIR(st.st_mode):
+            on_disk = self.dir.hash_tree(rel)
+            listed = {k: v for k, v in self.contents.items() if k.startswith(rel + "/")}
+            extra = sorted(set(on_disk) - set(listed))
+            if extra:
+                raise UsageError(f"artifact {rel} holds {extra[0]}, which the manifest does not list; refusing it")
+            for k, v in listed.items():
+                if on_disk.get(k) != v:
+                    if k not in on_disk:
+                        raise UsageError(f"artifact missing from bundle: {k} (listed in {MANIFEST})")
+                    raise UsageError(f"artifact {k} does not match its manifest hash (sha256 {on_disk[k][:12]}…, "
+                                     f"manifest {v[:12]}…); it was modified or damaged, refusing to load it")
+        else:
+            self.check_file(rel, "artifact")
+        return self.dir.fd_path(rel)
+
+    def artifact_bytes(self, entry: dict) -> bytes:
+        return self.read(entry["path"], MAX_ARTIFACT_BYTES, "artifact")
+
+    def check_all(self, strict_tree: bool = False) -> None:
+        """Every artifact, the tokenizer and the test split against their hashes.
+        ``strict_tree``: also refuse any file the manifest does not list (links, FIFOs and
+        devices anywhere are refused while walking)."""
+        for a in self.manifest["artifacts"]:
+            self.check_entry(a)
+        self.check_file(self.manifest["tokenizer"]["path"], "tokenizer")
+        if self.manifest.get("test_data"):
+            self.check_file(self.manifest["test_data"], "test data")
+        if strict_tree:
+            on_disk = self.dir.hash_tree("", skip=OWN_ENTRIES)
+            extra = sorted(set(on_disk) - set(self.contents))
+            if extra:
+                raise UsageError(f"bundle holds {extra[0]}, which the manifest's contents do not list; a bundle holds "
+                                 "only what its manifest hashes")
+            for k, v in self.contents.items():
+                if on_disk.get(k) != v:
+                    raise UsageError(f"{k} does not match its manifest hash; it was modified or damaged")
+
+    def tokenizer(self, notes: list | None = None):
+        """The bundle's tokenizer, hash-checked, with padding off and truncation at the
+        manifest's ``max_length`` (``tokenizer_guard``)."""
+        from probattn.models.text.tokenizer import load_tokenizer
+
+        data = self.read(self.manifest["tokenizer"]["path"], MAX_TOKENIZER_BYTES, "tokenizer")
+        return load_tokenizer(data, max_length=self.manifest["max_length"],
+                              vocab_size=self.manifest["vocab_size"], notes=notes)
+
+    def test_data_bytes(self) -> bytes | None:
+        name = self.manifest.get("test_data")
+        return None if not name else self.read(name, MAX_TEST_DATA_BYTES, "test data")
+
+
+def write_manifest(bundle, manifest: dict, dir_fd: int | None = None) -> None:
+    """Write ``manifest.json`` (through ``dir_fd`` when given: no link followed)."""
+    import os
+
+    data = json.dumps(manifest, indent=1)
+    if dir_fd is not None:
+        write_file_at(dir_fd, MANIFEST, data)
+        return
+    fd = os.open(bundle, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        write_file_at(fd, MANIFEST, data)
+    finally:
+        os.close(fd)
 
 
 def find_artifact(manifest: dict, fmt: str, precision: str = "fp32") -> dict | None:
@@ -82,29 +401,34 @@ def find_artifact(manifest: dict, fmt: str, precision: str = "fp32") -> dict | N
 
 
 def inside(bundle, rel) -> Path:
-    """``bundle / rel`` after checking that ``rel`` is a relative path that stays inside the
-    bundle (no absolute path, no ``..``, no symlink out of it)."""
-    if not isinstance(rel, str) or not rel or "\0" in rel:
-        raise UsageError(f"manifest path {rel!r} is not a file name inside the bundle; refusing it")
-    root = Path(bundle).resolve()
-    path = (root / rel).resolve()
-    if Path(rel).is_absolute() or root not in path.parents:
-        raise UsageError(f"manifest path '{rel}' points outside the bundle; refusing it")
-    return path
+    """``bundle / rel`` after checking that ``rel`` is a plain relative path (no absolute
+    path, no ``..``) and that no component of it inside the bundle is a symbolic link."""
+    safe_relpath(rel, "manifest path")
+    with LockedDirectory(bundle, "bundle", wait=0) as d:
+        st = d.lstat(rel)
+    import stat as _stat
+
+    if st is not None and _stat.S_ISLNK(st.st_mode):
+        raise UsageError(f"manifest path '{rel}' is a symbolic link; refusing it")
+    return Path(bundle) / rel
 
 
 def verified_path(bundle, entry: dict) -> Path:
-    """The artifact's path after checking it exists, stays inside the bundle and matches
-    its manifest hash. Refuses anything else with a UsageError."""
-    bundle = Path(bundle).resolve()
-    path = (bundle / entry["path"]).resolve()
-    if bundle not in path.parents:
-        raise UsageError(f"manifest path '{entry['path']}' points outside the bundle; refusing it")
-    if not path.exists():
-        raise UsageError(f"artifact missing from bundle: {entry['path']} (listed in {MANIFEST})")
-    digest = sha256_path(path)
+    """The artifact's path after checking it exists, stays inside the bundle (no link
+    anywhere on the way) and matches its manifest hash."""
+    safe_relpath(entry.get("path"), "manifest path")
+    with LockedDirectory(bundle, "bundle") as d:
+        rel = entry["path"]
+        st = d.lstat(rel)
+        if st is None:
+            raise UsageError(f"artifact missing from bundle: {rel} (listed in {MANIFEST})")
+        import stat as _stat
+
+        if _stat.S_ISDIR(st.st_mode):
+            digest = tree_digest({k[len(rel) + 1:]: v for k, v in d.hash_tree(rel).items()})
+        else:
+            digest = d.sha256(rel, "artifact")
     if digest != entry.get("sha256"):
-        raise UsageError(f"artifact {entry['path']} does not match its manifest hash "
-                         f"(sha256 {digest[:12]}…, manifest {str(entry.get('sha256'))[:12]}…); "
-                         "it was modified or damaged, refusing to load it")
-    return path
+        raise UsageError(f"artifact {rel} does not match its manifest hash (sha256 {digest[:12]}…, manifest "
+                         f"{str(entry.get('sha256'))[:12]}…); it was modified or damaged, refusing to load it")
+    return Path(bundle) / rel

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from probattn.models.errors import UsageError
-from probattn.models.fsutil import atomic_directory, check_output_dir
+from probattn.models.fsutil import atomic_directory, check_output_dir, hash_tree, read_regular
 from probattn.models.text.tokenizer import PAD_ID, UNK_ID, load_tokenizer
 
 from . import bundle as B
@@ -56,7 +56,12 @@ def resolve_source(source, opts: ExportOptions) -> Source:
         labels = _read_labels(source / "labels.json")
         cfg = {}
         if (source / "config.json").is_file():
-            cfg = json.loads((source / "config.json").read_text())
+            try:
+                cfg = json.loads(read_regular(source / "config.json", 1 << 20, what="run config"))
+            except ValueError:
+                raise UsageError(f"{source / 'config.json'} is not valid JSON") from None
+            if not isinstance(cfg, dict):
+                raise UsageError(f"{source / 'config.json'}: expected a JSON object")
         tok = Path(opts.tokenizer) if opts.tokenizer else source / "tokenizer.json"
         return Source(source / "model.keras", tok, _read_labels(opts.labels) if opts.labels else labels,
                       opts.max_length or cfg.get("max_length"),
@@ -75,7 +80,10 @@ def _read_labels(path) -> list:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"labels file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = read_regular(path, 4 << 20, what="labels file").decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not valid UTF-8") from None
     try:
         labels = json.loads(text)
     except json.JSONDecodeError:
@@ -118,10 +126,18 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
     if C.selection_is_empty(selected, precisions):
         raise UsageError(f"--formats {','.join(selected)} with --precisions {','.join(precisions)} selects no "
                          "artifact (" + "; ".join(f"{f} has {', '.join(C.SUPPORTED[f])}" for f in C.EXPORT_FORMATS) + ")")
-    check_output_dir(out, opts.overwrite, B.MANIFEST)  # before the slow part, not after it
+    check_output_dir(out, opts.overwrite, "bundle")  # before the slow part, not after it
     src = resolve_source(source, opts)
-    tokenizer = load_tokenizer(src.tokenizer_path)
+    notes = []
+    tokenizer = load_tokenizer(src.tokenizer_path, notes=notes)  # padding off, the file's own truncation
     max_length = src.max_length or (tokenizer.truncation or {}).get("max_length") or 64
+    from probattn.models.text.tokenizer import MAX_LENGTH_LIMIT
+
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= MAX_LENGTH_LIMIT:
+        raise UsageError(f"max length {max_length!r} is out of range; allowed: 1 to {MAX_LENGTH_LIMIT:,}")
+    tokenizer = load_tokenizer(src.tokenizer_path, max_length=max_length, notes=notes)
+    for note in dict.fromkeys(notes):
+        log(f"note: {note}")
     cal_texts = None
     if "tflite" in selected and "int8" in precisions:
         cal_texts = _calibration_texts(src, opts)
@@ -149,12 +165,13 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
                          "pass the tokenizer the model was trained with")
 
     artifacts = []
-    with atomic_directory(out, overwrite=opts.overwrite, marker=B.MANIFEST) as tmp:
+    with atomic_directory(out, overwrite=opts.overwrite, kind="bundle") as tmp:
         def record(built: formats.Built):
             path = tmp / built.path
             entry = {"path": built.path, "format": built.format, "precision": built.precision,
                      "bytes": B.size_of(path), "sha256": B.sha256_path(path),
                      "seconds": round(built.seconds, 2), **built.extra}
+            entry.update(audit_built(path, built, vocab_size, n_classes, max_length, opts.unsafe))
             artifacts.append(entry)
             log(f"  ✓ {built.format:<10} {built.precision:<12} {entry['bytes'] / 1e6:8.2f} MB  "
                 f"{built.seconds:6.1f} s  {built.path}")
@@ -166,7 +183,12 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
         else:
             model.save(tmp / keras_rel)
         record(formats.Built("keras", "fp32", keras_rel, time.perf_counter() - t))
-        shutil.copyfile(src.tokenizer_path, tmp / "tokenizer.json")
+        from probattn.models.text.tokenizer_guard import MAX_TOKENIZER_BYTES, sanitize
+
+        # the bundle's tokenizer: the user's, with padding off and truncation at max_length
+        safe, _ = sanitize(read_regular(src.tokenizer_path, MAX_TOKENIZER_BYTES, what="tokenizer file"),
+                           max_length=max_length, vocab_size=vocab_size)
+        (tmp / "tokenizer.json").write_text(safe, encoding="utf-8")
         if src.test_data:
             shutil.copyfile(src.test_data, tmp / "test.jsonl")
 
@@ -191,11 +213,44 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
             "test_data": "test.jsonl" if src.test_data else None,
             "source": {"model": str(src.model_path), **src.extra},
             "artifacts": artifacts,
+            # every file of the bundle and its hash (SavedModel variables included)
+            "contents": hash_tree(tmp, what="bundle", skip=B.OWN_ENTRIES),
             "export_seconds": round(time.perf_counter() - t_start, 1),
             "verdict": None,
         }
+        B.validate_manifest(manifest, "the manifest being written")
         B.write_manifest(tmp, manifest)
     return manifest
+
+
+def audit_built(path: Path, built, vocab_size: int, n_classes: int, max_length: int, unsafe: bool) -> dict:
+    """The checks predict, verify and bench run on an artifact, run on what export just
+    built, so a bundle never ships what its readers would refuse. Returns what goes into the
+    manifest entry (an ONNX file's I/O signature and ops)."""
+    if built.format == "savedmodel":
+        from .audit import savedmodel
+
+        savedmodel.audit(path, unsafe=unsafe, what="the exported SavedModel")
+        return {}
+    if built.format != "onnx":
+        return {}
+    from .audit import onnx as onnx_audit
+
+    data = read_regular(path, onnx_audit.MAX_FILE_BYTES, what="ONNX model")
+    what = f"the exported {built.path}"
+    report = onnx_audit.audit(data, what=what, model_dir=path.parent, vocab_size=vocab_size, n_classes=n_classes)
+    problem = onnx_audit.precision_problem(report, built.precision)
+    if problem:
+        raise UsageError(f"{what} is listed as {built.precision} but {problem}")
+    biggest = onnx_audit.shape_check(data, shape_caps(max_length), what)
+    return {"io": {"inputs": report["inputs"], "outputs": report["outputs"]}, "ops": report["ops"],
+            "largest_static_values": biggest}
+
+
+def shape_caps(max_length: int) -> tuple:
+    """The input ONNX shape inference assumes: one text of 4 x the training length (at least
+    256 tokens), the longest case verify runs; tensors per batch row scale from there."""
+    return (1, max(4 * int(max_length), 256))
 
 
 def _run_formats(ctx: formats.ExportContext, selected, precisions) -> list:
