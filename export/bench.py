@@ -190,7 +190,7 @@ def parse_threads(threads) -> list:
 
 
 def run(bundle, out_dir=None, threads="1,all", quick=False, runtime_names=None, unsafe=False) -> dict:
-    from probattn.models.fsutil import open_output_dir, write_file_at
+    from probattn.models.fsutil import check_output_dir_usable, open_output_dir, write_file_at
 
     bundle = Path(bundle)
     settings = parse_threads(threads)
@@ -199,45 +199,46 @@ def run(bundle, out_dir=None, threads="1,all", quick=False, runtime_names=None, 
         runtimes.get(r)  # one-line error naming the allowed runtimes
     with B.Bundle(bundle) as b:  # shared lock for the whole run: an export cannot replace it meanwhile
         b.check_all(strict_tree=True)
-        if out_dir:
-            out_fd = open_output_dir(out_dir, what="--out")
-        else:
-            try:
-                out_fd = open_output_dir(B.BENCH_DIR, dir_fd=b.dir.fd, what=f"bench directory {bundle}/bench")
-            except UsageError as e:
-                raise UsageError(f"{e}; pass --out DIR to write the results elsewhere") from None
+        where = dict(path=out_dir, what="--out") if out_dir else \
+            dict(path=B.BENCH_DIR, dir_fd=b.dir.fd, what=f"bench directory {bundle}/bench")
+        try:  # refused now, created at the end
+            check_output_dir_usable(**where)
+        except UsageError as e:
+            raise UsageError(str(e) if out_dir else f"{e}; pass --out DIR to write the results elsewhere") from None
+        doc = {"bundle": str(bundle), "machine": machine(), "versions": versions(), "quick": quick,
+               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": []}
+        for i, t in enumerate(settings):
+            cmd = [sys.executable, "-m", "probattn.export.bench", "--worker", str(bundle), str(t),
+                   "1" if quick else "0", ",".join(runtime_names), "1" if i == 0 else "0", "1" if i == 0 else "0",
+                   "1" if unsafe else "0"]
+            env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS=str(t))
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+            last = (proc.stdout.strip().splitlines() or ["{}"])[-1]
+            result = json.loads(last) if last.startswith("{") else {}
+            if "error" in result:
+                raise UsageError(result["error"])
+            if proc.returncode != 0 or "rows" not in result:
+                raise UsageError(f"benchmark worker (threads={t}) failed with exit {proc.returncode}")
+            doc["runs"].append(result)
+        if any(runtimes.get(r).tensorflow_free for r in runtime_names):
+            print("  cold start of 'probattn predict' ...", file=sys.stderr, flush=True)
+            doc["cold_start_predict"] = cold_start(bundle, runs=3 if quick else 5)
+        verdicts = _parity_verdicts(b)
+        accuracy = {}
+        for run_ in doc["runs"]:
+            for r in run_["rows"]:
+                r["parity"] = verdicts.get((r["artifact"], r["runtime"]))
+                if r.get("accuracy") is not None:
+                    accuracy[(r["artifact"], r["runtime"])] = r["accuracy"]
+        for run_ in doc["runs"]:
+            for r in run_["rows"]:
+                r.setdefault("accuracy", accuracy.get((r["artifact"], r["runtime"])))
+        pngs = (("bench_scaling.png", plot_scaling(doc)), ("bench_size_accuracy.png", plot_size_accuracy(doc)))
+        out_fd = open_output_dir(**where)
         try:
-            doc = {"bundle": str(bundle), "machine": machine(), "versions": versions(), "quick": quick,
-                   "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": []}
-            for i, t in enumerate(settings):
-                cmd = [sys.executable, "-m", "probattn.export.bench", "--worker", str(bundle), str(t),
-                       "1" if quick else "0", ",".join(runtime_names), "1" if i == 0 else "0", "1" if i == 0 else "0",
-                       "1" if unsafe else "0"]
-                env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS=str(t))
-                proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
-                last = (proc.stdout.strip().splitlines() or ["{}"])[-1]
-                result = json.loads(last) if last.startswith("{") else {}
-                if "error" in result:
-                    raise UsageError(result["error"])
-                if proc.returncode != 0 or "rows" not in result:
-                    raise UsageError(f"benchmark worker (threads={t}) failed with exit {proc.returncode}")
-                doc["runs"].append(result)
-            if any(runtimes.get(r).tensorflow_free for r in runtime_names):
-                print("  cold start of 'probattn predict' ...", file=sys.stderr, flush=True)
-                doc["cold_start_predict"] = cold_start(bundle, runs=3 if quick else 5)
-            verdicts = _parity_verdicts(b)
-            accuracy = {}
-            for run_ in doc["runs"]:
-                for r in run_["rows"]:
-                    r["parity"] = verdicts.get((r["artifact"], r["runtime"]))
-                    if r.get("accuracy") is not None:
-                        accuracy[(r["artifact"], r["runtime"])] = r["accuracy"]
-            for run_ in doc["runs"]:
-                for r in run_["rows"]:
-                    r.setdefault("accuracy", accuracy.get((r["artifact"], r["runtime"])))
             write_file_at(out_fd, "bench.json", json.dumps(doc, indent=1))
             write_file_at(out_fd, "bench.md", markdown(doc))
-            for name, png in (("bench_scaling.png", plot_scaling(doc)), ("bench_size_accuracy.png", plot_size_accuracy(doc))):
+            for name, png in pngs:
                 if png is not None:
                     write_file_at(out_fd, name, png)
         finally:

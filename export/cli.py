@@ -400,6 +400,24 @@ def _predict_stream(predictor, stream, batch_size, out):
         out.write(batch, predictor.predict_batch(batch))
 
 
+#: characters that some line readers (``str.splitlines``, editors) take as line breaks
+_LINE_BREAKS = "\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def _one_json_line(row) -> str:
+    """One JSON object on one line for every reader: NaN is refused (``allow_nan=False``; the
+    caller puts null), and the line breaks JSON leaves raw (NEL, U+2028, U+2029) are escaped."""
+    text = json.dumps(row, ensure_ascii=False, allow_nan=False)
+    for c in "\x85\u2028\u2029":
+        text = text.replace(c, f"\\u{ord(c):04x}")
+    return text
+
+
+def _shown(text: str) -> str:
+    """The start of a text as echoed in plain output: line breaks shown as spaces."""
+    return text[:80].translate({ord(c): " " for c in _LINE_BREAKS})
+
+
 class _Output:
     """Prints results as they come (flushed per batch). JSON lines are valid JSON: a value
     that is not a finite number is ``null`` and the row carries ``"nan": true`` and an
@@ -422,12 +440,12 @@ class _Output:
                 row = {"text": text, **r}
                 if bad:
                     row["nan"] = True
-                lines.append(json.dumps(row, ensure_ascii=False, allow_nan=False))
+                lines.append(_one_json_line(row))
             elif bad:
-                lines.append(f"ERROR\t{bad}\t{text[:80]}")
+                lines.append(f"ERROR\t{bad}\t{_shown(text)}")
             else:
                 probs = ", ".join(f"{k}={v:.3f}" for k, v in r["probabilities"].items())
-                lines.append(f"{r['label']}\t{probs}\t{text[:80]}")
+                lines.append(f"{r['label']}\t{probs}\t{_shown(text)}")
         if lines:
             sys.stdout.write("\n".join(lines) + "\n")
             sys.stdout.flush()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from probattn.models.errors import UsageError
-from probattn.models.fsutil import atomic_directory, check_output_dir, hash_tree, read_regular
+from probattn.models.fsutil import atomic_directory, check_not_in_use, check_output_dir, hash_tree, read_regular
 from probattn.models.text.tokenizer import PAD_ID, UNK_ID, load_tokenizer
 
 from . import bundle as B
@@ -127,6 +127,7 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
         raise UsageError(f"--formats {','.join(selected)} with --precisions {','.join(precisions)} selects no "
                          "artifact (" + "; ".join(f"{f} has {', '.join(C.SUPPORTED[f])}" for f in C.EXPORT_FORMATS) + ")")
     check_output_dir(out, opts.overwrite, "bundle")  # before the slow part, not after it
+    check_not_in_use(out)
     src = resolve_source(source, opts)
     notes = []
     tokenizer = load_tokenizer(src.tokenizer_path, notes=notes)  # padding off, the file's own truncation
@@ -242,15 +243,12 @@ def audit_built(path: Path, built, vocab_size: int, n_classes: int, max_length: 
     problem = onnx_audit.precision_problem(report, built.precision)
     if problem:
         raise UsageError(f"{what} is listed as {built.precision} but {problem}")
+    from .limits import shape_caps
+
     biggest = onnx_audit.shape_check(data, shape_caps(max_length), what)
     return {"io": {"inputs": report["inputs"], "outputs": report["outputs"]}, "ops": report["ops"],
             "largest_static_values": biggest}
 
-
-def shape_caps(max_length: int) -> tuple:
-    """The input ONNX shape inference assumes: one text of 4 x the training length (at least
-    256 tokens), the longest case verify runs; tensors per batch row scale from there."""
-    return (1, max(4 * int(max_length), 256))
 
 
 def _run_formats(ctx: formats.ExportContext, selected, precisions) -> list:

@@ -55,6 +55,14 @@ LOAD_SECONDS = 300.0
 CALL_SECONDS = 120.0
 
 
+def shape_caps(max_length: int) -> tuple:
+    """The input ONNX shape inference assumes (``audit.onnx.shape_check``): one text of 4 x the
+    training length, at least 256 tokens: the longest case verify runs. Tensors that grow with
+    the batch scale from there and are bounded at run time by ``MAX_TOKENS_PER_CALL`` and the
+    arena; a graph that expands past ``audit.onnx.MAX_ELEMENTS`` on one such text is refused."""
+    return (1, max(4 * int(max_length), 256))
+
+
 def usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))

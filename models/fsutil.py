@@ -391,14 +391,16 @@ class LockedDirectory:
 
 # ------------------------------------------------------------------ writing reports
 
-def open_output_dir(path, *, dir_fd: int | None = None, what: str = "report directory") -> int:
-    """A descriptor of a directory to write into, created if missing. A symbolic link (or
-    anything but a directory) at ``path`` is refused, never followed; the directory must be
-    writable (checked with a probe file, which is what counts on read-only mounts)."""
+def open_output_dir(path, *, dir_fd: int | None = None, what: str = "report directory", create: bool = True) -> int:
+    """A descriptor of a directory to write into, created if missing (``create``). A symbolic
+    link (or anything but a directory) at ``path`` is refused, never followed; the directory
+    must be writable (checked with a probe file, which is what counts on read-only mounts)."""
     shown = os.fspath(path)
     try:
         st = os.lstat(path, dir_fd=dir_fd)
     except FileNotFoundError:
+        if not create:
+            raise
         try:
             if dir_fd is None:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -411,7 +413,7 @@ def open_output_dir(path, *, dir_fd: int | None = None, what: str = "report dire
     if stat.S_ISLNK(st.st_mode):
         raise UsageError(f"{what} {shown} is a symbolic link; refusing to write through it")
     if not stat.S_ISDIR(st.st_mode):
-        raise UsageError(f"{what} {shown} exists and is not a directory")
+        raise UsageError(f"{what} exists and is not a directory: {shown}")
     fd = os.open(path, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=dir_fd)
     if (os.fstat(fd).st_dev, os.fstat(fd).st_ino) != (st.st_dev, st.st_ino):
         os.close(fd)
@@ -421,6 +423,32 @@ def open_output_dir(path, *, dir_fd: int | None = None, what: str = "report dire
         os.close(fd)
         raise UsageError(f"cannot write to {what} {shown} ({problem}); choose a writable one")
     return fd
+
+
+def check_output_dir_usable(path, *, dir_fd: int | None = None, what: str = "report directory") -> None:
+    """What ``open_output_dir`` would refuse, refused now, without creating anything: an
+    existing path must be a writable directory and no link; a missing one needs a writable
+    parent (the nearest existing one, for a path outside ``dir_fd``)."""
+    try:
+        os.close(open_output_dir(path, dir_fd=dir_fd, what=what, create=False))
+        return
+    except FileNotFoundError:
+        pass
+    if dir_fd is not None:
+        parent_fd, shown_parent = os.dup(dir_fd), "its parent"
+    else:
+        parent = Path(path).absolute().parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise UsageError(f"cannot create {what} {os.fspath(path)}: {parent} is not a directory")
+        parent_fd, shown_parent = os.open(parent, _DIR_FLAGS), str(parent)
+    try:
+        problem = not_writable(parent_fd)
+    finally:
+        os.close(parent_fd)
+    if problem:
+        raise UsageError(f"cannot create {what} {os.fspath(path)} in {shown_parent} ({problem}); choose a writable one")
 
 
 def not_writable(dir_fd: int) -> str | None:
@@ -557,6 +585,11 @@ def atomic_directory(target, overwrite: bool = False, kind: str = "run"):
             raise
         finally:
             LIVE_TEMP_DIRS.discard(str(tmp))
+
+
+def check_not_in_use(target) -> None:
+    """Refuse now (not after the slow part) when a reader holds ``target``."""
+    _readers_gone(Path(target).absolute(), START_WAIT_SECONDS)
 
 
 def _readers_gone(target: Path, wait: float) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsageError
-from .fsutil import atomic_directory, check_output_dir
+from .fsutil import atomic_directory, check_not_in_use, check_output_dir
 from .metrics import classification_report
 from .text import data as data_mod
 from .text.tokenizer import MAX_LENGTH_LIMIT, encode_fixed, train_tokenizer
@@ -106,6 +106,7 @@ def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None
     instead of ``ProbAttention`` (for comparisons such as scripts/int8_masking_demo.py)."""
     config.validate()
     check_output_dir(out, overwrite, RUN_KIND)  # before the data and the training, not after
+    check_not_in_use(out)
     t0 = time.perf_counter()
     dataset = data_mod.load_dataset(config.dataset, config.text_column, config.label_column,
                                     config.encoding)

@@ -92,13 +92,17 @@ def _refuse(what, msg):
     raise UsageError(f"{what}: {msg}")
 
 
+def _invalid(what, detail):
+    raise UsageError(f"{what} is not a valid ONNX model ({detail})")
+
+
 # ----------------------------------------------------------------------------- protobuf reader
 
 def _varint(b, i, what):
     shift = result = 0
     while True:
         if i >= len(b):
-            _refuse(what, "not a valid ONNX model (truncated protobuf)")
+            _invalid(what, "truncated protobuf")
         c = b[i]
         i += 1
         result |= (c & 0x7F) << shift
@@ -106,7 +110,7 @@ def _varint(b, i, what):
             return result, i
         shift += 7
         if shift > 63:
-            _refuse(what, "not a valid ONNX model (malformed protobuf)")
+            _invalid(what, "malformed protobuf")
 
 
 def _fields(b, what):
@@ -116,7 +120,7 @@ def _fields(b, what):
         key, i = _varint(b, i, what)
         fn, wt = key >> 3, key & 7
         if fn == 0:
-            _refuse(what, "not a valid ONNX model (field number 0)")
+            _invalid(what, "field number 0")
         if wt == 0:
             v, i = _varint(b, i, what)
         elif wt == 1:
@@ -126,12 +130,12 @@ def _fields(b, what):
         elif wt == 2:
             n, i = _varint(b, i, what)
             if i + n > end:
-                _refuse(what, "not a valid ONNX model (truncated protobuf)")
+                _invalid(what, "truncated protobuf")
             v, i = b[i:i + n], i + n
         else:
-            _refuse(what, f"not a valid ONNX model (protobuf wire type {wt})")
+            _invalid(what, f"protobuf wire type {wt}")
         if i > end:
-            _refuse(what, "not a valid ONNX model (truncated protobuf)")
+            _invalid(what, "truncated protobuf")
         yield fn, wt, v
 
 
@@ -364,7 +368,7 @@ def parse(data, what: str = "ONNX model") -> Model:
         elif fn == 20:
             m.training_info += 1
     if m.graph is None or not (m.graph.nodes or m.graph.outputs):
-        _refuse(what, "not a valid ONNX model (no graph)")
+        _invalid(what, "no graph")
     return m
 
 
@@ -740,7 +744,7 @@ def shape_check(data, dim_caps, what: str = "ONNX model") -> int:
     try:
         model.ParseFromString(bytes(data))
     except Exception as e:
-        _refuse(what, f"not a valid ONNX model ({type(e).__name__})")
+        _invalid(what, type(e).__name__)
     for inp in model.graph.input:
         for k, d in enumerate(inp.type.tensor_type.shape.dim):
             if not d.HasField("dim_value"):

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from probattn.models.errors import UsageError
-from probattn.models.fsutil import not_writable, open_output_dir, writer_active
+from probattn.models.fsutil import check_output_dir_usable, not_writable, open_output_dir, writer_active
 
 from .. import bundle as B
 from .. import runtimes
@@ -41,39 +41,41 @@ def verify(bundle, data: str | None = None, report_dir=None, formats=None, quiet
     bundle = Path(bundle).absolute()
     t0 = time.perf_counter()
     say = (lambda *a: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    report_fd = None
     with B.Bundle(bundle) as b:  # a shared lock: an export cannot replace the bundle while it is judged
         manifest = b.manifest
         if writer_active(bundle):
             raise UsageError(f"an export is writing {bundle}; verify it when the export has finished")
-        try:
-            # everything that can be refused is refused before the slow part
-            if report_dir is not None:
-                if default_report_dir or Path(report_dir).absolute() == bundle / B.REPORT_DIR:
-                    try:
-                        report_fd = open_output_dir(B.REPORT_DIR, dir_fd=b.dir.fd, what=f"report directory {bundle}/report")
-                    except UsageError as e:
-                        raise UsageError(f"{e}; pass --report-dir DIR to write the report elsewhere") from None
-                else:
-                    report_fd = open_output_dir(report_dir, what="--report-dir")
-            if check_hashes:
-                b.check_all(strict_tree=True)
-            tokenizer = b.tokenizer()
-            texts, labels, source = load_texts(bundle, manifest, data, text_column, label_column, encoding,
-                                               test_bytes=b.test_data_bytes())
-            paths = {a["path"]: _runner_source(b, a) for a in manifest["artifacts"]}
-            record = not_writable(b.dir.fd) is None
-            if not record:
-                say(f"note: {bundle} is read-only; the verdict is not recorded in its manifest.json")
-            report = _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, report_fd,
-                                    formats, quiet, t0, strict, unsafe)
-            verdict = report.meta.pop("_verdict")
-            if record:
-                _record_verdict(b, manifest, verdict)
-            return report
-        finally:
-            if report_fd is not None:
+        # everything that can be refused is refused before the slow part; nothing is created yet
+        inside = report_dir is not None and (default_report_dir or Path(report_dir).absolute() == bundle / B.REPORT_DIR)
+        where = dict(path=B.REPORT_DIR, dir_fd=b.dir.fd, what=f"report directory {bundle}/report") if inside \
+            else dict(path=report_dir, what="--report-dir")
+        if report_dir is not None:
+            try:
+                check_output_dir_usable(**where)
+            except UsageError as e:
+                raise UsageError(f"{e}; pass --report-dir DIR to write the report elsewhere" if inside else str(e)) from None
+        if check_hashes:
+            b.check_all(strict_tree=True)
+        tokenizer = b.tokenizer()
+        texts, labels, source = load_texts(bundle, manifest, data, text_column, label_column, encoding,
+                                           test_bytes=b.test_data_bytes())
+        paths = {a["path"]: _runner_source(b, a) for a in manifest["artifacts"]}
+        audit_artifacts(manifest, paths, unsafe)  # nothing runs before every artifact passed its audit
+        record = not_writable(b.dir.fd) is None
+        if not record:
+            say(f"note: {bundle} is read-only; the verdict is not recorded in its manifest.json")
+        report = _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, formats, quiet, t0,
+                                strict, unsafe)
+        if report_dir is not None:
+            report_fd = open_output_dir(**where)
+            try:
+                write_report(report, report_fd)
+            finally:
                 os.close(report_fd)
+        verdict = report.meta.pop("_verdict")
+        if record:
+            _record_verdict(b, manifest, verdict)
+        return report
 
 
 def _runner_source(b, entry) -> dict:
@@ -83,6 +85,24 @@ def _runner_source(b, entry) -> dict:
     if entry["format"] in ("keras", "savedmodel"):
         return {"path": path, "content": None}
     return {"path": b.path / entry["path"], "content": b.artifact_bytes(entry)}
+
+
+def audit_artifacts(manifest, paths, unsafe: bool) -> None:
+    """The checks of ``audit/`` on every artifact before any runs: a SavedModel's files and ops
+    (its restore function runs at load), an ONNX file's graph and its shapes with the input
+    at the longest case verify feeds (the runtimes check the rest when they load)."""
+    from ..audit import onnx as onnx_audit
+    from ..audit import savedmodel
+    from ..limits import shape_caps
+
+    for a in manifest["artifacts"]:
+        src = paths[a["path"]]
+        if a["format"] == "savedmodel":
+            savedmodel.audit(src["path"], unsafe=unsafe, what=f"SavedModel {a['path']}")
+        elif a["format"] == "onnx":
+            onnx_audit.audit(src["content"], what=a["path"], vocab_size=manifest["vocab_size"],
+                             n_classes=len(manifest["labels"]))
+            onnx_audit.shape_check(src["content"], shape_caps(manifest["max_length"]), a["path"])
 
 
 def _record_verdict(b, manifest, verdict) -> None:
@@ -95,7 +115,7 @@ def _record_verdict(b, manifest, verdict) -> None:
         B.write_manifest(b.path, current, dir_fd=b.dir.fd)
 
 
-def _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, report_fd, formats,
+def _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, formats,
                    quiet, t0, strict, unsafe) -> Report:
     cases = build_cases(tokenizer, manifest, texts, labels)
     vocab = int(manifest["vocab_size"])
@@ -170,8 +190,6 @@ def _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, re
     ran = {r["format"] for r in report.rows}
     report.meta["unverified_formats"] = [f for f in report.meta["requested_formats"] if f not in ran]
     report.meta["seconds"] = round(time.perf_counter() - t0, 1)
-    if report_fd is not None:
-        write_report(report, report_fd)
     report.meta["_verdict"] = {"passed": report.passed, "summary": report.verdict_line(),
                "failures": len(report.failures), "checks": len(report.checks),
                "strict": strict, "unverified_formats": report.meta["unverified_formats"],
