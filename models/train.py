@@ -45,7 +45,7 @@ class TrainConfig:
     epochs: int = 4
     batch_size: int = 32
     learning_rate: float = 2e-3
-    limit: int = 0  # use only the first N examples (quick runs and tests); 0 = all
+    limit: int = 0  # use only N examples, drawn per class in proportion (quick runs); 0 = all
 
     def validate(self):
         for name in ("max_length", "vocab_size", "embedding_dim", "hidden_units", "epochs",
@@ -111,8 +111,7 @@ def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None
     dataset = data_mod.load_dataset(config.dataset, config.text_column, config.label_column,
                                     config.encoding)
     if config.limit:
-        dataset = data_mod.TextDataset(dataset.name, dataset.texts[: config.limit],
-                                       dataset.labels[: config.limit])
+        dataset = data_mod.subsample(dataset, config.limit, seed=config.seed)
     split = data_mod.stratified_split(dataset, seed=config.seed)
     if len(split.label_names) < 2:
         raise UsageError(f"dataset has a single class ({split.label_names}); at least 2 are needed")

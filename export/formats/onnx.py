@@ -27,7 +27,12 @@ IN_CHILD = False
 DEFAULT_OPSET = 17
 MIN_OPSET, MAX_OPSET = 13, 18  # tf2onnx 1.17 refuses opsets above 18
 ONNX_PRECISIONS = SUPPORTED[FORMAT]
-INT8_RECIPE = {"method": "onnxruntime quantize_dynamic", "weights": "int8 (QInt8)",
+#: reduce_range: 7-bit weights. onnxruntime's MatMulInteger on CPUs without VNNI (AVX2's
+#: u8 x s8 pair products saturate at int16) returned e.g. [1055, -1491] instead of 0 for an
+#: input equal to its zero point, so the all-padding row's zero vector gave logits in the
+#: thousands; with 7-bit weights the pair sums cannot saturate and the result is the same
+#: on every CPU.
+INT8_RECIPE = {"method": "onnxruntime quantize_dynamic", "weights": "int8 (QInt8), reduce_range (7 bit)",
                "activations": "uint8, quantized at run time", "ops": "MatMul, Gather"}
 FP16_RECIPE = {"method": "onnxruntime.transformers.float16", "io": "int32 in, float32 out"}
 
@@ -159,7 +164,7 @@ def convert_int8(fp32_path: Path, out_path: Path) -> None:
 
     logging.disable(logging.WARNING)  # "consider pre-processing" advice logged on the root logger
     try:
-        quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8,
+        quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8, reduce_range=True,
                          op_types_to_quantize=["MatMul", "Gather"])
     except Exception as e:
         raise UsageError(f"ONNX int8 quantization failed: {one_line(e)}") from None

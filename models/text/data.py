@@ -294,6 +294,25 @@ def _read_jsonl(path: Path, content: str) -> list:
     return rows
 
 
+def subsample(data: TextDataset, n: int, seed: int = 0) -> TextDataset:
+    """At most ``n`` examples, drawn per class in proportion to its size (at least one per
+    class), deterministic for a seed, in the dataset's order. Bundled datasets are stored
+    sorted by class, so the first ``n`` rows would hold only the first classes."""
+    if n >= len(data.texts):
+        return data
+    by_label = {}
+    for i, label in enumerate(data.labels):
+        by_label.setdefault(label, []).append(i)
+    rng = random.Random(seed)
+    keep = []
+    for label in sorted(by_label):
+        idx = by_label[label]
+        k = max(1, round(n * len(idx) / len(data.texts)))
+        keep += rng.sample(idx, min(k, len(idx)))
+    keep = sorted(keep)[:max(n, len(by_label))]
+    return TextDataset(data.name, [data.texts[i] for i in keep], [data.labels[i] for i in keep])
+
+
 def stratified_split(data: TextDataset, seed: int = 0, test_fraction: float = 0.15,
                      validation_fraction: float = 0.1) -> Split:
     """Deterministic stratified split: the same seed gives the same three parts."""
