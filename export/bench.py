@@ -69,7 +69,7 @@ def _accuracy(runner, b, manifest: dict):
 
 
 def entry_runs_on(entry, cls) -> bool:
-    return entry["format"] in cls.formats and cls.cannot_run(entry["format"], entry["precision"]) is None
+    return entry["format"] in cls.formats and cls.cannot_run(entry["format"], entry["precision"], entry) is None
 
 
 def worker(bundle, threads: int, quick: bool, runtime_names, with_accuracy: bool, with_scaling: bool,
@@ -84,6 +84,8 @@ def _worker(bun, threads, quick, runtime_names, with_accuracy, with_scaling, uns
     bundle = bun.path
     manifest = bun.manifest
     vocab = int(manifest["vocab_size"])
+    tokenizer = bun.tokenizer()
+    bun.check_plain_files(tokenizer)
     rng = np.random.default_rng(0)
     shapes = QUICK_SHAPES if quick else SHAPES
     timing = dict(min_seconds=0.1 if quick else 0.4, min_reps=10 if quick else 30,
@@ -99,8 +101,10 @@ def _worker(bun, threads, quick, runtime_names, with_accuracy, with_scaling, uns
             runner = cls(path, vocab, threads, attention=False, **common)
         elif entry["format"] == "savedmodel":
             runner = cls(path, vocab, threads, **common)
-        else:  # the runtime's default variant, on the hash-checked bytes
-            runner = cls(bundle / entry["path"], vocab, threads, content=bun.artifact_bytes(entry), **common)
+        else:  # the runtime's default variant, on the hash-checked and audited bytes
+            content = bun.artifact_bytes(entry)
+            bun.audit_artifact(entry, content, tokenizer)
+            runner = cls(bundle / entry["path"], vocab, threads, content=content, **common)
         rt = runner.name
         reason = cls.unavailable()
         label = f"[{n}/{len(jobs)}] threads={threads} {entry['path']} on {rt}"
@@ -117,6 +121,8 @@ def _worker(bun, threads, quick, runtime_names, with_accuracy, with_scaling, uns
                "runtime": rt, "threads": threads, "bytes": entry["bytes"], "load_ms": round(load_ms, 1),
                "latency": {}}
         for b, s in shapes:
+            if not runner.accepts_length(s):
+                continue
             ids = rng.integers(2, vocab, (b, s), dtype=np.int32)
             row["latency"][f"{b}x{s}"] = _time_calls(call, ids, **timing)
         ids = rng.integers(2, vocab, THROUGHPUT_SHAPE, dtype=np.int32)
@@ -128,6 +134,8 @@ def _worker(bun, threads, quick, runtime_names, with_accuracy, with_scaling, uns
         if with_scaling and entry["precision"] == "fp32":
             row["scaling"] = {}
             for s in (QUICK_SCALING if quick else SCALING):
+                if not runner.accepts_length(s):
+                    continue
                 ids = rng.integers(2, vocab, (1, s), dtype=np.int32)
                 row["scaling"][str(s)] = _time_calls(call, ids, min_seconds=0.1 if quick else 0.3,
                                                      min_reps=5 if quick else 20, max_reps=1000, warmup=3)["median_us"]
@@ -263,7 +271,7 @@ def markdown(doc) -> str:
         rows = [r for r in run_["rows"] if "skipped" not in r]
         if not rows:
             continue
-        shapes = list(rows[0]["latency"])
+        shapes = list(dict.fromkeys(k for r in rows for k in r["latency"]))
         head = ["artifact", "runtime", "threads", "size", "load", "accuracy", "parity"] + \
                [f"{s}" for s in shapes] + ["p90 1x64", "texts/s"]
         lines.append("| " + " | ".join(head) + " |")
@@ -273,7 +281,7 @@ def markdown(doc) -> str:
             parity = {True: "PASS", False: "FAIL", None: "-"}[r.get("parity")]
             acc = "-" if r.get("accuracy") is None else f"{r['accuracy']:.4f}"
             cells = [r["artifact"], r["runtime"], str(r["threads"]), f"{r['bytes'] / 1e6:.2f} MB",
-                     f"{r['load_ms']:.0f} ms", acc, parity] + [_us(lat[s]["median_us"]) for s in shapes] + \
+                     f"{r['load_ms']:.0f} ms", acc, parity] + [_us(lat.get(s, {}).get("median_us")) for s in shapes] + \
                     [_us(lat.get("1x64", {}).get("p90_us")), f"{r['throughput_texts_per_s']:,.0f}"]
             lines.append("| " + " | ".join(cells) + " |")
         for r in run_["rows"]:

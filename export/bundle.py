@@ -89,17 +89,107 @@ def _output_name_ok(name) -> bool:
 
 
 def _expected_path(entry) -> str | None:
-    """Where a format / precision lives in a bundle (None: the Keras reference may be any of
-    the reference files)."""
+    """Where a format / precision / output dtype lives in a bundle (None: the Keras reference
+    may be any of the reference files)."""
+    dtype = entry.get("output_dtype", C.OUTPUT_DTYPE)
+    allowed = C.output_dtypes(entry["format"], entry["precision"])
+    if not isinstance(dtype, str) or dtype not in allowed:
+        raise UsageError(f"artifact {entry['path']}: output_dtype {str(dtype)[:40]!r} is not allowed for "
+                         f"{entry['format']} {entry['precision']}; allowed: {', '.join(allowed)}")
     if entry["format"] == "keras":
         return None
-    dtype = entry.get("output_dtype", C.OUTPUT_DTYPE)
-    extra = {} if dtype == C.OUTPUT_DTYPE else {"output_dtype": dtype}
-    try:
-        return C.artifact_filename(entry["format"], entry["precision"], **extra)
-    except TypeError:  # a field this version does not know
-        raise UsageError(f"artifact {entry['path']}: output_dtype {dtype!r} is not allowed; allowed: "
-                         f"{C.OUTPUT_DTYPE}") from None
+    return C.artifact_filename(entry["format"], entry["precision"], dtype)
+
+
+#: C sources ``export --c-array`` writes (``regex_tokenizer.*`` only for a regex tokenizer)
+C_ARRAY_FILES = ("labels_data.c", "labels_data.h", "model_data.c", "model_data.h", "regex_tokenizer.c",
+                 "regex_tokenizer.h", "vocab_data.c", "vocab_data.h")
+#: the plain files of ``files`` (key: file name)
+PLAIN_FILES = {"labels": C.LABELS_FILE, "vocabulary": C.VOCAB_FILE}
+#: the largest TFLM arena a manifest may claim (the runner's own arena is 4 MB)
+MAX_ARENA_BYTES = 1 << 30
+
+
+def _device_fields(a, max_length_hi, where):
+    """The fields the TFLite-family formats add: a fixed ``input_shape`` of ``[1, length]``
+    for the fixed-shape formats, measured ``targets`` and ``target_checks``, ``arena_bytes``."""
+    w = f"{where}: artifact {a['path']}"
+    shape = a.get("input_shape")
+    if a["format"] in C.FIXED_SHAPE_FORMATS:
+        if not (isinstance(shape, list) and len(shape) == 2 and shape[0] == 1 and type(shape[1]) is int
+                and 1 <= shape[1] <= max_length_hi):
+            raise UsageError(f"{w}: a {a['format']} file needs input_shape [1, length] with a length from 1 to "
+                             f"{max_length_hi:,}; found {shape!r}")
+    elif shape is not None:
+        _dims(shape, f"artifact {a['path']} input", where)
+    if "targets" in a:
+        t = a["targets"]
+        if not isinstance(t, list) or len(set(map(str, t))) != len(t) or not set(t) <= set(C.TARGETS):
+            raise UsageError(f"{w}: 'targets' must be a list of distinct names from {', '.join(C.TARGETS)}; "
+                             f"found {str(t)[:80]}")
+    if "target_checks" in a:
+        tc = a["target_checks"]
+        if not isinstance(tc, dict) or not set(tc) <= set(C.TARGETS) or \
+                not all(isinstance(v, str) and len(v) <= 2000 for v in tc.values()):
+            raise UsageError(f"{w}: 'target_checks' must map {', '.join(C.TARGETS)} to a text; found {str(tc)[:80]}")
+        if "targets" in a and sorted(a["targets"]) != sorted(k for k, v in tc.items() if v == "ok"):
+            raise UsageError(f"{w}: 'targets' {a['targets']} disagree with 'target_checks'; they must agree")
+    if "arena_bytes" in a:
+        _int_in(a, "arena_bytes", 1, MAX_ARENA_BYTES, w)
+    if a["format"] == "mediapipe" and a.get("outputs", list(C.MEDIAPIPE_OUTPUTS)) != list(C.MEDIAPIPE_OUTPUTS):
+        raise UsageError(f"{w}: a mediapipe file has outputs {list(C.MEDIAPIPE_OUTPUTS)}; found {a['outputs']!r}")
+
+
+def _files(m, contents, covered, where) -> set:
+    """``files``: labels.txt, vocab.txt (their line counts the manifest's) and the C sources;
+    returns the paths it claims."""
+    files = m.get("files")
+    if files is None:
+        return set()
+    if not isinstance(files, dict) or not set(files) <= set(PLAIN_FILES) | {"c_array"}:
+        raise UsageError(f"{where}: 'files' may hold {', '.join(list(PLAIN_FILES) + ['c_array'])}; found "
+                         f"{sorted(files) if isinstance(files, dict) else type(files).__name__}")
+    claimed = set()
+    for key, name in PLAIN_FILES.items():
+        f = files.get(key)
+        if f is None:
+            continue
+        if not isinstance(f, dict) or f.get("path") != name:
+            raise UsageError(f"{where}: files.{key} must be an object with path '{name}'; found {str(f)[:80]}")
+        _sha(f.get("sha256"), f"the sha256 of {name}", where)
+        if name not in contents:
+            raise UsageError(f"{where}: {name} is not listed in contents")
+        covered(name, f["sha256"], f"files.{key}")
+        if "entries" in f:  # labels: one per label; vocabulary: the tokenizer's ids, within the embedding
+            n = f["entries"]
+            if key == "labels" and (type(n) is not int or n != len(m["labels"])):
+                raise UsageError(f"{where}: {name} has {n!r} entries; the manifest has {len(m['labels']):,} "
+                                 "labels; they must agree")
+            if key == "vocabulary" and (type(n) is not int or not 3 <= n <= m["vocab_size"]):
+                raise UsageError(f"{where}: {name} has {n!r} entries; allowed: 3 to the manifest's vocab_size "
+                                 f"({m['vocab_size']:,})")
+        claimed.add(name)
+    ca = files.get("c_array")
+    if ca is not None:
+        model = C.artifact_filename("tflite-fixed", "int8")
+        if not isinstance(ca, dict) or ca.get("dir") != C.C_ARRAY_DIR or ca.get("model") != model \
+                or not isinstance(ca.get("files"), list) or not 1 <= len(ca["files"]) <= len(C_ARRAY_FILES):
+            raise UsageError(f"{where}: files.c_array must be {{dir: '{C.C_ARRAY_DIR}', model: '{model}', files: "
+                             f"[...]}}; found {str(ca)[:120]}")
+        if not any(a.get("path") == model for a in m["artifacts"] if isinstance(a, dict)):
+            raise UsageError(f"{where}: files.c_array embeds {model}, which is not an artifact of the bundle")
+        for f in ca["files"]:
+            rel = f.get("path") if isinstance(f, dict) else None
+            if not isinstance(rel, str) or rel.count("/") != 1 or rel.split("/") [0] != C.C_ARRAY_DIR \
+                    or rel.split("/")[1] not in C_ARRAY_FILES:
+                raise UsageError(f"{where}: files.c_array lists {str(rel)[:80]!r}; allowed: "
+                                 f"{C.C_ARRAY_DIR}/ + one of {', '.join(C_ARRAY_FILES)}")
+            _sha(f.get("sha256"), f"the sha256 of {rel}", where)
+            if rel not in contents:
+                raise UsageError(f"{where}: {rel} is not listed in contents")
+            covered(rel, f["sha256"], "C source")
+            claimed.add(rel)
+    return claimed
 
 
 def validate_manifest(m, where: str = MANIFEST) -> dict:
@@ -210,7 +300,7 @@ def validate_manifest(m, where: str = MANIFEST) -> dict:
         if expected is not None and a["path"] != expected:
             raise UsageError(f"{where}: artifact {a['path']} is listed as {a['format']} {a['precision']}, which lives "
                              f"at {expected}; a file cannot be served as another precision")
-        key = (a["format"], a["precision"], a.get("output_dtype", C.OUTPUT_DTYPE))
+        key = C.artifact_key(a)
         if a["path"] in paths or key in keys:
             raise UsageError(f"{where}: artifact {a['path']} ({a['format']} {a['precision']}) is listed twice; "
                              "entries must be unique")
@@ -220,8 +310,24 @@ def validate_manifest(m, where: str = MANIFEST) -> dict:
         covered(a["path"], a["sha256"], "artifact")
         if "bytes" in a:
             _int_in(a, "bytes", 0, 1 << 40, f"{where}: artifact {a['path']}")
-        if "input_shape" in a and a["input_shape"] is not None:
-            _dims(a["input_shape"], f"artifact {a['path']} input", where)
+        _device_fields(a, MAX_LENGTH_LIMIT, where)
+
+    # every file the bundle holds must be one the schema knows: an artifact (a file, or a file
+    # of its directory), the tokenizer, the test split, labels.txt, vocab.txt or a C source
+    claimed = {tok["path"]} | ({test} if test else set()) | _files(m, contents, covered, where)
+    unknown = sorted(rel for rel in contents if rel not in claimed and rel not in paths
+                     and not any(rel.startswith(p + "/") for p in paths))
+    if unknown:
+        raise UsageError(f"{where}: contents lists {unknown[0]!r}, which is no artifact, tokenizer, test split, "
+                         f"{C.LABELS_FILE}, {C.VOCAB_FILE} or C source of the manifest; refusing a file the "
+                         "schema does not know")
+    kind = tok.get("kind")
+    if kind is not None:
+        from probattn.models.text.tokenizer import TOKENIZER_KINDS
+
+        if kind not in TOKENIZER_KINDS:
+            raise UsageError(f"{where}: tokenizer kind {str(kind)[:40]!r} is not allowed; allowed: "
+                             f"{', '.join(TOKENIZER_KINDS)}")
     return m
 
 
@@ -354,6 +460,12 @@ class Bundle:
         self.check_file(self.manifest["tokenizer"]["path"], "tokenizer")
         if self.manifest.get("test_data"):
             self.check_file(self.manifest["test_data"], "test data")
+        files = self.manifest.get("files") or {}
+        for key in PLAIN_FILES:
+            if key in files:
+                self.check_file(files[key]["path"], PLAIN_FILES[key])
+        for f in (files.get("c_array") or {}).get("files", []):
+            self.check_file(f["path"], "C source")
         if strict_tree:
             on_disk = self.dir.hash_tree("", skip=OWN_ENTRIES)
             extra = sorted(set(on_disk) - set(self.contents))
@@ -372,6 +484,52 @@ class Bundle:
         data = self.read(self.manifest["tokenizer"]["path"], MAX_TOKENIZER_BYTES, "tokenizer")
         return load_tokenizer(data, max_length=self.manifest["max_length"],
                               vocab_size=self.manifest["vocab_size"], notes=notes)
+
+    def plain_lines(self, key: str) -> list | None:
+        """The lines of ``labels.txt`` / ``vocab.txt`` (``files.labels`` / ``files.vocabulary``),
+        hash-checked; None when the bundle has none."""
+        f = (self.manifest.get("files") or {}).get(key)
+        if f is None:
+            return None
+        data = self.read(f["path"], MAX_TOKENIZER_BYTES, f["path"])
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"{f['path']} is not valid UTF-8") from None
+        if not text.endswith("\n") or "\r" in text:
+            raise UsageError(f"{f['path']} must hold one entry per line, each ended by \\n")
+        return text[:-1].split("\n")
+
+    def check_plain_files(self, tokenizer) -> None:
+        """``labels.txt`` must list the manifest's labels and ``vocab.txt`` the tokenizer's
+        tokens, in order (raw clients read these, not the manifest); the C sources are
+        hash-checked (they are never run here)."""
+        from probattn.models.text.tokenizer import vocabulary
+
+        for key, want, what in (("labels", lambda: list(self.manifest["labels"]), "the manifest's labels"),
+                                ("vocabulary", lambda: vocabulary(tokenizer), "tokenizer.json's vocabulary")):
+            got = self.plain_lines(key)
+            if got is not None and got != want():
+                w = want()
+                first = next((i for i, (a, b) in enumerate(zip(got, w)) if a != b), min(len(got), len(w)))
+                raise UsageError(f"{PLAIN_FILES[key]} differs from {what} at line {first + 1} ({len(got):,} lines, "
+                                 f"expected {len(w):,}); refusing the bundle")
+        for f in ((self.manifest.get("files") or {}).get("c_array") or {}).get("files", []):
+            self.check_file(f["path"], "C source")
+
+    def audit_artifact(self, entry: dict, content: bytes, tokenizer=None) -> None:
+        """The byte-level audit of a TFLite-family file (``audit.tflite``): I/O, ops, sizes,
+        and a mediapipe file's metadata against labels and the vocabulary."""
+        if entry["format"] not in C.TFLITE_FORMATS:
+            return
+        from probattn.models.text.tokenizer import vocabulary
+
+        from .audit import tflite as tflite_audit
+
+        vocab = self.plain_lines("vocabulary")
+        if vocab is None and tokenizer is not None:
+            vocab = vocabulary(tokenizer)
+        tflite_audit.audit(content, entry, labels=self.manifest["labels"], vocabulary=vocab)
 
     def test_data_bytes(self) -> bytes | None:
         name = self.manifest.get("test_data")
@@ -393,9 +551,11 @@ def write_manifest(bundle, manifest: dict, dir_fd: int | None = None) -> None:
         os.close(fd)
 
 
-def find_artifact(manifest: dict, fmt: str, precision: str = "fp32") -> dict | None:
+def find_artifact(manifest: dict, fmt: str, precision: str = "fp32", output_dtype: str = "float32") -> dict | None:
+    """The entry of ``fmt`` / ``precision`` / ``output_dtype`` (entries are unique on these
+    three: the dynamic ``tflite`` and fixed-shape ``tflite-fixed`` files never mix)."""
     for a in manifest["artifacts"]:
-        if a["format"] == fmt and a["precision"] == precision:
+        if C.artifact_key(a) == (fmt, precision, output_dtype):
             return a
     return None
 

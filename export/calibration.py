@@ -47,25 +47,44 @@ def _batches(rows, size=CALIBRATION_BATCH) -> list:
     return out
 
 
-def calibration_batches(texts, tokenizer, max_length: int, seed: int = 0) -> list:
-    """int32 id batches for full-int8 calibration (see the module docstring)."""
+def calibration_rows(texts, tokenizer, max_length: int, seed: int = 0) -> list:
+    """The calibration rows of the module docstring, as groups of id lists: real texts,
+    cut texts, one-token rows, two-token rows, rows longer than the training length."""
     rng = np.random.default_rng(seed)
     texts = [t for t in texts if t.strip()][:CALIBRATION_MAX_TEXTS]
     full = [r for r in _token_rows(tokenizer, texts, 4 * max_length) if r]
     rows = [r[:max_length] for r in full]
-    out = _batches(rows)
     cut = []
     for r in rows:
         length = int(np.clip(np.round(np.exp(rng.uniform(0, np.log(max_length)))), 1, max_length))
         cut.append(r[:length])
-    out += _batches(cut)
+    groups = [rows, cut]
     for length in (1, 2):
-        out += _batches([r[:length] for r in rows[:SHORT_ROWS] if len(r) >= length])
+        groups.append([r[:length] for r in rows[:SHORT_ROWS] if len(r) >= length])
     joined, acc = [], []
     for r in full:
         acc = acc + r
         if len(acc) > max_length:
             joined.append(acc[:int(rng.integers(max_length + 1, 4 * max_length + 1))])
             acc = []
-    out += _batches(joined[:LONG_ROWS])
+    groups.append(joined[:LONG_ROWS])
+    return groups
+
+
+def calibration_batches(texts, tokenizer, max_length: int, seed: int = 0) -> list:
+    """int32 id batches for full-int8 calibration (see the module docstring)."""
+    return [b for group in calibration_rows(texts, tokenizer, max_length, seed) for b in _batches(group)]
+
+
+def calibration_fixed(texts, tokenizer, length: int, max_length: int | None = None, seed: int = 0) -> list:
+    """The same rows for a fixed-shape ``[1, length]`` input: each row alone, right-padded
+    to ``length``; rows longer than ``length`` cannot be fed and are left out (the file
+    never sees them either). ``max_length``: the training length the rows are drawn for."""
+    out = []
+    for group in calibration_rows(texts, tokenizer, max_length or length, seed):
+        for r in group:
+            if len(r) <= length:
+                a = np.full((1, length), PAD_ID, np.int32)
+                a[0, :len(r)] = r
+                out.append(a)
     return out

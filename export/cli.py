@@ -77,13 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--embedding-dim", type=_int_range(1, MAX_EMBEDDING_DIM), default=64)
     t.add_argument("--batch-size", type=_int_range(1, MAX_TRAIN_BATCH), default=32)
     t.add_argument("--limit", type=_int_range(0, 2**31 - 1), default=0, help="use only the first N examples (0 = all)")
+    t.add_argument("--tokenizer", default="wordlevel",
+                   help="wordlevel (default: NFKC, lowercase, word split), regex (exactly MediaPipe "
+                   "TextClassifier's regex tokenizer: case-sensitive split on [^0-9A-Za-z_']+, <PAD>=0, "
+                   "<UNKNOWN>=1; its bundles get the mediapipe format) or regex-start (the same with <START> "
+                   "first)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing RUN_DIR")
 
     e = sub.add_parser("export", help="export SOURCE to SavedModel, TFLite and ONNX in a bundle")
     e.add_argument("source", help="RUN_DIR from 'probattn train', a .keras/.h5 file or a SavedModel directory")
     e.add_argument("--out", required=True, help="bundle directory to write (atomically)")
-    e.add_argument("--formats", default=",".join(C.EXPORT_FORMATS),
-                   help=f"comma list of {', '.join(C.EXPORT_FORMATS)} (default: all)")
+    e.add_argument("--formats", default=None,
+                   help=f"comma list of {', '.join(C.EXPORT_FORMATS)} (default: {','.join(C.DEFAULT_EXPORT_FORMATS)}, "
+                   "plus mediapipe when the run was trained with --tokenizer regex)")
     e.add_argument("--precisions", default=",".join(C.PRECISIONS),
                    help="comma list of " + ", ".join(C.PRECISIONS) + " (default: all; "
                    + "; ".join(f"{f} has {'/'.join(C.SUPPORTED[f])}" for f in C.EXPORT_FORMATS) + ")")
@@ -94,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-length", type=_int_range(1, MAX_LENGTH_LIMIT),
                    help="training max length (default: from the run or tokenizer)")
     e.add_argument("--no-attention-weights", action="store_true", help=f"export only '{C.PROBABILITIES}'")
+    e.add_argument("--c-array", action="store_true",
+                   help=f"also write {C.C_ARRAY_DIR}/: the fixed-shape int8 model, vocabulary and labels as C99 "
+                   "const arrays (model 16-byte aligned) for a microcontroller build")
     e.add_argument("--unsafe", action="store_true", help="allow Lambda layers (runs code from the model file)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
 
@@ -228,7 +237,7 @@ def _train(args) -> int:
     cfg = TrainConfig(dataset=args.dataset, text_column=args.text_column, label_column=args.label_column,
                       encoding=args.encoding, seed=args.seed, epochs=args.epochs, max_length=args.max_length,
                       vocab_size=args.vocab_size, embedding_dim=args.embedding_dim,
-                      batch_size=args.batch_size, limit=args.limit)
+                      batch_size=args.batch_size, limit=args.limit, tokenizer=args.tokenizer)
     cfg.validate()
     m = train(cfg, args.out, overwrite=args.overwrite)
     t = m["test"]
@@ -243,7 +252,7 @@ def _export(args) -> int:
     opts = ExportOptions(formats=args.formats, precisions=args.precisions, opset=args.opset,
                          calibration_data=args.calibration_data, tokenizer=args.tokenizer, labels=args.labels,
                          max_length=args.max_length, attention_weights=not args.no_attention_weights,
-                         unsafe=args.unsafe, overwrite=args.overwrite)
+                         unsafe=args.unsafe, overwrite=args.overwrite, c_array=args.c_array)
     manifest = export(args.source, args.out, opts)
     print(summary_table(manifest))
     print(f"exported {len(manifest['artifacts'])} artifacts in {manifest['export_seconds']} s -> {args.out}")

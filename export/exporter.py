@@ -13,19 +13,20 @@ from pathlib import Path
 
 from probattn.models.errors import UsageError
 from probattn.models.fsutil import atomic_directory, check_not_in_use, check_output_dir, hash_tree, read_regular
-from probattn.models.text.tokenizer import PAD_ID, UNK_ID, load_tokenizer
+from probattn.models.text.tokenizer import PAD_ID, UNK_ID, load_tokenizer, regex_spec
 
 from . import bundle as B
 from . import contract as C
 from . import formats
-from .calibration import calibration_batches
+from .calibration import calibration_batches, calibration_fixed
 from .formats.onnx import DEFAULT_OPSET, check_opset
 from .versions import versions
 
 
 @dataclass
 class ExportOptions:
-    formats: tuple = C.EXPORT_FORMATS
+    #: None: ``contract.DEFAULT_EXPORT_FORMATS``, plus ``mediapipe`` for a regex tokenizer
+    formats: tuple | None = None
     precisions: tuple = C.PRECISIONS
     opset: int = DEFAULT_OPSET
     calibration_data: str | None = None
@@ -35,6 +36,8 @@ class ExportOptions:
     attention_weights: bool = True
     unsafe: bool = False
     overwrite: bool = False
+    #: also write C sources (model, vocabulary, labels) of the fixed-shape int8 model
+    c_array: bool = False
 
 
 @dataclass
@@ -97,6 +100,30 @@ def _read_labels(path) -> list:
     return labels
 
 
+def selected_formats(opts: ExportOptions, tokenizer) -> tuple:
+    """``--formats``, or the default: every format but ``mediapipe``, which joins when the
+    tokenizer is MediaPipe's regex tokenizer."""
+    if opts.formats is not None:
+        return C.parse_list(opts.formats, C.EXPORT_FORMATS, "format")
+    extra = ("mediapipe",) if regex_spec(tokenizer) is not None else ()
+    return tuple(f for f in C.EXPORT_FORMATS if f in C.DEFAULT_EXPORT_FORMATS + extra)
+
+
+def plain_files(tmp: Path, tokenizer, labels) -> dict:
+    """``labels.txt`` and ``vocab.txt`` (one entry per line, in id order), hashed."""
+    from probattn.models.text.tokenizer import vocabulary
+
+    files = {}
+    for key, name, lines in (("labels", C.LABELS_FILE, labels), ("vocabulary", C.VOCAB_FILE, vocabulary(tokenizer))):
+        bad = [i for i, x in enumerate(lines) if not x or any(c in x for c in "\r\n\x85\u2028\u2029\x0b\x0c\x1c\x1d\x1e")]
+        if bad:
+            raise UsageError(f"{name}: entry {bad[0]} ({lines[bad[0]]!r}) is empty or holds a line break; "
+                             "a one-per-line file cannot hold it")
+        (tmp / name).write_text("".join(f"{x}\n" for x in lines), encoding="utf-8")
+        files[key] = {"path": name, "sha256": B.sha256_path(tmp / name), "entries": len(lines)}
+    return files
+
+
 def _calibration_texts(src: Source, opts: ExportOptions) -> list | None:
     from probattn.models.text.data import load_dataset
 
@@ -120,17 +147,26 @@ def log(msg):
 def export(source, out, opts: ExportOptions | None = None) -> dict:
     opts = opts or ExportOptions()
     t_start = time.perf_counter()
-    selected = C.parse_list(opts.formats, C.EXPORT_FORMATS, "format")
+    if opts.formats is not None:
+        C.parse_list(opts.formats, C.EXPORT_FORMATS, "format")
     precisions = C.parse_list(opts.precisions, C.PRECISIONS, "precision")
     opset = check_opset(opts.opset)
-    if C.selection_is_empty(selected, precisions):
-        raise UsageError(f"--formats {','.join(selected)} with --precisions {','.join(precisions)} selects no "
-                         "artifact (" + "; ".join(f"{f} has {', '.join(C.SUPPORTED[f])}" for f in C.EXPORT_FORMATS) + ")")
     check_output_dir(out, opts.overwrite, "bundle")  # before the slow part, not after it
     check_not_in_use(out)
     src = resolve_source(source, opts)
     notes = []
     tokenizer = load_tokenizer(src.tokenizer_path, notes=notes)  # padding off, the file's own truncation
+    selected = selected_formats(opts, tokenizer)
+    if C.selection_is_empty(selected, precisions):
+        raise UsageError(f"--formats {','.join(selected)} with --precisions {','.join(precisions)} selects no "
+                         "artifact (" + "; ".join(f"{f} has {', '.join(C.SUPPORTED[f])}" for f in C.EXPORT_FORMATS) + ")")
+    if "mediapipe" in selected:
+        from .formats.mediapipe import require_regex_tokenizer
+
+        require_regex_tokenizer(tokenizer)
+    if opts.c_array and not ("tflite-fixed" in selected and "int8" in precisions):
+        raise UsageError("--c-array embeds the fixed-shape int8 model: keep tflite-fixed in --formats and int8 "
+                         "in --precisions")
     max_length = src.max_length or (tokenizer.truncation or {}).get("max_length") or 64
     from probattn.models.text.tokenizer import MAX_LENGTH_LIMIT
 
@@ -140,7 +176,7 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
     for note in dict.fromkeys(notes):
         log(f"note: {note}")
     cal_texts = None
-    if "tflite" in selected and "int8" in precisions:
+    if any(f in selected for f in C.TFLITE_FORMATS) and "int8" in precisions:
         cal_texts = _calibration_texts(src, opts)
         if not cal_texts:
             raise UsageError("full-integer int8 needs calibration texts: pass --calibration-data "
@@ -154,6 +190,15 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
 
     attention = opts.attention_weights and with_attention_output(model) is not None
     module, concrete = serving_module(model, attention=attention)
+    # the fixed-shape formats hold one text of max_length ids, or of the model's own length
+    # when its input has one (Input(shape=(n,)))
+    model_length = model.inputs[0].shape[1] if model.inputs and len(model.inputs[0].shape) == 2 else None
+    fixed_length = int(model_length) if isinstance(model_length, int) else int(max_length)
+    fixed = (1, fixed_length)
+    traces = {  # the same serving function, traced again for the fixed-shape formats
+        "fixed": lambda: serving_module(model, attention=attention, shape=fixed),
+        "fixed-probabilities": lambda: serving_module(model, attention=False, shape=fixed),
+    }
     out_names = C.ordered_outputs(concrete.structured_outputs.keys())
     n_classes = int(concrete.structured_outputs[C.PROBABILITIES].shape[-1])
     labels = src.labels or [str(i) for i in range(n_classes)]
@@ -172,10 +217,13 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
             entry = {"path": built.path, "format": built.format, "precision": built.precision,
                      "bytes": B.size_of(path), "sha256": B.sha256_path(path),
                      "seconds": round(built.seconds, 2), **built.extra}
-            entry.update(audit_built(path, built, vocab_size, n_classes, max_length, opts.unsafe))
+            if any(C.artifact_key(a) == C.artifact_key(entry) for a in artifacts):
+                raise UsageError(f"two artifacts are {C.artifact_key(entry)}; manifest entries must be unique")
+            entry.update(audit_built(path, built, vocab_size, n_classes, max_length, opts.unsafe, entry, labels, tokenizer))
             artifacts.append(entry)
-            log(f"  ✓ {built.format:<10} {built.precision:<12} {entry['bytes'] / 1e6:8.2f} MB  "
-                f"{built.seconds:6.1f} s  {built.path}")
+            targets = f"  targets: {', '.join(entry['targets']) or 'none'}" if "targets" in entry else ""
+            log(f"  ✓ {built.format:<12} {built.precision:<12} {entry['bytes'] / 1e6:8.2f} MB  "
+                f"{built.seconds:6.1f} s  {built.path}{targets}")
 
         t = time.perf_counter()
         keras_rel = C.artifact_filename("keras", "fp32")
@@ -192,14 +240,21 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
         (tmp / "tokenizer.json").write_text(safe, encoding="utf-8")
         if src.test_data:
             shutil.copyfile(src.test_data, tmp / "test.jsonl")
+        files = plain_files(tmp, tokenizer, labels)
 
         ctx = formats.ExportContext(
             out=tmp, module=module, concrete=concrete, output_names=out_names, opset=opset,
             calibration=calibration_batches(cal_texts, tokenizer, max_length) if cal_texts else None,
-            log=log)
-        for built in _run_formats(ctx, selected, precisions):
+            calibration_fixed=calibration_fixed(cal_texts, tokenizer, fixed_length, int(max_length)) if cal_texts else None,
+            max_length=fixed_length, labels=labels, tokenizer=tokenizer, log=log)
+        for built in _run_formats(ctx, selected, precisions, traces):
             record(built)
-        artifacts.sort(key=lambda a: C.sort_key(a["format"], a["precision"]))
+        artifacts.sort(key=lambda a: C.sort_key(a["format"], a["precision"], a.get("output_dtype", "float32")))
+        if opts.c_array:
+            from .c_array import write_c_sources
+
+            files["c_array"] = write_c_sources(tmp, B.find_artifact({"artifacts": artifacts}, "tflite-fixed", "int8"),
+                                               tokenizer, labels)
         manifest = {
             "schema_version": B.SCHEMA_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -210,7 +265,9 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
             "unk_id": UNK_ID,
             "vocab_size": vocab_size,
             "max_length": int(max_length),
-            "tokenizer": {"path": "tokenizer.json", "sha256": B.sha256_path(tmp / "tokenizer.json")},
+            "tokenizer": {"path": "tokenizer.json", "sha256": B.sha256_path(tmp / "tokenizer.json"),
+                          "kind": _tokenizer_kind(tokenizer)},
+            "files": files,
             "test_data": "test.jsonl" if src.test_data else None,
             "source": {"model": str(src.model_path), **src.extra},
             "artifacts": artifacts,
@@ -224,10 +281,20 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
     return manifest
 
 
-def audit_built(path: Path, built, vocab_size: int, n_classes: int, max_length: int, unsafe: bool) -> dict:
+def audit_built(path: Path, built, vocab_size: int, n_classes: int, max_length: int, unsafe: bool,
+                entry: dict | None = None, labels=None, tokenizer=None) -> dict:
     """The checks predict, verify and bench run on an artifact, run on what export just
     built, so a bundle never ships what its readers would refuse. Returns what goes into the
     manifest entry (an ONNX file's I/O signature and ops)."""
+    if built.format in C.TFLITE_FORMATS and entry is not None:
+        from probattn.models.text.tokenizer import vocabulary
+
+        from .audit import tflite as tflite_audit
+
+        tflite_audit.audit(read_regular(path, tflite_audit.MAX_FILE_BYTES, what="TFLite model"), entry,
+                           labels=labels, vocabulary=vocabulary(tokenizer) if tokenizer is not None else None,
+                           what=f"the exported {built.path}")
+        return {}
     if built.format == "savedmodel":
         from .audit import savedmodel
 
@@ -251,25 +318,46 @@ def audit_built(path: Path, built, vocab_size: int, n_classes: int, max_length: 
 
 
 
-def _run_formats(ctx: formats.ExportContext, selected, precisions) -> list:
-    """Run each selected format's exporter. A SavedModel is written first when a converter
-    needs one (in a scratch folder if the SavedModel itself was not asked for); formats that
-    convert in a child process run in a thread beside the in-process ones."""
+def _tokenizer_kind(tokenizer) -> str:
+    spec = regex_spec(tokenizer)
+    if spec is None:
+        return "wordlevel"
+    return "regex-start" if spec["start"] else "regex"
+
+
+#: the traces of the serving function a format can convert from (``SAVED_MODEL``)
+SAVED_MODEL_KINDS = ("dynamic", "fixed", "fixed-probabilities")
+
+
+def _run_formats(ctx: formats.ExportContext, selected, precisions, traces) -> list:
+    """Run each selected format's exporter. The SavedModels the converters need are written
+    first (the dynamic one in the bundle when ``savedmodel`` was asked for, the rest in
+    scratch folders); every TFLite conversion then runs in one converter child, in a
+    thread beside the in-process formats (ONNX), and each TFLite-family format finishes
+    its files (metadata, measured targets) once the child is done."""
     modules = {f: formats.get(f) for f in selected}
     wanted = {f: [p for p in precisions if p in C.SUPPORTED[f]] for f in selected}
     wanted = {f: ps for f, ps in wanted.items() if ps}
-    from .formats import savedmodel
+    from .formats import savedmodel, tflite
 
-    scratch = None
-    if any(modules[f].NEEDS_SAVED_MODEL for f in wanted):
-        if "savedmodel" in wanted:
-            ctx.saved_model_dir = ctx.out / C.artifact_filename("savedmodel", "fp32")
+    scratch = []
+    kinds = {getattr(modules[f], "SAVED_MODEL", "dynamic") for f in wanted if modules[f].NEEDS_SAVED_MODEL}
+    for kind in (k for k in SAVED_MODEL_KINDS if k in kinds):
+        if kind == "dynamic" and "savedmodel" in wanted:
+            path = ctx.out / C.artifact_filename("savedmodel", "fp32")
         else:
-            scratch = ctx.out / ".saved_model_for_conversion"
-            ctx.saved_model_dir = scratch
-        ctx.saved_model_seconds = savedmodel.save(ctx, ctx.saved_model_dir)
+            path = ctx.out / f".saved_model_{kind.replace('-', '_')}_for_conversion"
+            scratch.append(path)
+        if kind == "dynamic":
+            ctx.saved_model_dir = path
+            ctx.saved_model_seconds = savedmodel.save(ctx, path)
+        else:
+            savedmodel.save(ctx, path, *traces[kind]())
+        ctx.saved_models[kind] = path
 
-    built, errors, procs = [], [], []
+    child = {f: ps for f, ps in wanted.items() if modules[f].IN_CHILD}
+    jobs = [j for f, ps in child.items() for j in modules[f].conversions(ctx, ps)]
+    built, errors, procs, results = [], [], [], []
     cancel = threading.Event()
 
     def started(proc):
@@ -279,17 +367,16 @@ def _run_formats(ctx: formats.ExportContext, selected, precisions) -> list:
 
     ctx.started = started
     threads = []
-    for f, ps in wanted.items():
-        if modules[f].IN_CHILD:
-            def work(mod=modules[f], ps=ps):
-                try:
-                    built.extend(mod.export(ctx, ps))
-                except BaseException as e:  # re-raised in the main thread
-                    errors.append(e)
+    if jobs:
+        def work():
+            try:
+                results.extend(tflite.convert_in_child(ctx, jobs))
+            except BaseException as e:  # re-raised in the main thread
+                errors.append(e)
 
-            th = threading.Thread(target=work, daemon=True)
-            th.start()
-            threads.append(th)
+        th = threading.Thread(target=work, daemon=True)
+        th.start()
+        threads.append(th)
     try:
         for f, ps in wanted.items():
             if not modules[f].IN_CHILD:
@@ -302,8 +389,10 @@ def _run_formats(ctx: formats.ExportContext, selected, precisions) -> list:
             _join(th, cancel, procs)
     if errors:
         raise errors[0]
-    if scratch is not None:
-        shutil.rmtree(scratch)
+    for f in child:
+        built.extend(modules[f].finish(ctx, [r for r in results if r["format"] == f]))
+    for path in scratch:
+        shutil.rmtree(path)
     return built
 
 

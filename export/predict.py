@@ -43,13 +43,15 @@ class Predictor:
             fmt = runtimes.default_format(runtime)
             entry = B.find_artifact(m, fmt, precision)
             if entry is None:
-                have = sorted(a["precision"] for a in m["artifacts"] if a["format"] == fmt)
+                have = sorted({a["precision"] for a in m["artifacts"] if a["format"] == fmt})
                 raise UsageError(f"bundle has no {fmt} {precision} artifact; it has {fmt}: {', '.join(have) or 'none'}")
             reason = cls.unavailable()
             if reason:
                 raise UsageError(f"runtime {runtime} cannot run here: {reason}")
             content = b.artifact_bytes(entry)
             self.tokenizer = b.tokenizer()
+            b.check_plain_files(self.tokenizer)
+            b.audit_artifact(entry, content, self.tokenizer)
             self.labels = list(m["labels"])
             self.vocab_size = int(m["vocab_size"])
             self.max_length = min(max_length or m["max_length"], m["max_length"])

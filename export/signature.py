@@ -27,10 +27,12 @@ def with_attention_output(model):
         return None
 
 
-def serving_module(model, attention: bool = False):
+def serving_module(model, attention: bool = False, shape=(None, None)):
     """A ``tf.Module`` whose ``serve`` is traced with an explicit input signature; returns
     ``(module, concrete_function)``. ``attention`` is honoured only when the model has one
-    ProbAttention layer in its functional graph (the exporter decides before calling)."""
+    ProbAttention layer in its functional graph (the exporter decides before calling).
+    ``shape``: the input's ``[batch, sequence]``; ``(1, max_length)`` traces the same
+    function for the fixed-shape device artifacts."""
     import tensorflow as tf
 
     explained = with_attention_output(model) if attention else None
@@ -41,7 +43,7 @@ def serving_module(model, attention: bool = False):
             super().__init__()
             self.model = target
 
-        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name=INPUT)])
+        @tf.function(input_signature=[tf.TensorSpec(list(shape), tf.int32, name=INPUT)])
         def serve(self, token_ids):
             out = self.model(token_ids, training=False)
             if isinstance(out, dict):

@@ -13,7 +13,7 @@ from .errors import UsageError
 from .fsutil import atomic_directory, check_not_in_use, check_output_dir
 from .metrics import classification_report
 from .text import data as data_mod
-from .text.tokenizer import MAX_LENGTH_LIMIT, encode_fixed, train_tokenizer
+from .text.tokenizer import MAX_LENGTH_LIMIT, TOKENIZER_KINDS, encode_fixed, train_tokenizer_of_kind
 from .text.tokenizer_guard import MAX_VOCAB
 
 #: The output kind a run directory is marked with (``--overwrite`` replaces only runs).
@@ -46,6 +46,7 @@ class TrainConfig:
     batch_size: int = 32
     learning_rate: float = 2e-3
     limit: int = 0  # use only N examples, drawn per class in proportion (quick runs); 0 = all
+    tokenizer: str = "wordlevel"  # or "regex" / "regex-start": MediaPipe's regex tokenizer
 
     def validate(self):
         for name in ("max_length", "vocab_size", "embedding_dim", "hidden_units", "epochs",
@@ -73,6 +74,8 @@ class TrainConfig:
             raise UsageError(f"--seed must be an integer from 0 to 2**32-1; received {self.seed!r}")
         if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 0:
             raise UsageError(f"--limit must be >= 0; received {self.limit}")
+        if self.tokenizer not in TOKENIZER_KINDS:
+            raise UsageError(f"--tokenizer must be one of {', '.join(TOKENIZER_KINDS)}; received {self.tokenizer!r}")
 
 
 #: --max-length bounds (a user file's default is derived from its texts, within these)
@@ -128,7 +131,7 @@ def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
 
-    tokenizer = train_tokenizer(split.train.texts, config.vocab_size, MAX_DEFAULT_LENGTH * 64)
+    tokenizer = train_tokenizer_of_kind(config.tokenizer, split.train.texts, config.vocab_size, MAX_DEFAULT_LENGTH * 64)
     config.max_length = resolve_max_length(config, tokenizer, split.train.texts)
     tokenizer.enable_truncation(max_length=config.max_length)
     vocab = tokenizer.get_vocab_size()

@@ -2,7 +2,8 @@
 
 * fp32: ``tf2onnx.convert.from_function`` with the explicit input signature; input
   ``token_ids`` and outputs keep their names, dynamic dims are named ``batch`` and
-  ``sequence`` (tf2onnx calls them ``unk__N``).
+  ``sequence`` (tf2onnx calls them ``unk__N``), and the graph outputs are put in contract
+  order, ``probabilities`` first (fp16 and int8 are derived from this graph and keep it).
 * fp16: ``onnxruntime.transformers.float16`` with ``keep_io_types=True`` (int32 input,
   float32 outputs). ``onnxconverter_common.float16`` produced an invalid Cast on this graph.
 * int8: ``onnxruntime.quantization.quantize_dynamic``: int8 weights for MatMul and Gather,
@@ -18,7 +19,7 @@ from pathlib import Path
 from probattn.models.errors import UsageError, one_line
 
 from ..contract import (ATTENTION, BATCH_DIM, INPUT, PROBABILITIES, SEQUENCE_DIM, SUPPORTED,
-                        artifact_filename, output_dims)
+                        artifact_filename, ordered_outputs, output_dims)
 from . import Built, ExportContext
 
 FORMAT = "onnx"
@@ -85,6 +86,17 @@ def _rename_io(model, mapping: dict) -> None:
             vi.name = mapping[vi.name]
 
 
+def _order_outputs(model, order: list) -> None:
+    """Graph outputs in contract order (tf2onnx sorts a dict's keys by name, which puts
+    attention_weights first): ``session.run(None, feed)[0]`` is then the probabilities."""
+    outputs = sorted(model.graph.output, key=lambda o: order.index(o.name))
+    copies = [type(o)() for o in outputs]
+    for c, o in zip(copies, outputs):
+        c.CopyFrom(o)
+    del model.graph.output[:]
+    model.graph.output.extend(copies)
+
+
 def convert_fp32(module, opset: int, output_names: list):
     import tensorflow as tf
     import tf2onnx
@@ -103,6 +115,7 @@ def convert_fp32(module, opset: int, output_names: list):
     got = [o.name for o in model.graph.output]
     if sorted(got) != sorted(output_names):
         raise UsageError(f"ONNX outputs came out as {got}, expected {output_names}")
+    _order_outputs(model, ordered_outputs(got))
     _name_dims(model, {PROBABILITIES: output_dims(PROBABILITIES), ATTENTION: output_dims(ATTENTION)})
     model.doc_string = "probattn ProbAttention classifier"
     return model

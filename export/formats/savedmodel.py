@@ -11,12 +11,14 @@ NEEDS_SAVED_MODEL = False
 IN_CHILD = False
 
 
-def save(ctx: ExportContext, directory) -> float:
-    """Write the SavedModel to ``directory``; returns the seconds it took."""
+def save(ctx: ExportContext, directory, module=None, concrete=None) -> float:
+    """Write the SavedModel (of ``ctx``'s traced function, or of ``module``/``concrete``,
+    another trace of it) to ``directory``; returns the seconds it took."""
     import tensorflow as tf
 
     t = time.perf_counter()
-    tf.saved_model.save(ctx.module, str(directory), signatures={SIGNATURE_KEY: ctx.concrete})
+    tf.saved_model.save(module or ctx.module, str(directory),
+                        signatures={SIGNATURE_KEY: concrete or ctx.concrete})
     return time.perf_counter() - t
 
 

@@ -57,10 +57,13 @@ def verify(bundle, data: str | None = None, report_dir=None, formats=None, quiet
         if check_hashes:
             b.check_all(strict_tree=True)
         tokenizer = b.tokenizer()
+        b.check_plain_files(tokenizer)
         texts, labels, source = load_texts(bundle, manifest, data, text_column, label_column, encoding,
                                            test_bytes=b.test_data_bytes())
         paths = {a["path"]: _runner_source(b, a) for a in manifest["artifacts"]}
         audit_artifacts(manifest, paths, unsafe)  # nothing runs before every artifact passed its audit
+        for a in manifest["artifacts"]:  # TFLite-family files: I/O, ops, sizes, MediaPipe metadata
+            b.audit_artifact(a, paths[a["path"]]["content"], tokenizer)
         record = not_writable(b.dir.fd) is None
         if not record:
             say(f"note: {bundle} is read-only; the verdict is not recorded in its manifest.json")
@@ -146,8 +149,9 @@ def _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, fo
             runner = cls(src["path"], vocab, variant=variant, input_shape=entry.get("input_shape"),
                          content=src["content"], n_classes=len(manifest["labels"]), unsafe=unsafe)
             label = f"{entry['path']} on {runner.name}"
-            why_not = cls.cannot_run(entry["format"], entry["precision"])
-            if why_not:  # by design (e.g. a microcontroller runtime and a dynamic-shape file)
+            # by design (e.g. a microcontroller runtime and a dynamic-shape file) or as measured at export
+            why_not = cls.cannot_run(entry["format"], entry["precision"], entry)
+            if why_not:
                 report.meta["not_applicable"].append({"artifact": entry["path"], "runtime": runner.name,
                                                       "reason": why_not})
                 continue
@@ -164,7 +168,7 @@ def _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, fo
                     raise UsageError(f"{entry['path']} is listed as {entry['precision']} but {problem}; refusing it")
                 for case in cases:
                     # longer than this artifact's (or the reference's) fixed length
-                    if (not all(runner.accepts_length(b.shape[1]) for b in case.batches + (case.base or []))
+                    if (not all(runner.accepts(b) for b in case.batches + (case.base or []))
                             or (not is_reference and case.name not in reference)):
                         not_applicable.append(case.name)
                         continue

@@ -5,7 +5,11 @@ The interpreter gets the file's bytes (hash-checked by the caller when they come
 bundle), and before anything runs: the tensors the graph declares must fit
 ``limits.TFLITE_STATIC_BYTES``, the signature must be the contract's, and the embedding (the
 ``GATHER`` fed by the input) must have a row for every id of the vocabulary: LiteRT's gather
-does not check its indices."""
+does not check its indices.
+
+It runs the dynamic ``tflite`` files (what ``predict --runtime litert`` picks) and, in
+verify and bench, the fixed-shape ``tflite-fixed`` and ``mediapipe`` files at their
+stored shape. int8 outputs are dequantized with their own scale and zero point."""
 from __future__ import annotations
 
 import numpy as np
@@ -24,7 +28,7 @@ OUTPUT_DTYPES = ("float32", "int8")
 @register
 class LiteRTRunner(Runner):
     runtime = "litert"
-    formats = ("tflite",)
+    formats = ("tflite", "tflite-fixed", "mediapipe")  # the first is what predict runs
     variants = ("xnnpack", "reference")
     requires = ("ai_edge_litert",)
     package = "ai-edge-litert"
@@ -54,8 +58,20 @@ class LiteRTRunner(Runner):
                 raise UsageError(f"{self.path.name} has no '{SIGNATURE_KEY}' signature (found {list(sigs)})")
             self.runner = self.interp.get_signature_runner(SIGNATURE_KEY)
             self._check_signature()
+            shape = [int(d) for d in self.runner.get_input_details()[INPUT]["shape_signature"]]
+            if len(shape) == 2 and min(shape) >= 1:  # a fixed-shape file: run only that shape
+                if (self.fixed_batch, self.fixed_length) not in ((None, None), tuple(shape)):
+                    raise UsageError(f"{self.path.name}: the manifest says input [{self.fixed_batch}, "
+                                     f"{self.fixed_length}], the file stores {shape}")
+                self.fixed_batch, self.fixed_length = shape
             with quiet_stderr():  # the delegate is created, and announces itself, on first use
-                self.runner(**{INPUT: np.zeros((1, 1), np.int32)})
+                self.runner(**{INPUT: np.zeros([max(1, d) for d in shape] if len(shape) == 2 else (1, 1), np.int32)})
+            # int8 outputs (a device artifact) come back as float32: (q - zero_point) * scale
+            self._quantized = {}
+            for name, d in self.runner.get_output_details().items():
+                q = d["quantization_parameters"]
+                if np.issubdtype(d["dtype"], np.integer) and len(q["scales"]):
+                    self._quantized[name] = (np.float32(q["scales"][0]), np.float32(q["zero_points"][0]))
         except UsageError:
             raise
         except Exception as e:
@@ -112,7 +128,10 @@ class LiteRTRunner(Runner):
         return None
 
     def _infer(self, ids):
-        return self.runner(**{self._input: ids})
+        out = self.runner(**{self._input: ids})
+        for name, (scale, zero_point) in self._quantized.items():
+            out[name] = (out[name].astype(np.float32) - zero_point) * scale
+        return out
 
     def _close(self):
         self.runner = self.interp = None
