@@ -491,7 +491,7 @@ class Bundle:
         f = (self.manifest.get("files") or {}).get(key)
         if f is None:
             return None
-        data = self.read(f["path"], MAX_TOKENIZER_BYTES, f["path"])
+        data = self.read(f["path"], MAX_TOKENIZER_BYTES, key)
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:

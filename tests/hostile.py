@@ -43,6 +43,10 @@ def rehash(bundle: Path, m: dict | None = None) -> dict:
     tok = bundle / m["tokenizer"]["path"]
     if tok.is_file() and not tok.is_symlink():
         m["tokenizer"]["sha256"] = sha256_path(tok)
+    files = m.get("files") or {}
+    for f in [files.get(k) for k in ("labels", "vocabulary")] + list((files.get("c_array") or {}).get("files", [])):
+        if f and (bundle / f["path"]).is_file() and not (bundle / f["path"]).is_symlink():
+            f["sha256"] = sha256_path(bundle / f["path"])
     write_manifest(bundle, m)
     return m
 
