@@ -173,7 +173,7 @@ def _files(m, contents, covered, where) -> set:
     if ca is not None:
         model = C.artifact_filename("tflite-fixed", "int8")
         if not isinstance(ca, dict) or ca.get("dir") != C.C_ARRAY_DIR or ca.get("model") != model \
-                or not isinstance(ca.get("files"), list) or not 1 <= len(ca["files"]) <= len(C_ARRAY_FILES):
+                or not isinstance(ca.get("files"), list) or not ca["files"]:
             raise UsageError(f"{where}: files.c_array must be {{dir: '{C.C_ARRAY_DIR}', model: '{model}', files: "
                              f"[...]}}; found {str(ca)[:120]}")
         if not any(a.get("path") == model for a in m["artifacts"] if isinstance(a, dict)):
@@ -184,6 +184,8 @@ def _files(m, contents, covered, where) -> set:
                     or rel.split("/")[1] not in C_ARRAY_FILES:
                 raise UsageError(f"{where}: files.c_array lists {str(rel)[:80]!r}; allowed: "
                                  f"{C.C_ARRAY_DIR}/ + one of {', '.join(C_ARRAY_FILES)}")
+            if rel in claimed:
+                raise UsageError(f"{where}: files.c_array lists {rel} twice")
             _sha(f.get("sha256"), f"the sha256 of {rel}", where)
             if rel not in contents:
                 raise UsageError(f"{where}: {rel} is not listed in contents")
@@ -302,8 +304,8 @@ def validate_manifest(m, where: str = MANIFEST) -> dict:
                              f"at {expected}; a file cannot be served as another precision")
         key = C.artifact_key(a)
         if a["path"] in paths or key in keys:
-            raise UsageError(f"{where}: artifact {a['path']} ({a['format']} {a['precision']}) is listed twice; "
-                             "entries must be unique")
+            raise UsageError(f"{where}: artifact {a['path']} ({' / '.join(key)}) is listed twice; more than one "
+                             "entry with the same path or format / precision / output dtype; entries must be unique")
         paths.add(a["path"])
         keys.add(key)
         _sha(a["sha256"], f"the sha256 of {a['path']}", where)
