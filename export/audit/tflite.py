@@ -141,14 +141,14 @@ def audit(blob: bytes, entry: dict, *, labels, vocabulary=None, what: str | None
     if len(blob) > MAX_FILE_BYTES:
         raise UsageError(f"{what} is {len(blob):,} bytes; at most {MAX_FILE_BYTES:,} allowed")
     if len(blob) < 8 or blob[4:8] != b"TFL3":
-        raise UsageError(f"{what} is not a TFLite flatbuffer (no TFL3 identifier)")
+        raise UsageError(f"{what} is not a valid TFLite model (no TFL3 flatbuffer identifier)")
     try:
         info = describe(blob)
         static = _static_bytes(blob)
     except UsageError as e:
         raise UsageError(f"{what}: {e}") from None
     except Exception as e:  # a damaged flatbuffer: struct.error, IndexError, ...
-        raise UsageError(f"{what} is not a valid TFLite flatbuffer ({type(e).__name__}: {one_line(e, 120)})") from None
+        raise UsageError(f"{what} is not a valid TFLite model (a damaged flatbuffer: {type(e).__name__}: {one_line(e, 120)})") from None
     ops = [o["op"] if isinstance(o, dict) else str(o) for o in info["ops"]]
     bad = [o for o in ops if o.startswith("CUSTOM") or o in REFUSED_OPS]
     if bad:
