@@ -48,15 +48,15 @@ def _bare_call(runner):
     return lambda ids: runner.infer(ids, check_inputs=False)
 
 
-def _accuracy(runner, bundle: Path, manifest: dict):
+def _accuracy(runner, b, manifest: dict):
     name = manifest.get("test_data")
-    if not name or not (bundle / name).is_file():
+    if not name:
         return None
-    from probattn.models.text.data import load_text_file
-    from probattn.models.text.tokenizer import encode, load_tokenizer
+    from probattn.models.text.data import parse_text_file
+    from probattn.models.text.tokenizer import encode
 
-    ds = load_text_file(bundle / name)
-    tok = load_tokenizer(bundle / manifest["tokenizer"]["path"])
+    ds = parse_text_file(b.test_data_bytes(), Path(name))
+    tok = b.tokenizer()
     index = {l: i for i, l in enumerate(manifest["labels"])}
     if any(l not in index for l in ds.labels):
         return None
@@ -72,11 +72,20 @@ def entry_runs_on(entry, cls) -> bool:
     return entry["format"] in cls.formats and cls.cannot_run(entry["format"], entry["precision"], entry) is None
 
 
-def worker(bundle, threads: int, quick: bool, runtime_names, with_accuracy: bool, with_scaling: bool) -> dict:
-    """Measure every artifact in this process with ``threads`` intra-op threads."""
-    bundle = Path(bundle)
-    manifest = B.load_manifest(bundle)
+def worker(bundle, threads: int, quick: bool, runtime_names, with_accuracy: bool, with_scaling: bool,
+           unsafe: bool = False) -> dict:
+    """Measure every artifact in this process with ``threads`` intra-op threads (the bundle
+    read as one generation, under its shared lock)."""
+    with B.Bundle(bundle) as b:
+        return _worker(b, threads, quick, runtime_names, with_accuracy, with_scaling, unsafe)
+
+
+def _worker(bun, threads, quick, runtime_names, with_accuracy, with_scaling, unsafe) -> dict:
+    bundle = bun.path
+    manifest = bun.manifest
     vocab = int(manifest["vocab_size"])
+    tokenizer = bun.tokenizer()
+    bun.check_plain_files(tokenizer)
     rng = np.random.default_rng(0)
     shapes = QUICK_SHAPES if quick else SHAPES
     timing = dict(min_seconds=0.1 if quick else 0.4, min_reps=10 if quick else 30,
@@ -87,12 +96,16 @@ def worker(bundle, threads: int, quick: bool, runtime_names, with_accuracy: bool
             if entry_runs_on(a, cls) and a.get("input_dtype", "int32") == "int32"]
     results = []
     for n, (entry, cls) in enumerate(jobs, 1):
-        path = B.verified_path(bundle, entry)
+        path = bun.check_entry(entry)
+        common = dict(n_classes=len(manifest["labels"]), unsafe=unsafe, input_shape=entry.get("input_shape"))
         if entry["format"] == "keras":  # the user's model as they would call it: probabilities only
-            runner = cls(path, vocab, threads, attention=False)
-        else:
-            # the runtime's default variant; a fixed-shape file runs the shapes it accepts
-            runner = cls(path, vocab, threads, input_shape=entry.get("input_shape"))
+            runner = cls(path, vocab, threads, attention=False, **common)
+        elif entry["format"] == "savedmodel":
+            runner = cls(path, vocab, threads, **common)
+        else:  # the runtime's default variant, on the hash-checked and audited bytes
+            content = bun.artifact_bytes(entry)
+            bun.audit_artifact(entry, content, tokenizer)
+            runner = cls(bundle / entry["path"], vocab, threads, content=content, **common)
         rt = runner.name
         reason = cls.unavailable()
         label = f"[{n}/{len(jobs)}] threads={threads} {entry['path']} on {rt}"
@@ -118,7 +131,7 @@ def worker(bundle, threads: int, quick: bool, runtime_names, with_accuracy: bool
                          max_reps=500, warmup=2)
         row["throughput_texts_per_s"] = round(THROUGHPUT_SHAPE[0] / (tp["median_us"] / 1e6), 1)
         if with_accuracy:
-            row["accuracy"] = _accuracy(runner, bundle, manifest)
+            row["accuracy"] = _accuracy(runner, bun, manifest)
         if with_scaling and entry["precision"] == "fp32":
             row["scaling"] = {}
             for s in (QUICK_SCALING if quick else SCALING):
@@ -158,70 +171,87 @@ def cold_start(bundle, runs: int = 5) -> dict:
     return {"median_s": round(statistics.median(times), 3), "runs": runs}
 
 
-def _parity_verdicts(bundle: Path) -> dict:
-    path = bundle / "report" / "parity.json"
-    if not path.is_file():
+def _parity_verdicts(b) -> dict:
+    """Verdicts from ``report/parity.json``, if verify wrote one (read with no link followed;
+    a file that is not a readable report is ignored)."""
+    try:
+        doc = json.loads(b.dir.read(f"{B.REPORT_DIR}/parity.json", 64 << 20, "report"))
+        return {(r["artifact"], r["runtime"]): bool(r["passed"]) for r in doc.get("rows", [])}
+    except (UsageError, ValueError, TypeError, KeyError, AttributeError, OSError):
         return {}
-    doc = json.loads(path.read_text())
-    out = {}
-    for r in doc.get("rows", []):
-        out[(r["artifact"], r["runtime"])] = bool(r["passed"])
-    return out
 
 
-def run(bundle, out_dir=None, threads="1,all", quick=False, runtime_names=None) -> dict:
-    bundle = Path(bundle)
-    manifest = B.load_manifest(bundle)
-    for a in manifest["artifacts"]:
-        B.verified_path(bundle, a)
+def parse_threads(threads) -> list:
+    """``--threads``: positive integers and ``all`` (the CPUs this process may use), each at
+    most that many."""
+    from .limits import cap_threads, usable_cpus
+
     settings = []
     for t in str(threads).split(","):
         t = t.strip()
         if t == "all":
-            settings.append(os.cpu_count() or 1)
+            settings.append(usable_cpus())
         elif t.isdigit() and int(t) >= 1:
-            settings.append(int(t))
+            settings.append(cap_threads(int(t), "--threads"))
         else:
             raise UsageError(f"--threads takes positive integers and 'all', comma separated; received '{t}'")
-    settings = list(dict.fromkeys(settings))
+    return list(dict.fromkeys(settings))
+
+
+def run(bundle, out_dir=None, threads="1,all", quick=False, runtime_names=None, unsafe=False) -> dict:
+    from probattn.models.fsutil import check_output_dir_usable, open_output_dir, write_file_at
+
+    bundle = Path(bundle)
+    settings = parse_threads(threads)
     runtime_names = tuple(runtime_names or runtimes.names())
     for r in runtime_names:
         runtimes.get(r)  # one-line error naming the allowed runtimes
-    out_dir = Path(out_dir) if out_dir else bundle / "bench"
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out exists and is not a directory: {out_dir}")
-    doc = {"bundle": str(bundle), "machine": machine(), "versions": versions(), "quick": quick,
-           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": []}
-    for i, t in enumerate(settings):
-        cmd = [sys.executable, "-m", "probattn.export.bench", "--worker", str(bundle), str(t),
-               "1" if quick else "0", ",".join(runtime_names), "1" if i == 0 else "0", "1" if i == 0 else "0"]
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS=str(t))
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
-        last = (proc.stdout.strip().splitlines() or ["{}"])[-1]
-        result = json.loads(last) if last.startswith("{") else {}
-        if "error" in result:
-            raise UsageError(result["error"])
-        if proc.returncode != 0 or "rows" not in result:
-            raise UsageError(f"benchmark worker (threads={t}) failed with exit {proc.returncode}")
-        doc["runs"].append(result)
-    if any(runtimes.get(r).tensorflow_free for r in runtime_names):
-        print("  cold start of 'probattn predict' ...", file=sys.stderr, flush=True)
-        doc["cold_start_predict"] = cold_start(bundle, runs=3 if quick else 5)
-    verdicts = _parity_verdicts(bundle)
-    accuracy = {}
-    for run_ in doc["runs"]:
-        for r in run_["rows"]:
-            r["parity"] = verdicts.get((r["artifact"], r["runtime"]))
-            if r.get("accuracy") is not None:
-                accuracy[(r["artifact"], r["runtime"])] = r["accuracy"]
-    for run_ in doc["runs"]:
-        for r in run_["rows"]:
-            r.setdefault("accuracy", accuracy.get((r["artifact"], r["runtime"])))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench.json").write_text(json.dumps(doc, indent=1))
-    (out_dir / "bench.md").write_text(markdown(doc))
-    plot_scaling(doc, out_dir / "bench_scaling.png")
-    plot_size_accuracy(doc, out_dir / "bench_size_accuracy.png")
+    with B.Bundle(bundle) as b:  # shared lock for the whole run: an export cannot replace it meanwhile
+        b.check_all(strict_tree=True)
+        where = dict(path=out_dir, what="--out") if out_dir else \
+            dict(path=B.BENCH_DIR, dir_fd=b.dir.fd, what=f"bench directory {bundle}/bench")
+        try:  # refused now, created at the end
+            check_output_dir_usable(**where)
+        except UsageError as e:
+            raise UsageError(str(e) if out_dir else f"{e}; pass --out DIR to write the results elsewhere") from None
+        doc = {"bundle": str(bundle), "machine": machine(), "versions": versions(), "quick": quick,
+               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": []}
+        for i, t in enumerate(settings):
+            cmd = [sys.executable, "-m", "probattn.export.bench", "--worker", str(bundle), str(t),
+                   "1" if quick else "0", ",".join(runtime_names), "1" if i == 0 else "0", "1" if i == 0 else "0",
+                   "1" if unsafe else "0"]
+            env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS=str(t))
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+            last = (proc.stdout.strip().splitlines() or ["{}"])[-1]
+            result = json.loads(last) if last.startswith("{") else {}
+            if "error" in result:
+                raise UsageError(result["error"])
+            if proc.returncode != 0 or "rows" not in result:
+                raise UsageError(f"benchmark worker (threads={t}) failed with exit {proc.returncode}")
+            doc["runs"].append(result)
+        if any(runtimes.get(r).tensorflow_free for r in runtime_names):
+            print("  cold start of 'probattn predict' ...", file=sys.stderr, flush=True)
+            doc["cold_start_predict"] = cold_start(bundle, runs=3 if quick else 5)
+        verdicts = _parity_verdicts(b)
+        accuracy = {}
+        for run_ in doc["runs"]:
+            for r in run_["rows"]:
+                r["parity"] = verdicts.get((r["artifact"], r["runtime"]))
+                if r.get("accuracy") is not None:
+                    accuracy[(r["artifact"], r["runtime"])] = r["accuracy"]
+        for run_ in doc["runs"]:
+            for r in run_["rows"]:
+                r.setdefault("accuracy", accuracy.get((r["artifact"], r["runtime"])))
+        pngs = (("bench_scaling.png", plot_scaling(doc)), ("bench_size_accuracy.png", plot_size_accuracy(doc)))
+        out_fd = open_output_dir(**where)
+        try:
+            write_file_at(out_fd, "bench.json", json.dumps(doc, indent=1))
+            write_file_at(out_fd, "bench.md", markdown(doc))
+            for name, png in pngs:
+                if png is not None:
+                    write_file_at(out_fd, name, png)
+        finally:
+            os.close(out_fd)
     return doc
 
 
@@ -286,7 +316,18 @@ def markdown(doc) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_scaling(doc, path):
+def _png(fig) -> bytes:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_scaling(doc) -> bytes | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -302,7 +343,7 @@ def plot_scaling(doc, path):
                 plotted = True
     if not plotted:
         plt.close(fig)
-        return
+        return None
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length (tokens), batch 1")
@@ -311,11 +352,10 @@ def plot_scaling(doc, path):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return _png(fig)
 
 
-def plot_size_accuracy(doc, path):
+def plot_size_accuracy(doc) -> bytes | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -326,7 +366,7 @@ def plot_size_accuracy(doc, path):
         if r.get("accuracy") is not None and r["runtime"] != "keras":
             pts[r["artifact"]] = (r["bytes"] / 1e6, r["accuracy"])
     if not pts:
-        return
+        return None
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     markers = {"tflite": "o", "onnx": "s", "savedmodel": "^"}
     for name, (x, y) in sorted(pts.items()):
@@ -338,8 +378,7 @@ def plot_size_accuracy(doc, path):
     ax.set_title("Size vs accuracy across formats and precisions")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return _png(fig)
 
 
 def run_cli(args) -> int:
@@ -352,7 +391,7 @@ def run_cli(args) -> int:
     if getattr(args, "lengths", None):
         raise UsageError(f"--lengths is for --attention-scaling; received --lengths {args.lengths} with a BUNDLE")
     names = tuple(x.strip() for x in args.runtimes.split(",")) if args.runtimes else None
-    doc = run(args.bundle, args.out, args.threads, args.quick, names)
+    doc = run(args.bundle, args.out, args.threads, args.quick, names, unsafe=args.unsafe)
     print(markdown(doc))
     print(f"wrote {Path(args.out) if args.out else Path(args.bundle) / 'bench'}/bench.json, bench.md, "
           "bench_scaling.png, bench_size_accuracy.png")
@@ -366,9 +405,9 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
     if any(not runtimes.get(r).tensorflow_free for r in sys.argv[5].split(",")):
         import_tensorflow()
 
-    _, _, b, t, q, rts, acc, sc = sys.argv
+    _, _, b, t, q, rts, acc, sc, unsafe = sys.argv
     try:
-        result = worker(b, int(t), q == "1", tuple(rts.split(",")), acc == "1", sc == "1")
+        result = worker(b, int(t), q == "1", tuple(rts.split(",")), acc == "1", sc == "1", unsafe == "1")
     except ProbattnError as e:  # reported by the parent as one line
         result = {"error": one_line(e, 600)}
     print(json.dumps(result))

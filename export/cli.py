@@ -12,10 +12,13 @@ import os
 import sys
 
 from probattn.models.errors import ProbattnError, UsageError, one_line
-from probattn.models.text.tokenizer import DEFAULT_TOKENIZER_KIND
+from probattn.models.text.tokenizer import DEFAULT_TOKENIZER_KIND, MAX_LENGTH_LIMIT
+from probattn.models.text.tokenizer_guard import MAX_VOCAB
+from probattn.models.train import MAX_EMBEDDING_DIM, MAX_EPOCHS, MAX_TRAIN_BATCH
 
 from . import contract as C
 from . import runtimes
+from .limits import MAX_BATCH
 
 
 def _quiet_tensorflow():
@@ -29,14 +32,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"probattn: error: {message} (see '{self.prog} --help')\n")
 
 
+def _int_range(lo: int, hi: int):
+    """An argparse type: an integer from ``lo`` to ``hi`` (what is allowed is in the message)."""
+    allowed = f"a positive integer up to {hi:,}" if lo == 1 else f"an integer from {lo:,} to {hi:,}"
+
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {allowed}, received '{text}'") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"expected {allowed}, received {v}")
+        return v
+
+    parse.__name__ = "integer"
+    return parse
+
+
 def _positive_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, received '{text}'") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, received {v}")
-    return v
+    return _int_range(1, 2**31 - 1)(text)
 
 
 def _add_data_file_args(parser):
@@ -54,15 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rotten_tomatoes (default), bbc_news, 20newsgroups, or a path to a .csv/.jsonl file")
     t.add_argument("--out", required=True, help="run directory to write (atomically)")
     _add_data_file_args(t)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--epochs", type=_positive_int, default=4)
-    t.add_argument("--max-length", type=_positive_int,
+    t.add_argument("--seed", type=_int_range(0, 2**32 - 1), default=0)
+    t.add_argument("--epochs", type=_int_range(1, MAX_EPOCHS), default=4)
+    t.add_argument("--max-length", type=_int_range(1, MAX_LENGTH_LIMIT),
                    help="tokens per text in training (default: 64 for rotten_tomatoes, 256 for bbc_news and "
                         "20newsgroups; for your own file the 95th percentile of its lengths, 16 to 256)")
-    t.add_argument("--vocab-size", type=_positive_int, default=20000)
-    t.add_argument("--embedding-dim", type=_positive_int, default=64)
-    t.add_argument("--batch-size", type=_positive_int, default=32)
-    t.add_argument("--limit", type=int, default=0, help="use only N examples, drawn from every class in proportion (0 = all)")
+    t.add_argument("--vocab-size", type=_int_range(3, MAX_VOCAB), default=20000)
+    t.add_argument("--embedding-dim", type=_int_range(1, MAX_EMBEDDING_DIM), default=64)
+    t.add_argument("--batch-size", type=_int_range(1, MAX_TRAIN_BATCH), default=32)
+    t.add_argument("--limit", type=_int_range(0, 2**31 - 1), default=0,
+                   help="use only N examples, drawn from every class in proportion (0 = all)")
     t.add_argument("--model", default="probattn",
                    help="probattn (default: Embedding -> ProbAttention pooling) or probsparse (Embedding -> "
                         "ProbSparse self-attention encoder block -> ProbAttention pooling)")
@@ -88,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--calibration-data", help="texts for full-int8 calibration (.csv/.jsonl/.txt or dataset name)")
     e.add_argument("--tokenizer", help="tokenizer.json (required unless SOURCE is a run directory)")
     e.add_argument("--labels", help="labels: JSON list or one per line")
-    e.add_argument("--max-length", type=_positive_int, help="training max length (default: from the run or tokenizer)")
+    e.add_argument("--max-length", type=_int_range(1, MAX_LENGTH_LIMIT),
+                   help="training max length (default: from the run or tokenizer)")
     e.add_argument("--no-attention-weights", action="store_true", help=f"export only '{C.PROBABILITIES}'")
     e.add_argument("--no-onnx-int64", action="store_true",
                    help="skip the int64-input twin of each ONNX precision (model_<precision>_int64.onnx, for "
@@ -107,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--formats", help=f"only these formats (comma list of {', '.join(C.EXPORT_FORMATS)})")
     v.add_argument("--strict", action="store_true",
                    help="fail when a runtime is not installed or an artifact could not be run (for CI)")
+    v.add_argument("--unsafe", action="store_true",
+                   help="run what the safety checks refuse (Lambda layers, SavedModel ops outside the allow-list)")
 
     free = runtimes.names(tensorflow_free=True)
     pr = sub.add_parser("predict", help=f"label texts with {', '.join(free)} (no TensorFlow)")
@@ -117,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                     + ", ".join(f"{r} -> {runtimes.default_format(r)}" for r in free))
     pr.add_argument("--precision", default="fp32", help=f"one of {', '.join(C.PRECISIONS)} (default fp32)")
     pr.add_argument("--input-file", help="one text per line; '-' for stdin")
-    pr.add_argument("--batch-size", type=_positive_int, default=64)
+    pr.add_argument("--batch-size", type=_int_range(1, MAX_BATCH), default=64,
+                    help=f"texts per runtime call, 1 to {MAX_BATCH:,} (default 64)")
     pr.add_argument("--json", action="store_true", help="one JSON object per line")
     pr.add_argument("--engine", default="local",
                     help="local (default: this process) or ray (Ray Data over an actor pool; a local cluster of "
@@ -151,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", default="1,all", help="comma list of thread counts and/or 'all' (default 1,all)")
     b.add_argument("--quick", action="store_true", help="fewer repetitions and shapes")
     b.add_argument("--runtimes", help=f"only these runtimes (comma list of {', '.join(runtimes.names())})")
+    b.add_argument("--unsafe", action="store_true",
+                   help="run what the safety checks refuse (Lambda layers, SavedModel ops outside the allow-list)")
     return p
 
 
@@ -162,22 +183,69 @@ def main(argv=None) -> int:
             args.texts = list(args.texts) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from probattn.models.termination import exit_code, graceful_termination, signal_name
+    from probattn.models.text.tokenizer_guard import is_panic
+
+    verb = args.verb
     try:
-        return _dispatch(args)
+        with graceful_termination():  # SIGTERM and SIGHUP clean up like Ctrl-C
+            return _dispatch(args)
     except ProbattnError as e:
-        print(f"probattn {args.verb}: error: {one_line(e, 600)}", file=sys.stderr)
+        print(f"probattn {verb}: error: {one_line(e, 600)}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print(f"probattn {args.verb}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        name = signal_name(e)
+        what = "interrupted" if name == "SIGINT" else f"terminated by {name}"
+        print(f"probattn {verb}: {what}; nothing was written", file=sys.stderr)
+        return exit_code(e)
     except BrokenPipeError:
         return 0
-    except Exception as e:  # a bug or an unexpected library failure: one line, not a wall
-        if os.environ.get("PROBATTN_DEBUG"):
-            raise
-        print(f"probattn {args.verb}: internal error: {type(e).__name__}: {one_line(e, 400)} "
-              "(set PROBATTN_DEBUG=1 for a traceback)", file=sys.stderr)
+    except MemoryError:
+        print(f"probattn {verb}: error: ran out of memory; nothing was written (use smaller inputs or a "
+              "bigger machine)", file=sys.stderr)
         return 1
+    except OSError as e:
+        known = os_error_line(e)
+        if known is None:
+            return _internal(verb, e)
+        print(f"probattn {verb}: error: {known[0]}", file=sys.stderr)
+        return known[1]
+    except Exception as e:  # a bug or an unexpected library failure: one line, not a wall
+        if "No space left on device" in str(e):  # TensorFlow reports ENOSPC in its own exceptions
+            print(f"probattn {verb}: error: no space left on the device; nothing was written (free some space or "
+                  "choose another --out)", file=sys.stderr)
+            return 1
+        return _internal(verb, e)
+    except BaseException as e:  # pyo3's PanicException is a BaseException
+        if not is_panic(e) or os.environ.get("PROBATTN_DEBUG"):
+            raise
+        print(f"probattn {verb}: error: a Rust library panicked ({one_line(e, 300)})", file=sys.stderr)
+        return 1
+
+
+def _internal(verb, e) -> int:
+    if os.environ.get("PROBATTN_DEBUG"):
+        raise e
+    print(f"probattn {verb}: internal error: {type(e).__name__}: {one_line(e, 400)} "
+          "(set PROBATTN_DEBUG=1 for a traceback)", file=sys.stderr)
+    return 1
+
+
+def os_error_line(e: OSError):
+    """``(message, exit code)`` for a full disk or a permission problem, else None."""
+    import errno
+
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device{where}; nothing was written (free some space or choose another "
+                "--out)", 1)
+    if e.errno == errno.EFBIG:
+        return f"a file grew past the file-size limit{where}; nothing was written", 1
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied{where}; choose a path you can write, or fix its permissions", 2
+    if e.errno == errno.EROFS:
+        return f"read-only file system{where}; choose a writable path", 2
+    return None
 
 
 def _dispatch(args) -> int:
@@ -251,14 +319,18 @@ def _verify(args) -> int:
     report_dir = Path(args.report_dir) if args.report_dir else Path(args.bundle) / "report"
     report = verify(args.bundle, data=args.data, report_dir=report_dir, formats=formats,
                     text_column=args.text_column, label_column=args.label_column, encoding=args.encoding,
-                    strict=args.strict)
+                    strict=args.strict, unsafe=args.unsafe, default_report_dir=not args.report_dir)
     print(terminal_summary(report))
     print(f"report: {report_dir}/parity.md, parity.json, parity.png")
     return 0 if report.passed else 1
 
 
 def _predict(args) -> int:
-    from .predict import ENGINES, predict_texts
+    """Texts from the arguments, then ``--input-file`` (or stdin) read as it arrives: each
+    batch is run and printed as soon as it is complete, or as soon as no more input is
+    waiting, so memory holds one batch and a pipe gets answers line by line. With
+    ``--engine ray`` the whole input is read first and labelled by an actor pool."""
+    from .predict import ENGINES, Predictor, predict_texts
 
     texts = list(args.texts)
     for i, t in enumerate(texts, 1):
@@ -266,37 +338,196 @@ def _predict(args) -> int:
             t.encode("utf-8")
         except UnicodeEncodeError:  # undecodable argv bytes arrive as surrogates
             raise UsageError(f"text argument {i} is not valid UTF-8; pass UTF-8 text") from None
+    stream = None
     if args.input_file:
-        if args.input_file == "-":
-            try:
-                texts += sys.stdin.buffer.read().decode("utf-8").splitlines()
-            except UnicodeDecodeError as e:
-                raise UsageError(f"standard input is not valid UTF-8 (offset {e.start})") from None
-        else:
-            from pathlib import Path
-
-            p = Path(args.input_file)
-            if not p.is_file():
-                raise UsageError(f"input file not found: {p}" if not p.exists() else f"expected a file, received a directory: {p}")
-            try:
-                texts += p.read_text(encoding="utf-8").splitlines()
-            except UnicodeDecodeError as e:
-                raise UsageError(f"{p} is not valid UTF-8 (offset {e.start})") from None
-    if not texts:
+        stream = _open_input(args.input_file)
+    if not texts and stream is None:
         raise UsageError("no texts given: pass TEXT arguments or --input-file FILE|-")
     if args.engine not in ENGINES:
         raise UsageError(f"unknown engine '{args.engine}'; allowed: {', '.join(ENGINES)}")
     if args.workers and args.engine != "ray":
         raise UsageError(f"--workers {args.workers} is for --engine ray; received --engine {args.engine}")
-    predictor, probs = predict_texts(args.bundle, texts, runtime=args.runtime, precision=args.precision,
-                                     batch_size=args.batch_size, engine=args.engine, workers=args.workers)
-    for text, r in zip(texts, map(predictor.result, probs)):
-        if args.json:
-            print(json.dumps({"text": text, **r}, ensure_ascii=False))
+    out = _Output(args.json)
+    try:
+        if args.engine == "ray":  # bulk: every text, then one pass over the pool
+            if stream is not None:
+                texts += [t for batch in _stream_batches(stream, args.batch_size) for t in batch]
+            predictor, probs = predict_texts(args.bundle, texts, runtime=args.runtime, precision=args.precision,
+                                             batch_size=args.batch_size, engine=args.engine, workers=args.workers)
+            out.write(texts, map(predictor.result, probs))
         else:
-            probs = ", ".join(f"{k}={v:.3f}" for k, v in r["probabilities"].items())
-            print(f"{r['label']}\t{probs}\t{text[:80]}")
+            predictor = Predictor(args.bundle, runtime=args.runtime, precision=args.precision)
+            if texts:
+                out.write(texts, predictor.predict(texts, batch_size=args.batch_size))
+            if stream is not None:
+                _predict_stream(predictor, stream, args.batch_size, out)
+    finally:
+        if stream is not None and stream[0] != 0:
+            os.close(stream[0])
+    if out.failed:
+        raise ProbattnError(f"{out.failed} of {out.count} texts got no label: {out.first_error}")
     return 0
+
+
+def _open_input(name):
+    """``(fd, shown name)``: stdin for '-', else a file or a pipe (a FIFO streams; a
+    directory or a missing file is refused)."""
+    if name == "-":
+        return 0, "standard input"
+    import stat
+
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise UsageError(f"input file not found: {name}") from None
+    except IsADirectoryError:
+        raise UsageError(f"expected a file, received a directory: {name}") from None
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISDIR(mode):
+        os.close(fd)
+        raise UsageError(f"expected a file, received a directory: {name}")
+    return fd, name
+
+
+#: a line is refused past this many bytes (UTF-8 takes up to 4 bytes a character, plus \r\n)
+def _max_line_bytes():
+    from probattn.models.text.data import MAX_TEXT_CHARS
+
+    return 4 * MAX_TEXT_CHARS + 2
+
+
+def read_lines(fd: int, shown: str):
+    """``(text, more_waiting)`` per line of ``fd``, split on ``\n`` only (a ``\r`` before it
+    is dropped: ``\r\n`` files); U+2028, form feed, NEL and the like stay inside the text.
+    ``more_waiting``: another line can be read without blocking. A line over
+    ``MAX_TEXT_CHARS`` characters or not UTF-8 is refused with its number."""
+    import select
+
+    from probattn.models.text.data import MAX_TEXT_CHARS
+
+    cap = _max_line_bytes()
+    buf, lineno, eof, scanned = bytearray(), 0, False, 0
+
+    def waiting():
+        if eof:
+            return False
+        try:
+            return bool(select.select([fd], [], [], 0)[0])
+        except (OSError, ValueError):
+            return True
+
+    def decode(raw):
+        nonlocal lineno
+        lineno += 1
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{shown} is not valid UTF-8 (line {lineno}, byte {e.start + 1}); pass UTF-8 text") from None
+        if len(text) > MAX_TEXT_CHARS:
+            raise UsageError(f"{shown} line {lineno} has {len(text):,} characters; at most {MAX_TEXT_CHARS:,} allowed")
+        return text
+
+    while True:
+        nl = buf.find(b"\n", scanned)
+        if nl >= 0:
+            raw = bytes(buf[:nl])
+            del buf[:nl + 1]
+            scanned = 0
+            text = decode(raw)
+            yield text, b"\n" in buf or waiting()
+            continue
+        scanned = len(buf)
+        if eof:
+            if buf:
+                text = decode(bytes(buf))
+                buf.clear()
+                yield text, False
+            return
+        if len(buf) > cap:
+            raise UsageError(f"{shown} line {lineno + 1} is longer than {MAX_TEXT_CHARS:,} characters; at most "
+                             f"{MAX_TEXT_CHARS:,} allowed")
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            eof = True
+        else:
+            buf += chunk
+
+
+def _stream_batches(stream, batch_size):
+    """Windows of texts from the input as it arrives: up to ``SORT_WINDOW_BATCHES`` batches
+    (and their character budget), or fewer as soon as no more input is waiting."""
+    from .limits import BATCH_CHAR_BUDGET
+    from .predict import SORT_WINDOW_BATCHES
+
+    fd, shown = stream
+    window, chars = [], 0
+    for text, more in read_lines(fd, shown):
+        window.append(text)
+        chars += len(text)
+        if len(window) >= batch_size * SORT_WINDOW_BATCHES or chars >= BATCH_CHAR_BUDGET * SORT_WINDOW_BATCHES \
+                or not more:
+            yield window
+            window, chars = [], 0
+    if window:
+        yield window
+
+
+def _predict_stream(predictor, stream, batch_size, out):
+    for window in _stream_batches(stream, batch_size):
+        out.write(window, predictor.predict_batch(window, batch_size))
+
+
+#: characters that some line readers (``str.splitlines``, editors) take as line breaks
+_LINE_BREAKS = "\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def _one_json_line(row) -> str:
+    """One JSON object on one line for every reader: NaN is refused (``allow_nan=False``; the
+    caller puts null), and the line breaks JSON leaves raw (NEL, U+2028, U+2029) are escaped."""
+    text = json.dumps(row, ensure_ascii=False, allow_nan=False)
+    for c in "\x85\u2028\u2029":
+        text = text.replace(c, f"\\u{ord(c):04x}")
+    return text
+
+
+def _shown(text: str) -> str:
+    """The start of a text as echoed in plain output: line breaks shown as spaces."""
+    return text[:80].translate({ord(c): " " for c in _LINE_BREAKS})
+
+
+class _Output:
+    """Prints results as they come (flushed per batch). JSON lines are valid JSON: a value
+    that is not a finite number is ``null`` and the row carries ``"nan": true`` and an
+    ``"error"``; such a row counts as a failure (the command exits 1 at the end)."""
+
+    def __init__(self, as_json: bool):
+        self.as_json = as_json
+        self.count = self.failed = 0
+        self.first_error = None
+
+    def write(self, texts, results):
+        lines = []
+        for text, r in zip(texts, results):
+            self.count += 1
+            bad = r.get("error")
+            if bad:
+                self.failed += 1
+                self.first_error = self.first_error or f"text {self.count}: {bad}"
+            if self.as_json:
+                row = {"text": text, **r}
+                if bad:
+                    row["nan"] = True
+                lines.append(_one_json_line(row))
+            elif bad:
+                lines.append(f"ERROR\t{bad}\t{_shown(text)}")
+            else:
+                probs = ", ".join(f"{k}={v:.3f}" for k, v in r["probabilities"].items())
+                lines.append(f"{r['label']}\t{probs}\t{_shown(text)}")
+        if lines:
+            sys.stdout.write("\n".join(lines) + "\n")
+            sys.stdout.flush()
 
 
 if __name__ == "__main__":

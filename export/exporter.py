@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from probattn.models.errors import UsageError
-from probattn.models.fsutil import atomic_directory, check_output_dir
+from probattn.models.fsutil import atomic_directory, check_not_in_use, check_output_dir, hash_tree, read_regular
 from probattn.models.text.tokenizer import (KIND_PORTABLE, PAD_ID, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, UNK_ID,
                                             kind_of, load_tokenizer, regex_spec, write_tokenizer_config)
 
@@ -63,7 +63,12 @@ def resolve_source(source, opts: ExportOptions) -> Source:
         labels = _read_labels(source / "labels.json")
         cfg = {}
         if (source / "config.json").is_file():
-            cfg = json.loads((source / "config.json").read_text())
+            try:
+                cfg = json.loads(read_regular(source / "config.json", 1 << 20, what="run config"))
+            except ValueError:
+                raise UsageError(f"{source / 'config.json'} is not valid JSON") from None
+            if not isinstance(cfg, dict):
+                raise UsageError(f"{source / 'config.json'}: expected a JSON object")
         tok = Path(opts.tokenizer) if opts.tokenizer else source / "tokenizer.json"
         return Source(source / "model.keras", tok, _read_labels(opts.labels) if opts.labels else labels,
                       opts.max_length or cfg.get("max_length"),
@@ -82,7 +87,10 @@ def _read_labels(path) -> list:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"labels file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = read_regular(path, 4 << 20, what="labels file").decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not valid UTF-8") from None
     try:
         labels = json.loads(text)
     except json.JSONDecodeError:
@@ -147,9 +155,11 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
         C.parse_list(opts.formats, C.EXPORT_FORMATS, "format")
     precisions = C.parse_list(opts.precisions, C.PRECISIONS, "precision")
     opset = check_opset(opts.opset)
-    check_output_dir(out, opts.overwrite, B.MANIFEST)  # before the slow part, not after it
+    check_output_dir(out, opts.overwrite, "bundle")  # before the slow part, not after it
+    check_not_in_use(out)
     src = resolve_source(source, opts)
-    tokenizer = load_tokenizer(src.tokenizer_path)
+    notes = []
+    tokenizer = load_tokenizer(src.tokenizer_path, notes=notes)  # padding off, the file's own truncation
     selected = selected_formats(opts, tokenizer)
     if C.selection_is_empty(selected, precisions):
         raise UsageError(f"--formats {','.join(selected)} with --precisions {','.join(precisions)} selects no "
@@ -162,6 +172,13 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
         raise UsageError("--c-array embeds the fixed-shape int8 model: keep tflite-fixed in --formats and int8 "
                          "in --precisions")
     max_length = src.max_length or (tokenizer.truncation or {}).get("max_length") or 64
+    from probattn.models.text.tokenizer import MAX_LENGTH_LIMIT
+
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= MAX_LENGTH_LIMIT:
+        raise UsageError(f"max length {max_length!r} is out of range; allowed: 1 to {MAX_LENGTH_LIMIT:,}")
+    tokenizer = load_tokenizer(src.tokenizer_path, max_length=max_length, notes=notes)
+    for note in dict.fromkeys(notes):
+        log(f"note: {note}")
     cal_texts = None
     if any(f in selected for f in C.TFLITE_FORMATS) and "int8" in precisions:
         cal_texts = _calibration_texts(src, opts)
@@ -198,7 +215,7 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
                          "pass the tokenizer the model was trained with")
 
     artifacts = []
-    with atomic_directory(out, overwrite=opts.overwrite, marker=B.MANIFEST) as tmp:
+    with atomic_directory(out, overwrite=opts.overwrite, kind="bundle") as tmp:
         def record(built: formats.Built):
             path = tmp / built.path
             entry = {"path": built.path, "format": built.format, "precision": built.precision,
@@ -206,6 +223,7 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
                      "seconds": round(built.seconds, 2), **built.extra}
             if any(C.artifact_key(a) == C.artifact_key(entry) for a in artifacts):
                 raise UsageError(f"two artifacts are {C.artifact_key(entry)}; manifest entries must be unique")
+            entry.update(audit_built(path, built, vocab_size, n_classes, max_length, opts.unsafe, entry, labels, tokenizer))
             artifacts.append(entry)
             targets = f"  targets: {', '.join(entry['targets']) or 'none'}" if "targets" in entry else ""
             log(f"  ✓ {built.format:<12} {built.precision:<12} {entry['bytes'] / 1e6:8.2f} MB  "
@@ -218,7 +236,12 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
         else:
             model.save(tmp / keras_rel)
         record(formats.Built("keras", "fp32", keras_rel, time.perf_counter() - t))
-        shutil.copyfile(src.tokenizer_path, tmp / TOKENIZER_FILE)
+        from probattn.models.text.tokenizer_guard import MAX_TOKENIZER_BYTES, sanitize
+
+        # the bundle's tokenizer: the user's, with padding off and truncation at max_length
+        safe, _ = sanitize(read_regular(src.tokenizer_path, MAX_TOKENIZER_BYTES, what="tokenizer file"),
+                           max_length=max_length, vocab_size=vocab_size)
+        (tmp / TOKENIZER_FILE).write_text(safe, encoding="utf-8")
         tok_entry = {"path": TOKENIZER_FILE, "sha256": B.sha256_path(tmp / TOKENIZER_FILE),
                      "kind": kind_of(tokenizer)}
         if tok_entry["kind"] == KIND_PORTABLE:  # JavaScript clients need it (and give our ids only then)
@@ -258,11 +281,52 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
             "test_data": "test.jsonl" if src.test_data else None,
             "source": {"model": str(src.model_path), **src.extra},
             "artifacts": artifacts,
+            # every file of the bundle and its hash (SavedModel variables included)
+            "contents": hash_tree(tmp, what="bundle", skip=B.OWN_ENTRIES),
             "export_seconds": round(time.perf_counter() - t_start, 1),
             "verdict": None,
         }
+        B.validate_manifest(manifest, "the manifest being written")
         B.write_manifest(tmp, manifest)
     return manifest
+
+
+def audit_built(path: Path, built, vocab_size: int, n_classes: int, max_length: int, unsafe: bool,
+                entry: dict | None = None, labels=None, tokenizer=None) -> dict:
+    """The checks predict, verify and bench run on an artifact, run on what export just
+    built, so a bundle never ships what its readers would refuse. Returns what goes into the
+    manifest entry (an ONNX file's I/O signature and ops)."""
+    if built.format in C.TFLITE_FORMATS and entry is not None:
+        from probattn.models.text.tokenizer import vocabulary
+
+        from .audit import tflite as tflite_audit
+
+        tflite_audit.audit(read_regular(path, tflite_audit.MAX_FILE_BYTES, what="TFLite model"), entry,
+                           labels=labels, vocabulary=vocabulary(tokenizer) if tokenizer is not None else None,
+                           what=f"the exported {built.path}")
+        return {}
+    if built.format == "savedmodel":
+        from .audit import savedmodel
+
+        savedmodel.audit(path, unsafe=unsafe, what="the exported SavedModel")
+        return {}
+    if built.format != "onnx":
+        return {}
+    from .audit import onnx as onnx_audit
+
+    data = read_regular(path, onnx_audit.MAX_FILE_BYTES, what="ONNX model")
+    what = f"the exported {built.path}"
+    report = onnx_audit.audit(data, what=what, model_dir=path.parent, vocab_size=vocab_size, n_classes=n_classes)
+    problem = onnx_audit.precision_problem(report, built.precision)
+    if problem:
+        raise UsageError(f"{what} is listed as {built.precision} but {problem}")
+    from .limits import shape_caps
+
+    biggest = onnx_audit.shape_check(data, shape_caps(max_length), what)
+    return {"io": {"inputs": report["inputs"], "outputs": report["outputs"]}, "ops": report["ops"],
+            "largest_static_values": biggest}
+
+
 
 
 #: the traces of the serving function a format can convert from (``SAVED_MODEL``)

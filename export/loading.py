@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -39,11 +40,13 @@ def _dicts(obj):
 
 
 def _keras_config(path: Path):
-    """The parsed ``config.json`` of a .keras archive, or None when it cannot be read
-    (Keras then reports what is wrong with the archive)."""
+    """The parsed ``config.json`` of a .keras archive (read with a size cap), or None when it
+    cannot be read (Keras then reports what is wrong with the archive)."""
+    from .audit.archive import MAX_CONFIG_BYTES, read_member
+
     try:
         with zipfile.ZipFile(path) as z:
-            return json.loads(z.read("config.json"))
+            return json.loads(read_member(z, "config.json", MAX_CONFIG_BYTES))
     except Exception:
         return None
 
@@ -59,6 +62,8 @@ def check_model_file(path) -> Path:
         return path
     if path.suffix.lower() not in MODEL_SUFFIXES:
         raise UsageError(f"unsupported model file '{path.name}'; allowed: {', '.join(MODEL_SUFFIXES)} or a SavedModel directory")
+    if not path.is_file():  # a FIFO or a device: opening it could block forever
+        raise UsageError(f"model file {path} is not a regular file")
     if path.stat().st_size == 0:
         raise UsageError(f"model file is empty: {path}")
     if path.suffix.lower() == ".keras" and not zipfile.is_zipfile(path):
@@ -78,6 +83,7 @@ def load_keras_model(path, unsafe: bool = False):
     name ``ProbAttention`` loads too.
     """
     path = check_model_file(path)
+    _audit_file(path, unsafe)
     from probattn.models.keras_compat import get_keras
     from probattn.models.layers import layer_classes
 
@@ -113,6 +119,23 @@ def load_keras_model(path, unsafe: bool = False):
                              "(probattn's own layers register on 'import probattn.models')") from None
         raise UsageError(f"could not load Keras model {path}: {one_line(msg, 300)}") from None
     return model
+
+
+def _audit_file(path: Path, unsafe: bool) -> None:
+    """Sizes, names and links of the file checked before Keras reads it (``audit/``): a .keras
+    zip's entries before extraction, an .h5 file's attributes and datasets before reading
+    them, a SavedModel's files and (unless ``unsafe``) ops before TensorFlow loads it."""
+    from .audit import archive
+
+    path = Path(os.path.realpath(path))  # the user's own link to their file is fine; what it names is checked
+    if path.is_dir():
+        from .audit import savedmodel
+
+        savedmodel.audit(path, unsafe=unsafe, what=f"SavedModel {path}")
+    elif path.suffix.lower() == ".keras":
+        archive.audit_zip(path)
+    else:
+        archive.audit_h5(path)
 
 
 def _unregistered_classes(path: Path, custom: dict) -> list:

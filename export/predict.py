@@ -1,33 +1,39 @@
 """Predict from a bundle with a TensorFlow-free runtime (onnxruntime, LiteRT, OpenVINO...):
-no TensorFlow imported, ever.
+no TensorFlow imported, ever, and no ``onnx`` either (its import alone costs 0.7 s).
 
 >>> from probattn.export.predict import Predictor
 >>> p = Predictor("bundle", runtime="onnxruntime", precision="fp32")
 >>> p.predict(["a gripping, funny film"])  # [{'label': ..., 'probabilities': {...}}]
 
+The bundle is read once, under its shared lock (``bundle.Bundle``): the manifest is
+validated, the tokenizer and the artifact are hash-checked and handed to the tokenizer guard
+and the runtime as bytes, so a concurrent ``export --overwrite`` can never mix two bundles.
+A row whose output holds NaN or inf gets no label: ``{"label": None, "error": ...}``.
+
 Texts are tokenized by the pure-Python fast path (``probattn.models.text.fast``) when the
-bundle's ``tokenizer.json`` is exactly one of the kinds ``probattn train`` makes (portable,
+bundle's (guarded) tokenizer is exactly one of the kinds ``probattn train`` makes (portable,
 regex, regex-start; wordlevel on ASCII texts, its other texts through ``tokenizers``),
-otherwise by ``tokenizers``: the same ids either way. Batches follow ``batch_plan``: inside windows of
-``SORT_WINDOW_BATCHES`` batches, texts are sorted by length, so a batch pads less. Every
-engine (``predict_texts(engine="local" | "ray")``) runs exactly these batches, so their
+otherwise by ``tokenizers``: the same ids either way. Batches follow ``batch_plan``: inside
+windows of ``SORT_WINDOW_BATCHES`` batches, texts are sorted by length, so a batch pads less.
+Every engine (``predict_texts(engine="local" | "ray")``) runs exactly these batches, so their
 results are identical, not merely close.
 """
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 
 from probattn.models.errors import UsageError
-from probattn.models.text.tokenizer import encode, load_tokenizer, pad_rows
+from probattn.models.text.tokenizer import encode, pad_rows
 
 from . import bundle as B
-from . import runtimes
+from . import limits, runtimes
 from .contract import PRECISIONS, PROBABILITIES
 from .runtimes import check_token_ids
 
+#: the message of a row whose probabilities are not finite numbers
+NOT_FINITE = "the model's output holds NaN or inf; no label"
 #: engines of ``probattn predict --engine``
 ENGINES = ("local", "ray")
 #: texts are sorted by length within windows of this many batches (a window is the most
@@ -49,64 +55,72 @@ def batch_plan(texts, batch_size: int, window_batches: int = SORT_WINDOW_BATCHES
 
 
 def check_texts(texts, batch_size) -> list:
+    """``texts`` as a list of str (each within ``MAX_TEXT_CHARS``); a bad item or batch size
+    is a one-line error."""
     if isinstance(texts, str):
         raise UsageError("predict() takes a list of texts, received a single str")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise UsageError(f"batch size must be a positive integer; received {batch_size!r}")
+    limits.check_batch_size(batch_size, "batch size")
     texts = list(texts)
-    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-    if bad:
-        raise UsageError(f"predict() takes texts (str); item {bad[0]} is {type(texts[bad[0]]).__name__}")
+    for i, t in enumerate(texts):
+        _check_text(i, t)
     return texts
 
 
+def _check_text(i, t):
+    if not isinstance(t, str):
+        raise UsageError(f"predict() takes texts (str); item {i} is {type(t).__name__}")
+    if len(t) > limits.MAX_TEXT_CHARS:
+        raise UsageError(f"text {i} has {len(t):,} characters; at most {limits.MAX_TEXT_CHARS:,} allowed")
+
+
 class Predictor:
-    """Label texts with one artifact of a bundle. The artifact's SHA-256 is checked against
-    ``manifest.json`` before it is loaded. ``runtime``: any TensorFlow-free runtime of the
-    registry; it runs the first format it supports (``runtimes.default_format``)."""
+    """Label texts with one artifact of a bundle. ``runtime``: any TensorFlow-free runtime of
+    the registry; it runs the first format it supports (``runtimes.default_format``)."""
 
     def __init__(self, bundle, runtime: str = "onnxruntime", precision: str = "fp32",
                  threads: int | None = None, variant: str | None = None, max_length: int | None = None):
         cls = runtimes.get(runtime, tensorflow_free=True)
         if precision not in PRECISIONS:
             raise UsageError(f"unknown precision '{precision}'; allowed: {', '.join(PRECISIONS)}")
-        self.bundle = Path(bundle)
-        self.runtime, self.precision = runtime, precision
-        self.manifest = B.load_manifest(self.bundle)
-        fmt = runtimes.default_format(runtime)
-        entry = B.find_artifact(self.manifest, fmt, precision)
-        if entry is None:
-            have = sorted({a["precision"] for a in self.manifest["artifacts"] if a["format"] == fmt})
-            raise UsageError(f"bundle has no {fmt} {precision} artifact; it has {fmt}: {', '.join(have) or 'none'}")
-        reason = cls.unavailable()
-        if reason:
-            raise UsageError(f"runtime {runtime} cannot run here: {reason}")
-        path = B.verified_path(self.bundle, entry)
-        tok_entry = self.manifest.get("tokenizer", {"path": "tokenizer.json"})
-        self.tokenizer_path = B.verified_path(self.bundle, tok_entry) if tok_entry.get("sha256") \
-            else self.bundle / tok_entry["path"]
-        self._hf = None
-        self.fast = _fast_tokenizer(self.tokenizer_path, self._hf_encode)
-        if self.fast is None:
-            self._hf = load_tokenizer(self.tokenizer_path)
+        if threads is not None:
+            limits.cap_threads(threads, "threads")
+        with B.Bundle(bundle) as b:
+            self.bundle = b.path
+            self.manifest = m = b.manifest
+            fmt = runtimes.default_format(runtime)
+            entry = B.find_artifact(m, fmt, precision)
+            if entry is None:
+                have = sorted({a["precision"] for a in m["artifacts"] if a["format"] == fmt})
+                raise UsageError(f"bundle has no {fmt} {precision} artifact; it has {fmt}: {', '.join(have) or 'none'}")
+            reason = cls.unavailable()
+            if reason:
+                raise UsageError(f"runtime {runtime} cannot run here: {reason}")
+            content = b.artifact_bytes(entry)
+            self._hf = b.tokenizer()  # the guarded tokenizers.Tokenizer
+            b.check_plain_files(self._hf)
+            b.audit_artifact(entry, content, self._hf)
+            self.labels = list(m["labels"])
+            self.vocab_size = int(m["vocab_size"])
+            self.max_length = min(max_length or m["max_length"], m["max_length"])
+            self.runtime, self.precision, self.entry = runtime, precision, entry
+            self.runner = cls(self.bundle / entry["path"], self.vocab_size, threads, variant=variant,
+                              input_shape=entry.get("input_shape"), content=content,
+                              n_classes=len(self.labels)).activate()
+        problem = self.runner.precision_problem(precision)
+        if problem:
+            raise UsageError(f"{entry['path']} is listed as {precision} but {problem}; refusing it")
+        self.fast = _fast_tokenizer(self._hf, self._hf_encode)
         #: which tokenizer runs: "fast" (the pure-Python twin, which hands the texts it cannot
         #: reproduce to ``tokenizers``: ``self.fast.needs_fallback()``) or "tokenizers"
         self.text_path = "fast" if self.fast is not None else "tokenizers"
-        self.labels = list(self.manifest["labels"])
-        self.vocab_size = int(self.manifest["vocab_size"])
-        self.max_length = max_length or self.manifest.get("max_length")
-        self.runner = cls(path, self.vocab_size, threads, variant=variant,
-                          input_shape=entry.get("input_shape")).activate()
 
     @property
     def tokenizer(self):
-        """The bundle's ``tokenizers.Tokenizer`` (loaded on first use on the fast path)."""
-        if self._hf is None:
-            self._hf = load_tokenizer(self.tokenizer_path)
+        """The bundle's guarded ``tokenizers.Tokenizer``."""
         return self._hf
 
     def _hf_encode(self, texts) -> list:
-        return [e.ids for e in self.tokenizer.encode_batch(list(texts))]
+        return [e.ids for e in self._hf.encode_batch(list(texts))]
 
     def predict_ids(self, token_ids) -> np.ndarray:
         """Probabilities ``[batch, classes]`` for int token ids ``[batch, sequence]``."""
@@ -116,35 +130,71 @@ class Predictor:
     def encode(self, texts) -> np.ndarray:
         """Token ids ``int32 [batch, longest]``, cut at the bundle's max length, right-padded."""
         if self.fast is not None:
-            return pad_rows(self.fast.encode_batch(list(texts)), self.max_length)
-        return encode(self.tokenizer, texts, self.max_length)
+            texts = list(texts)
+            for i, t in enumerate(texts):
+                _check_text(i, t)
+            return pad_rows(self.fast.encode_batch(texts), self.max_length)
+        return encode(self._hf, texts, self.max_length)
 
     def probabilities(self, texts, batch_size: int = 64) -> np.ndarray:
-        """float32 ``[len(texts), classes]`` in input order, batched by ``batch_plan``."""
+        """float32 ``[len(texts), classes]`` in input order, batched by ``batch_plan`` (a
+        batch's runtime calls hold at most ``limits.MAX_TOKENS_PER_CALL`` ids)."""
         texts = check_texts(texts, batch_size)
         out = np.zeros((len(texts), len(self.labels)), np.float32)
         for rows in batch_plan(texts, batch_size):
-            out[rows] = self.predict_ids(self.encode([texts[i] for i in rows]))
+            ids = self.encode([texts[i] for i in rows])
+            step = max(1, limits.MAX_TOKENS_PER_CALL // ids.shape[1])
+            for start in range(0, ids.shape[0], step):
+                out[rows[start:start + step]] = self.predict_ids(ids[start:start + step])
         return out
 
-    def result(self, row) -> dict:
-        """One text's ``{"label", "probabilities"}`` from its probability row."""
-        k = int(np.argmax(row))
-        return {"label": self.labels[k],
-                "probabilities": {l: round(float(p), 6) for l, p in zip(self.labels, row)}}
-
     def predict(self, texts, batch_size: int = 64) -> list:
-        return [self.result(row) for row in self.probabilities(texts, batch_size)]
+        """One result per text: ``{"label", "probabilities"}``, or for a row whose output is
+        not finite ``{"label": None, "probabilities": {...None...}, "error": ...}``."""
+        if isinstance(texts, str):
+            raise UsageError("predict() takes a list of texts, received a single str")
+        return list(self.predict_stream(texts, batch_size))
+
+    def predict_stream(self, texts, batch_size: int = 64):
+        """Results in input order as windows complete, for any iterable of texts: memory
+        holds one window (``SORT_WINDOW_BATCHES`` batches, at most ``limits.BATCH_CHAR_BUDGET``
+        characters a batch), not the input."""
+        limits.check_batch_size(batch_size, "batch size")
+        window, chars = [], 0
+        limit_texts, limit_chars = batch_size * SORT_WINDOW_BATCHES, limits.BATCH_CHAR_BUDGET * SORT_WINDOW_BATCHES
+        for i, t in enumerate(texts):
+            _check_text(i, t)
+            window.append(t)
+            chars += len(t)
+            if len(window) >= limit_texts or chars >= limit_chars:
+                yield from self.predict_batch(window, batch_size)
+                window, chars = [], 0
+        if window:
+            yield from self.predict_batch(window, batch_size)
+
+    def predict_batch(self, texts, batch_size: int | None = None) -> list:
+        """Results of ``texts`` (already in memory), batched by ``batch_plan``."""
+        return [self.result(row) for row in self.probabilities(texts, batch_size or max(1, len(texts)))]
+
+    def result(self, row) -> dict:
+        """One text's ``{"label", "probabilities"}`` from its probability row (formatted here,
+        at the edge; ``probabilities()`` returns the array)."""
+        if not np.isfinite(row).all():
+            return {"label": None, "error": NOT_FINITE,
+                    "probabilities": {l: (round(float(p), 6) if np.isfinite(p) else None)
+                                      for l, p in zip(self.labels, row)}}
+        k = int(np.argmax(row))
+        return {"label": self.labels[k], "probabilities": {l: round(float(p), 6) for l, p in zip(self.labels, row)}}
 
 
-def _fast_tokenizer(path, fallback):
-    """The fast path for a ``tokenizer.json`` of a kind it reproduces; None for any other file."""
+def _fast_tokenizer(tokenizer, fallback):
+    """The fast path for a (guarded) tokenizer of a kind it reproduces; None for any other."""
     from probattn.models.text.fast import FastTokenizer, NotPortable
 
     try:
-        spec = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None  # tokenizers reports what is wrong with the file
+        spec = json.loads(tokenizer.to_str())
+    except (ValueError, TypeError):
+        return None
     if not isinstance(spec, dict):
         return None
     try:

@@ -61,18 +61,26 @@ def _quiet_ray():
 
 
 def bundle_files(predictor) -> dict:
-    """What an actor needs to rebuild the predictor: manifest, tokenizer and the artifact,
-    as ``{relative path: bytes}`` (the artifact is one file for every TensorFlow-free runtime)."""
-    from . import runtimes
+    """What an actor needs to rebuild the predictor, as ``{relative path: bytes}``: the
+    manifest, the tokenizer, labels.txt / vocab.txt when the bundle has them, and the
+    artifact (one file for every TensorFlow-free runtime). Read under the bundle's shared
+    lock, each file hash-checked; the actor's Predictor checks them all again."""
+    from probattn.models.text.tokenizer_guard import MAX_TOKENIZER_BYTES
 
-    manifest = predictor.manifest
-    entry = B.find_artifact(manifest, runtimes.default_format(predictor.runtime), predictor.precision)
-    path = B.verified_path(predictor.bundle, entry)
-    if not path.is_file():
-        raise UsageError(f"--engine ray ships single-file artifacts; {entry['path']} is a directory")
-    return {entry["path"]: path.read_bytes(),
-            manifest["tokenizer"]["path"]: predictor.tokenizer_path.read_bytes(),  # checked by the Predictor
-            B.MANIFEST: (predictor.bundle / B.MANIFEST).read_bytes()}
+    from .bundle import MAX_ARTIFACT_BYTES
+
+    entry = predictor.entry
+    with B.Bundle(predictor.bundle) as b:
+        if b.contents.get(entry["path"]) is None:
+            raise UsageError(f"--engine ray ships single-file artifacts; {entry['path']} is a directory")
+        files = {entry["path"]: b.read(entry["path"], MAX_ARTIFACT_BYTES, "artifact"),
+                 b.manifest["tokenizer"]["path"]: b.read(b.manifest["tokenizer"]["path"], MAX_TOKENIZER_BYTES,
+                                                         "tokenizer")}
+        for f in (b.manifest.get("files") or {}).values():
+            if isinstance(f, dict) and "path" in f and "sha256" in f:
+                files[f["path"]] = b.read(f["path"], MAX_TOKENIZER_BYTES, f["path"])
+        files[B.MANIFEST] = (b.path / B.MANIFEST).read_bytes()
+    return files
 
 
 class BatchPredictor:

@@ -115,7 +115,6 @@ def masked_attention(scores, valid, key_mask, v):
     max - mean), so their weights use one [0, 1] grid (two gated grids as in
     ``masked_mean`` measured no better in full int8 and double the attention matmuls)."""
     dtype = scores.dtype
-    one = tf.constant(1.0, dtype)
     m = tf.cast(valid, dtype)
     low = tf.reduce_min(scores, axis=-1, keepdims=True)
     best = tf.reduce_max(tf.where(valid, scores, low), axis=-1, keepdims=True)  # a score itself

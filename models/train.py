@@ -10,13 +10,23 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsageError
-from .fsutil import atomic_directory, check_output_dir
+from .fsutil import atomic_directory, check_not_in_use, check_output_dir
 from .metrics import classification_report
 from .text import data as data_mod
-from .text.tokenizer import DEFAULT_TOKENIZER_KIND, TOKENIZER_KINDS, encode_fixed, save_tokenizer, train_tokenizer_of_kind
+from .text.tokenizer import (DEFAULT_TOKENIZER_KIND, MAX_LENGTH_LIMIT, TOKENIZER_KINDS, encode_fixed, save_tokenizer,
+                             train_tokenizer_of_kind)
+from .text.tokenizer_guard import MAX_VOCAB
 
-#: The file that marks a directory as a probattn run (``--overwrite`` replaces only runs).
-RUN_MARKER = "metrics.json"
+#: The output kind a run directory is marked with (``--overwrite`` replaces only runs).
+RUN_KIND = "run"
+#: Upper bounds of the settings, with their reasons. Embedding dims: 4,096 is 64 times the
+#: default and keeps a 2 M-word embedding table within 32 GB. Epochs: early stopping ends real
+#: runs within tens. Training batch: 65,536 texts x the longest max length stays within 2**31
+#: ids (what int32 indexing allows).
+MAX_EMBEDDING_DIM = 4096
+MAX_HIDDEN_UNITS = 65_536
+MAX_EPOCHS = 10_000
+MAX_TRAIN_BATCH = 65_536
 #: Training texts kept in a run as ``calibration.jsonl`` (full-int8 calibration at export).
 CALIBRATION_MAX_TEXTS = 400
 #: ``--model``: the seed page's classifier, or the same with a ProbSparse self-attention
@@ -55,13 +65,21 @@ class TrainConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be a positive integer; received {v!r}")
         if self.vocab_size < 3:
             raise UsageError(f"--vocab-size must be at least 3; received {self.vocab_size}")
-        if not 0.0 <= self.dropout < 1.0:
+        for name, hi in (("max_length", MAX_LENGTH_LIMIT), ("vocab_size", MAX_VOCAB),
+                         ("embedding_dim", MAX_EMBEDDING_DIM), ("hidden_units", MAX_HIDDEN_UNITS),
+                         ("epochs", MAX_EPOCHS), ("batch_size", MAX_TRAIN_BATCH)):
+            v = getattr(self, name)
+            if v is not None and v > hi:
+                raise UsageError(f"--{name.replace('_', '-')} {v:,} is too large; allowed: 1 to {hi:,}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise UsageError(f"--dropout must be in [0, 1); received {self.dropout}")
-        if not self.learning_rate > 0:
+        if not isinstance(self.learning_rate, (int, float)) or not self.learning_rate > 0:
             raise UsageError(f"--learning-rate must be positive; received {self.learning_rate}")
+        if not self.learning_rate <= 10:
+            raise UsageError(f"--learning-rate {self.learning_rate} is too large; allowed: above 0, up to 10")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise UsageError(f"--seed must be an integer from 0 to 2**32-1; received {self.seed!r}")
-        if self.limit < 0:
+        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 0:
             raise UsageError(f"--limit must be >= 0; received {self.limit}")
         if self.model not in MODELS:
             raise UsageError(f"unknown --model {self.model!r}; allowed: {', '.join(MODELS)}")
@@ -99,7 +117,8 @@ def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None
     ``attention_layer``: a zero-argument callable returning the pooling layer to use
     instead of ``ProbAttention`` (for comparisons such as scripts/int8_masking_demo.py)."""
     config.validate()
-    check_output_dir(out, overwrite, RUN_MARKER)  # before the data and the training, not after
+    check_output_dir(out, overwrite, RUN_KIND)  # before the data and the training, not after
+    check_not_in_use(out)
     t0 = time.perf_counter()
     dataset = data_mod.load_dataset(config.dataset, config.text_column, config.label_column,
                                     config.encoding)
@@ -166,7 +185,7 @@ def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None
         "vocab_size": vocab,
         "model": config.model,
     }
-    with atomic_directory(out, overwrite=overwrite, marker=RUN_MARKER) as tmp:
+    with atomic_directory(out, overwrite=overwrite, kind=RUN_KIND) as tmp:
         # an uncompiled twin (same layers and weights): the .keras file carries no optimizer state
         keras.Model(model.inputs, model.outputs, name=model.name).save(tmp / "model.keras")
         save_tokenizer(tokenizer, tmp, config.max_length)

@@ -635,3 +635,47 @@ def test_c_regex_tokenizer_gives_the_same_ids(regex_bundle, tmp_path):
     assert vocab.read_bytes() == (bundle / C.VOCAB_FILE).read_bytes()
     assert labels.read_bytes() == (bundle / C.LABELS_FILE).read_bytes()
     assert head.startswith("align 0 ")
+
+
+def test_device_files_are_hashed_claimed_and_audited(regex_bundle, tmp_path):
+    """The files the device work added are covered like every other file of a bundle: the C
+    sources and labels.txt are hash-checked, a file no field of the schema claims is refused
+    even when the attacker lists it in contents, and a mediapipe file's own metadata (the
+    labels and vocabulary MediaPipe reads, not the manifest's) must agree with the bundle."""
+    import hostile as H
+
+    bundle, man, _ = regex_bundle
+    assert man["files"]["c_array"]["files"] and all(f["path"] in man["contents"] for f in man["files"]["c_array"]["files"])
+    assert {man["files"]["labels"]["path"], man["files"]["vocabulary"]["path"]} <= set(man["contents"])
+
+    def refused(b, *needles, verb="verify"):
+        argv = [verb, b] + (["--report-dir", b.parent / f"{b.name}-report"] if verb == "verify" else ["x"])
+        line = assert_one_error_line(run_cli(*argv), verb)
+        for n in needles:
+            assert n in line, line
+        assert not (b.parent / f"{b.name}-report").exists()
+
+    b = H.copy_bundle(bundle, tmp_path / "c_tampered")
+    (b / "c" / "model_data.h").write_text((b / "c" / "model_data.h").read_text() + "#define EVIL 1\n")
+    refused(b, "c/model_data.h", "does not match its manifest hash")
+
+    b = H.copy_bundle(bundle, tmp_path / "c_extra")
+    (b / "c" / "extra.c").write_text("int evil;\n")
+    H.rehash(b)
+    refused(b, "'c/extra.c'", "schema does not know")
+
+    b = H.copy_bundle(bundle, tmp_path / "c_listed")
+    (b / "c" / "extra.c").write_text("int evil;\n")
+    m = H.rehash(b)
+    m["files"]["c_array"]["files"].append({"path": "c/extra.c", "sha256": m["contents"]["c/extra.c"]})
+    H.write_manifest(b, m)
+    refused(b, "c/extra.c", "allowed: c/ + one of")
+
+    # the labels swapped in the manifest and labels.txt, rehashed: MediaPipe would still name
+    # the classes from the metadata inside the file
+    b = H.copy_bundle(bundle, tmp_path / "labels_swapped")
+    m = H.manifest(b)
+    m["labels"] = list(reversed(m["labels"]))
+    (b / "labels.txt").write_text("".join(f"{l}\n" for l in m["labels"]))
+    H.rehash(b, m)
+    refused(b, "model_mediapipe_fp32.tflite", "labels in order")

@@ -157,7 +157,7 @@ def test_manifest_hashes_and_sizes_match_files(bundle_dir, manifest):
 def test_manifest_fields(manifest, run_dir):
     from probattn.models.text.tokenizer import load_tokenizer
 
-    assert manifest["schema_version"] == B.SCHEMA_VERSION == 1
+    assert manifest["schema_version"] == B.SCHEMA_VERSION == 2
     for pkg in ("tensorflow", "tf-keras", "tf2onnx", "onnx", "onnxruntime", "ai-edge-litert"):
         assert isinstance(manifest["versions"].get(pkg), str) and manifest["versions"][pkg], pkg
     assert manifest["labels"] == json.loads((run_dir / "labels.json").read_text())

@@ -115,7 +115,7 @@ def test_export_overwrite_refuses_a_folder_that_is_not_a_bundle(run_dir, tmp_pat
     precious = tmp_path / "precious"
     (precious / "sub").mkdir(parents=True)
     (precious / "notes.txt").write_text("important")
-    with pytest.raises(UsageError, match="no manifest.json"):
+    with pytest.raises(UsageError, match="replaces only a bundle probattn made"):
         export(run_dir, precious, ExportOptions(overwrite=True, formats=("onnx",), precisions=("fp32",)))
     assert (precious / "notes.txt").read_text() == "important" and (precious / "sub").is_dir()
 
@@ -126,7 +126,7 @@ def test_train_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path):
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("important")
-    with pytest.raises(UsageError, match="no metrics.json"):
+    with pytest.raises(UsageError, match="replaces only a run probattn made"):
         train(TrainConfig(), precious, overwrite=True)
     assert (precious / "notes.txt").read_text() == "important"
 
@@ -207,7 +207,7 @@ def test_bench_reports_a_broken_artifact_in_one_line(bundle_copy):
     m = _manifest(bundle_copy)
     for a in m["artifacts"]:
         if a["path"] == "model_int8.onnx":
-            a["sha256"] = B.sha256_path(bundle_copy / "model_int8.onnx")
+            a["sha256"] = m["contents"]["model_int8.onnx"] = B.sha256_path(bundle_copy / "model_int8.onnx")
     B.write_manifest(bundle_copy, m)
     proc = run_cli("bench", bundle_copy, "--quick", "--threads", "1", "--runtimes", "onnxruntime")
     assert "model_int8.onnx is not a valid ONNX model" in assert_one_error_line(proc, "bench"), proc.stderr[-2000:]

@@ -64,11 +64,14 @@ def _copy_bundle(src: Path, dst: Path) -> Path:
 
 
 def _set_entry(bundle: Path, rel: str, **fields):
-    """Change the manifest entry of artifact `rel` (e.g. its sha256 or path)."""
+    """Change the manifest entry of artifact `rel` (e.g. its sha256 or path); a new sha256 goes
+    into the manifest's contents too, as an attacker who rewrites the manifest would put it."""
     m = json.loads((bundle / B.MANIFEST).read_text())
     for a in m["artifacts"]:
         if a["path"] == rel:
             a.update(fields)
+    if "sha256" in fields:
+        m["contents"][rel] = fields["sha256"]
     B.write_manifest(bundle, m)
 
 
@@ -255,8 +258,8 @@ BAD_INPUT = [
     Case("bench-artifact-missing", _tampered("bench", lambda b, s: (b / "model_fp16.onnx").unlink()),
          ("model_fp16.onnx", "missing")),
     # --- manifests
-    Case("predict-manifest-newer-schema", _tampered("predict", _schema(99)), ("schema_version 99", "up to 1")),
-    Case("verify-manifest-newer-schema", _tampered("verify", _schema(99)), ("schema_version 99", "up to 1")),
+    Case("predict-manifest-newer-schema", _tampered("predict", _schema(99)), ("schema_version 99", "up to 2")),
+    Case("verify-manifest-newer-schema", _tampered("verify", _schema(99)), ("schema_version 99", "up to 2")),
     Case("predict-manifest-not-json", _tampered("predict", _manifest("{'artifacts': [")), ("manifest.json", "not valid JSON")),
     Case("predict-manifest-not-an-object", _tampered("predict", _manifest([1, 2])), ("manifest.json", "received list")),
     # --- data: dataset names, CSV and JSONL problems (through verify --data, export --calibration-data, train)
@@ -476,15 +479,17 @@ def test_keras_config_naming_a_foreign_module_is_refused(tmp_path, shared, monke
 
 
 def _external_data_model(location: str, via_constant: bool = False):
-    """y = token_ids (int32 [batch, sequence]) + c, c: int32[1] stored in external file `location`."""
+    """y = float(token_ids + c) (int32 [batch, sequence] in), c: int32[1] stored in external file
+    `location`."""
     from onnx import TensorProto, helper
 
     c = TensorProto(name="c", data_type=TensorProto.INT32, dims=[1], data_location=TensorProto.EXTERNAL)
     entry = c.external_data.add()
     entry.key, entry.value = "location", location
     x = helper.make_tensor_value_info("token_ids", TensorProto.INT32, ["batch", "sequence"])
-    y = helper.make_tensor_value_info("probabilities", TensorProto.INT32, ["batch", "sequence"])
-    nodes = [helper.make_node("Add", ["token_ids", "c"], ["probabilities"])]
+    y = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", "sequence"])
+    nodes = [helper.make_node("Add", ["token_ids", "c"], ["sum"]),
+             helper.make_node("Cast", ["sum"], ["probabilities"], to=TensorProto.FLOAT)]
     inits = [c]
     if via_constant:  # the tensor sits in a Constant node's attribute, not in the initializers
         nodes.insert(0, helper.make_node("Constant", [], ["c"], value=c))
@@ -563,7 +568,10 @@ def _processes_mentioning(text: str) -> list:
     (signal.SIGKILL, ".calibration.npz"),  # the TFLite converter child has just been started
     (signal.SIGINT, ".calibration.npz"),  # ... while the main thread converts to ONNX
     (signal.SIGINT, "model_int8.onnx"),  # ONNX done: the main thread waits for the converter
-], ids=["SIGKILL-converting", "SIGINT-converting", "SIGINT-waiting-for-tflite"])
+    (signal.SIGTERM, ".calibration.npz"),  # what `kill`, systemd and CI runners send
+    (signal.SIGHUP, "model_int8.onnx"),  # the terminal went away
+], ids=["SIGKILL-converting", "SIGINT-converting", "SIGINT-waiting-for-tflite", "SIGTERM-converting",
+        "SIGHUP-waiting-for-tflite"])
 def test_interrupted_export_leaves_existing_bundle_intact(sig, when, bundle_dir, shared, tmp_path):
     from probattn.export.exporter import ExportOptions, export
 
@@ -583,10 +591,11 @@ def test_interrupted_export_leaves_existing_bundle_intact(sig, when, bundle_dir,
             time.sleep(0.1)
         assert not _processes_mentioning(str(tmp)), "the TFLite converter outlived the killed export"
     else:
-        assert proc.returncode == 130, err[-3000:]
-        assert err.splitlines()[-1] == "probattn export: interrupted; nothing was written", err[-3000:]
+        assert proc.returncode == 128 + sig, err[-3000:]
+        what = "interrupted" if sig == signal.SIGINT else f"terminated by {signal.Signals(sig).name}"
+        assert err.splitlines()[-1] == f"probattn export: {what}; nothing was written", err[-3000:]
         assert "Traceback" not in err
-        assert not _leftovers(tmp_path, "B"), "SIGINT left a temporary directory"
+        assert not _leftovers(tmp_path, "B"), f"{signal.Signals(sig).name} left a temporary directory"
     assert _hashes(target) == before, "the existing bundle changed"
     _assert_valid_bundle(target)
     # the next writer cleans up what a killed run left, and succeeds

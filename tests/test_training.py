@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from probattn.models.errors import UsageError
-from probattn.models.fsutil import TMP_PREFIX, atomic_directory
+from probattn.models.fsutil import OUTPUT_MARKER, TMP_PREFIX, atomic_directory
 from probattn.models.metrics import classification_report
 from probattn.models.text.tokenizer import encode_fixed, load_tokenizer
 from probattn.models.train import CALIBRATION_MAX_TEXTS as CALIBRATION_TEXTS
@@ -177,7 +177,7 @@ def test_different_seed_gives_a_different_model(tiny_runs):
 
 def test_tiny_run_writes_every_file(tiny_runs):
     out, metrics = tiny_runs["a"]
-    assert sorted(p.name for p in out.iterdir()) == sorted(RUN_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted(RUN_FILES + [OUTPUT_MARKER])
     assert json.loads((out / "labels.json").read_text()) == ["neg", "pos"]
     assert metrics["sizes"] == {"train": 150, "validation": 20, "test": 30}
 
@@ -207,14 +207,14 @@ def test_interrupted_training_leaves_no_run_dir(tiny_csv, tmp_path, monkeypatch)
 @pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError], ids=["ctrl-c", "exception"])
 def test_interrupted_overwrite_keeps_the_old_dir(tmp_path, error):
     target = tmp_path / "run"
-    target.mkdir()
-    (target / "old.txt").write_text("previous run")
+    with atomic_directory(target) as tmp:  # an earlier run (it carries the output marker)
+        (tmp / "old.txt").write_text("previous run")
     with pytest.raises(error):
         with atomic_directory(target, overwrite=True) as tmp:
             (tmp / "model.keras").write_text("half written")
             assert tmp.parent == tmp_path and tmp.name.startswith(f"{TMP_PREFIX}run-")
             raise error()
-    assert sorted(p.name for p in target.iterdir()) == ["old.txt"], "old RUN_DIR was touched"
+    assert sorted(p.name for p in target.iterdir()) == [OUTPUT_MARKER, "old.txt"], "old RUN_DIR was touched"
     assert _leftovers(tmp_path, "run") == []
 
 
@@ -225,14 +225,14 @@ def test_atomic_directory_replaces_and_cleans_stale_temp(tmp_path):
     (stale / "model.keras").write_text("partial")
     with atomic_directory(target) as tmp:
         (tmp / "a.txt").write_text("new")
-    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
+    assert sorted(p.name for p in target.iterdir()) == [OUTPUT_MARKER, "a.txt"]
     assert _leftovers(tmp_path, "run") == [], "stale temporary directory not removed"
     with pytest.raises(UsageError, match="--overwrite"):
         with atomic_directory(target):
             pass
     with atomic_directory(target, overwrite=True) as tmp:
         (tmp / "b.txt").write_text("newer")
-    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in target.iterdir()) == [OUTPUT_MARKER, "b.txt"]
     assert _leftovers(tmp_path, "run") == []
 
 

@@ -65,10 +65,11 @@ class Case:
 
 
 def load_texts(bundle: Path, manifest: dict, data: str | None, text_column: str = "text",
-               label_column: str = "label", encoding: str = "utf-8"):
+               label_column: str = "label", encoding: str = "utf-8", test_bytes: bytes | None = None):
     """Held-out texts and labels: ``--data`` (a file or dataset name), else the bundle's
-    test split, else none: ``([], None, None)`` (verify then runs generated ids only)."""
-    from probattn.models.text.data import load_dataset, load_text_file, stratified_split
+    test split (``test_bytes``: its hash-checked bytes; read through ``bundle.Bundle`` when
+    not given), else none: ``([], None, None)`` (verify then runs generated ids only)."""
+    from probattn.models.text.data import load_dataset, load_text_file, parse_text_file, stratified_split
 
     if data:
         p = Path(data)
@@ -80,12 +81,13 @@ def load_texts(bundle: Path, manifest: dict, data: str | None, text_column: str 
         return test.texts, test.labels, f"{data} (test split)"
     name = manifest.get("test_data")
     if name:
-        from .. import bundle as B
+        if test_bytes is None:
+            from .. import bundle as B
 
-        path = B.inside(bundle, name)
-        if path.is_file():
-            ds = load_text_file(path)
-            return ds.texts, ds.labels, f"bundle {name}"
+            with B.Bundle(bundle) as b:
+                test_bytes = b.test_data_bytes()
+        ds = parse_text_file(test_bytes, Path(name))
+        return ds.texts, ds.labels, f"bundle {name}"
     return [], None, None
 
 

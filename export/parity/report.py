@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -123,34 +122,50 @@ def json_safe(v):
     return v
 
 
-def write_report(report: Report, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    doc = {"passed": report.passed, "verdict": report.verdict_line(), "meta": report.meta, "rows": report.rows, "skipped": report.skipped,
-           "checks": [c.__dict__ for c in report.checks],
-           "failures": [c.message() for c in report.failures]}
-    (out_dir / "parity.json").write_text(json.dumps(json_safe(doc), indent=1))
-    md = ["# Parity report", "", f"Bundle `{report.meta['bundle']}`, data: {report.meta['data']} "
-          f"({report.meta['n_texts']} texts), {len(report.checks)} checks: "
-          f"**{'PASS' if report.passed else 'FAIL'}**: {report.verdict_line()}", "", markdown_table(report), ""]
-    buckets = bucket_table(report)
-    if buckets:
-        md += ["## Top-1 agreement per length bucket", "", buckets, ""]
-    if report.failures:
-        md += ["## Failures", ""] + [f"- {c.message()}" for c in report.failures] + [""]
-    md += ["## Tolerances", "", "```", json.dumps(T.as_json(), indent=1), "```", ""]
-    (out_dir / "parity.md").write_text("\n".join(md))
-    plot_errors(report, out_dir / "parity.png")
+def write_report(report: Report, out_dir) -> None:
+    """parity.json, parity.md and parity.png into ``out_dir``: a directory descriptor from
+    ``fsutil.open_output_dir`` (or a path, opened that way). Every file is written through it
+    with no link followed."""
+    import os
+
+    from probattn.models.fsutil import open_output_dir, write_file_at
+
+    fd = out_dir if isinstance(out_dir, int) else open_output_dir(out_dir)
+    try:
+        doc = {"passed": report.passed, "verdict": report.verdict_line(), "meta": report.meta, "rows": report.rows,
+               "skipped": report.skipped, "checks": [c.__dict__ for c in report.checks],
+               "failures": [c.message() for c in report.failures]}
+        write_file_at(fd, "parity.json", json.dumps(json_safe(doc), indent=1))
+        md = ["# Parity report", "", f"Bundle `{report.meta['bundle']}`, data: {report.meta['data']} "
+              f"({report.meta['n_texts']} texts), {len(report.checks)} checks: "
+              f"**{'PASS' if report.passed else 'FAIL'}**: {report.verdict_line()}", "", markdown_table(report), ""]
+        buckets = bucket_table(report)
+        if buckets:
+            md += ["## Top-1 agreement per length bucket", "", buckets, ""]
+        if report.failures:
+            md += ["## Failures", ""] + [f"- {c.message()}" for c in report.failures] + [""]
+        md += ["## Tolerances", "", "```", json.dumps(T.as_json(), indent=1), "```", ""]
+        write_file_at(fd, "parity.md", "\n".join(md))
+        png = plot_errors(report)
+        if png is not None:
+            write_file_at(fd, "parity.png", png)
+    finally:
+        if not isinstance(out_dir, int):
+            os.close(fd)
 
 
-def plot_errors(report: Report, path: Path) -> None:
+def plot_errors(report: Report) -> bytes | None:
+    """The error plot as PNG bytes (None when there is nothing to plot)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import io
+
     rows = [r for r in report.rows if not r.get("reference")]
     if not rows:
-        return
+        return None
     labels = [f"{r['artifact']}\n{r['runtime']}" for r in rows]
     floor = 1e-9
     maxabs = [max(floor, r["max_abs"]) if np.isfinite(r["max_abs"]) else 1.0 for r in rows]
@@ -169,5 +184,7 @@ def plot_errors(report: Report, path: Path) -> None:
     ax.set_title("Parity with Keras per artifact and runtime (all case families)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    return buf.getvalue()

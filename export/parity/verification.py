@@ -8,13 +8,13 @@ agrees with it.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
 
 from probattn.models.errors import UsageError
-from probattn.models.fsutil import directory_lock
-from probattn.models.text.tokenizer import load_tokenizer
+from probattn.models.fsutil import check_output_dir_usable, not_writable, open_output_dir, writer_active
 
 from .. import bundle as B
 from .. import runtimes
@@ -27,31 +27,99 @@ from .report import Report, write_report
 
 def verify(bundle, data: str | None = None, report_dir=None, formats=None, quiet=False,
            check_hashes: bool = True, text_column: str = "text", label_column: str = "label",
-           encoding: str = "utf-8", strict: bool = False) -> Report:
+           encoding: str = "utf-8", strict: bool = False, unsafe: bool = False,
+           default_report_dir: bool = False) -> Report:
     """Judge every artifact of ``bundle``. ``strict``: a runtime that is not installed, or an
-    artifact that could not be run, fails the verdict instead of being skipped."""
+    artifact that could not be run, fails the verdict instead of being skipped.
+    ``unsafe``: run what the safety checks refuse (Lambda layers, SavedModel ops).
+
+    The bundle is opened once and held under a shared lock (no lock file: a read-only bundle
+    verifies into a writable ``report_dir``); every file is hash-checked and the bundle must
+    hold only what its manifest lists. ``default_report_dir``: ``report_dir`` is
+    ``BUNDLE/report``, opened relative to the bundle (a link there is refused, never followed).
+    The verdict is recorded in ``manifest.json`` when the bundle is writable."""
     bundle = Path(bundle).absolute()
-    manifest = B.load_manifest(bundle)
     t0 = time.perf_counter()
-    if report_dir is not None and Path(report_dir).exists() and not Path(report_dir).is_dir():
-        raise UsageError(f"--report-dir exists and is not a directory: {report_dir}")
-    # everything that can be refused is refused before the lock file is touched
-    tok_path = B.verified_path(bundle, manifest["tokenizer"]) if check_hashes else bundle / manifest["tokenizer"]["path"]
-    tokenizer = load_tokenizer(tok_path)
-    texts, labels, source = load_texts(bundle, manifest, data, text_column, label_column, encoding)
-    # every artifact's hash is checked, also those --formats leaves out
-    paths = {a["path"]: (B.verified_path(bundle, a) if check_hashes else bundle / a["path"])
-             for a in manifest["artifacts"]}
-    # a shared lock: an export cannot replace the bundle while it is judged
-    with directory_lock(bundle, shared=True):
-        if B.load_manifest(bundle)["artifacts"] != manifest["artifacts"]:
-            raise UsageError(f"{bundle} was replaced while verify started; run verify again")
-        return _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, report_dir,
-                              formats, quiet, t0, strict)
+    say = (lambda *a: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    with B.Bundle(bundle) as b:  # a shared lock: an export cannot replace the bundle while it is judged
+        manifest = b.manifest
+        if writer_active(bundle):
+            raise UsageError(f"an export is writing {bundle}; verify it when the export has finished")
+        # everything that can be refused is refused before the slow part; nothing is created yet
+        inside = report_dir is not None and (default_report_dir or Path(report_dir).absolute() == bundle / B.REPORT_DIR)
+        where = dict(path=B.REPORT_DIR, dir_fd=b.dir.fd, what=f"report directory {bundle}/report") if inside \
+            else dict(path=report_dir, what="--report-dir")
+        if report_dir is not None:
+            try:
+                check_output_dir_usable(**where)
+            except UsageError as e:
+                raise UsageError(f"{e}; pass --report-dir DIR to write the report elsewhere" if inside else str(e)) from None
+        if check_hashes:
+            b.check_all(strict_tree=True)
+        tokenizer = b.tokenizer()
+        b.check_plain_files(tokenizer)
+        texts, labels, source = load_texts(bundle, manifest, data, text_column, label_column, encoding,
+                                           test_bytes=b.test_data_bytes())
+        paths = {a["path"]: _runner_source(b, a) for a in manifest["artifacts"]}
+        audit_artifacts(manifest, paths, unsafe)  # nothing runs before every artifact passed its audit
+        for a in manifest["artifacts"]:  # TFLite-family files: I/O, ops, sizes, MediaPipe metadata
+            b.audit_artifact(a, paths[a["path"]]["content"], tokenizer)
+        record = not_writable(b.dir.fd) is None
+        if not record:
+            say(f"note: {bundle} is read-only; the verdict is not recorded in its manifest.json")
+        report = _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, formats, quiet, t0,
+                                strict, unsafe)
+        if report_dir is not None:
+            report_fd = open_output_dir(**where)
+            try:
+                write_report(report, report_fd)
+            finally:
+                os.close(report_fd)
+        verdict = report.meta.pop("_verdict")
+        if record:
+            _record_verdict(b, manifest, verdict)
+        return report
 
 
-def _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, report_dir, formats,
-                   quiet, t0, strict) -> Report:
+def _runner_source(b, entry) -> dict:
+    """What a runner loads: a file artifact's hash-checked bytes (with its name for messages),
+    or a path through the bundle's descriptor for a directory or a Keras file."""
+    path = b.check_entry(entry)
+    if entry["format"] in ("keras", "savedmodel"):
+        return {"path": path, "content": None}
+    return {"path": b.path / entry["path"], "content": b.artifact_bytes(entry)}
+
+
+def audit_artifacts(manifest, paths, unsafe: bool) -> None:
+    """The checks of ``audit/`` on every artifact before any runs: a SavedModel's files and ops
+    (its restore function runs at load), an ONNX file's graph and its shapes with the input
+    at the longest case verify feeds (the runtimes check the rest when they load)."""
+    from ..audit import onnx as onnx_audit
+    from ..audit import savedmodel
+    from ..limits import shape_caps
+
+    for a in manifest["artifacts"]:
+        src = paths[a["path"]]
+        if a["format"] == "savedmodel":
+            savedmodel.audit(src["path"], unsafe=unsafe, what=f"SavedModel {a['path']}")
+        elif a["format"] == "onnx":
+            onnx_audit.audit(src["content"], what=a["path"], vocab_size=manifest["vocab_size"],
+                             n_classes=len(manifest["labels"]))
+            onnx_audit.shape_check(src["content"], shape_caps(manifest["max_length"]), a["path"])
+
+
+def _record_verdict(b, manifest, verdict) -> None:
+    try:  # record only the verdict, on the manifest that was judged
+        current = B.read_manifest(b.dir)
+    except UsageError:
+        return
+    if current.get("artifacts") == manifest["artifacts"]:
+        current["verdict"] = verdict
+        B.write_manifest(b.path, current, dir_fd=b.dir.fd)
+
+
+def _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, formats,
+                   quiet, t0, strict, unsafe) -> Report:
     cases = build_cases(tokenizer, manifest, texts, labels)
     vocab = int(manifest["vocab_size"])
     if source is None:
@@ -77,7 +145,9 @@ def _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, re
     for entry in entries:
         is_reference = entry is keras_entry
         for cls, variant in runtimes.pairs_for(entry["format"]):
-            runner = cls(paths[entry["path"]], vocab, variant=variant, input_shape=entry.get("input_shape"))
+            src = paths[entry["path"]]
+            runner = cls(src["path"], vocab, variant=variant, input_shape=entry.get("input_shape"),
+                         content=src["content"], n_classes=len(manifest["labels"]), unsafe=unsafe)
             label = f"{entry['path']} on {runner.name}"
             # by design (e.g. a microcontroller runtime and a dynamic-shape file) or as measured at export
             why_not = cls.cannot_run(entry["format"], entry["precision"], entry)
@@ -93,6 +163,9 @@ def _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, re
             t = time.perf_counter()
             per_case, not_applicable = {}, []
             with runner:
+                problem = runner.precision_problem(entry["precision"])
+                if problem:
+                    raise UsageError(f"{entry['path']} is listed as {entry['precision']} but {problem}; refusing it")
                 for case in cases:
                     # longer than this artifact's (or the reference's) fixed length
                     if (not all(runner.accepts(b) for b in case.batches + (case.base or []))
@@ -121,19 +194,13 @@ def _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, re
     ran = {r["format"] for r in report.rows}
     report.meta["unverified_formats"] = [f for f in report.meta["requested_formats"] if f not in ran]
     report.meta["seconds"] = round(time.perf_counter() - t0, 1)
-    if report_dir is not None:
-        write_report(report, Path(report_dir))
-    verdict = {"passed": report.passed, "summary": report.verdict_line(),
+    report.meta["_verdict"] = {"passed": report.passed, "summary": report.verdict_line(),
                "failures": len(report.failures), "checks": len(report.checks),
                "strict": strict, "unverified_formats": report.meta["unverified_formats"],
                "skipped": [f"{s['artifact']} on {s['runtime']}: {s['reason']}" for s in report.skipped],
                "formats": sorted({e["format"] for e in entries}), "data": source,
                "accuracy_checked": accuracy_checked,
                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    current = B.load_manifest(bundle)  # record only the verdict, on the manifest that was judged
-    if current.get("artifacts") == manifest["artifacts"]:
-        current["verdict"] = verdict
-        B.write_manifest(bundle, current)
     return report
 
 

@@ -18,6 +18,7 @@ from probattn.models.errors import UsageError
 from probattn.models.text.tokenizer import PAD_ID
 
 from ..contract import ATTENTION, INPUT
+from ..limits import MAX_TOKENS_PER_CALL, cap_threads, check_call_size
 
 #: outputs with one value per step, cut back to the caller's length after padding
 PER_STEP_OUTPUTS = (ATTENTION,)
@@ -49,6 +50,8 @@ def check_token_ids(ids, vocab_size: int | None) -> np.ndarray:
         raise UsageError(f"Input '{INPUT}' | Received rank {arr.ndim} (shape {arr.shape}). Expected rank 2 [batch, sequence]")
     if arr.size == 0:
         raise UsageError(f"Input '{INPUT}' | Received an empty batch (shape {arr.shape}). Expected at least 1 x 1")
+    if arr.size > MAX_TOKENS_PER_CALL:
+        check_call_size(arr.shape)
     if arr.dtype != np.int32:
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi >= min(vocab_size or 2**31 - 1, 2**31 - 1):
@@ -75,6 +78,17 @@ def _raise_range(lo, hi, vocab_size):
     raise UsageError(f"Input '{INPUT}' | Received id {bad}. Expected ids in [0, {vocab_size})")
 
 
+def import_failure(runner, error) -> str:
+    """One line: the runtime failed to import, and which other runtimes could run the format."""
+    from . import runners
+
+    others = [c.runtime for c in runners() if c.runtime != runner.runtime
+              and set(c.formats) & set(type(runner).formats) and c.unavailable() is None]
+    hint = (f"; try --runtime {' or '.join(others)}" if others
+            else f"; reinstall it (pip install --force-reinstall {type(runner).package or runner.runtime})")
+    return f"runtime {runner.runtime} is installed but failed to import ({' '.join(str(error).split())[:200]}){hint}"
+
+
 class Runner:
     """``with Runner(path, vocab_size=...) as r: r.infer(ids) -> {output name: float32 array}``.
 
@@ -99,10 +113,18 @@ class Runner:
     description = ""
 
     def __init__(self, path, vocab_size: int | None = None, threads: int | None = None,
-                 variant: str | None = None, input_shape=None):
+                 variant: str | None = None, input_shape=None, *, content: bytes | None = None,
+                 n_classes: int | None = None, unsafe: bool = False):
         self.path = Path(path)
         self.vocab_size = vocab_size
-        self.threads = threads
+        #: intra-op threads, 1 to the CPUs this process may use (None: the runtime's default)
+        self.threads = None if threads is None else cap_threads(threads, "threads")
+        #: the artifact's bytes, already hash-checked by the caller (then ``path`` only names it)
+        self.content = content
+        #: the bundle's label count, checked against the artifact's output where the runtime can
+        self.n_classes = n_classes
+        #: ``--unsafe``: load what the safety checks refuse (Lambda layers, SavedModel ops)
+        self.unsafe = unsafe
         #: ``[batch, sequence]`` from the manifest: an int fixes a dim (a device artifact of
         #: shape ``[1, 64]``, a model with ``Input(shape=(64,))``), a name leaves it dynamic
         self.fixed_batch, self.fixed_length = fixed_dims(input_shape)
@@ -136,9 +158,26 @@ class Runner:
 
     def activate(self):
         if not self.active:
-            self._load()
+            try:
+                self._load()
+            except ImportError as e:  # installed but broken (a missing shared library, ...)
+                raise UsageError(import_failure(self, e)) from None
             self.active = True
         return self
+
+    def read_model(self, max_bytes: int, what: str) -> bytes:
+        """The artifact's bytes: ``content`` if given, else the file at ``path`` (a regular
+        file, no link followed, never a FIFO)."""
+        if self.content is not None:
+            return self.content
+        from probattn.models.fsutil import read_regular
+
+        return read_regular(self.path, max_bytes, what=what)
+
+    def precision_problem(self, precision: str) -> str | None:
+        """Why the loaded artifact does not hold ``precision`` (None: it does, or the runtime
+        cannot tell). Call after ``activate``."""
+        return None
 
     def deactivate(self):
         if self.active:

@@ -27,9 +27,8 @@ class KerasRunner(Runner):
     description = "the Keras model called directly: the reference"
 
     def __init__(self, path, vocab_size=None, threads=None, variant=None, input_shape=None, unsafe=False,
-                 attention=True):
-        super().__init__(path, vocab_size, threads, variant, input_shape)
-        self.unsafe = unsafe
+                 attention=True, **kw):
+        super().__init__(path, vocab_size, threads, variant, input_shape, unsafe=unsafe, **kw)
         self.attention = attention
 
     def _load(self):

@@ -1,6 +1,12 @@
 """LiteRT (``ai_edge_litert``) on two kernel families: ``xnnpack`` (the default delegate)
 and ``reference`` (``BUILTIN_REF``: the kernels microcontroller builds run).
 
+The interpreter gets the file's bytes (hash-checked by the caller when they come from a
+bundle), and before anything runs: the tensors the graph declares must fit
+``limits.TFLITE_STATIC_BYTES``, the signature must be the contract's, and the embedding (the
+``GATHER`` fed by the input) must have a row for every id of the vocabulary: LiteRT's gather
+does not check its indices.
+
 It runs the dynamic ``tflite`` files (what ``predict --runtime litert`` picks) and, in
 verify and bench, the fixed-shape ``tflite-fixed`` and ``mediapipe`` files at their
 stored shape. int8 outputs are dequantized with their own scale and zero point."""
@@ -12,6 +18,11 @@ from probattn.models.errors import UsageError, one_line
 
 from . import register
 from .base import Runner
+
+#: the largest .tflite file read into memory (flatbuffers address 2 GB)
+MAX_FILE_BYTES = 2 << 30
+#: output dtypes a TFLite artifact may have (float32; int8 for device artifacts with quantized outputs)
+OUTPUT_DTYPES = ("float32", "int8")
 
 
 @register
@@ -30,18 +41,23 @@ class LiteRTRunner(Runner):
         from probattn.models.quiet import quiet_stderr
 
         from ..contract import INPUT, SIGNATURE_KEY
+        from ..limits import TFLITE_STATIC_BYTES, tflite_static_bytes
 
         resolver = OpResolverType.AUTO if self.variant == "xnnpack" else OpResolverType.BUILTIN_REF
-        if not self.path.is_file():
-            raise UsageError(f"TFLite file not found: {self.path}")
+        data = self.read_model(MAX_FILE_BYTES, "TFLite model")
         try:
             with quiet_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
-                self.interp = Interpreter(model_path=str(self.path), num_threads=self.threads or None,
+                self.interp = Interpreter(model_content=data, num_threads=self.threads or None,
                                           experimental_op_resolver_type=resolver)
+            static = tflite_static_bytes(self.interp)
+            if static > TFLITE_STATIC_BYTES:
+                raise UsageError(f"{self.path.name} declares tensors of {static:,} bytes; at most "
+                                 f"{TFLITE_STATIC_BYTES:,} allowed")
             sigs = self.interp.get_signature_list()
             if SIGNATURE_KEY not in sigs:
                 raise UsageError(f"{self.path.name} has no '{SIGNATURE_KEY}' signature (found {list(sigs)})")
             self.runner = self.interp.get_signature_runner(SIGNATURE_KEY)
+            self._check_signature()
             shape = [int(d) for d in self.runner.get_input_details()[INPUT]["shape_signature"]]
             if len(shape) == 2 and min(shape) >= 1:  # a fixed-shape file: run only that shape
                 if (self.fixed_batch, self.fixed_length) not in ((None, None), tuple(shape)):
@@ -61,6 +77,55 @@ class LiteRTRunner(Runner):
         except Exception as e:
             raise UsageError(f"{self.path} is not a valid TFLite model ({one_line(e, 200)})") from None
         self._input = INPUT
+
+    def _check_signature(self):
+        from ..contract import ATTENTION, INPUT, PROBABILITIES
+
+        ins = self.runner.get_input_details()
+        got = {k: (np.dtype(v["dtype"]).name, len(v["shape_signature"])) for k, v in ins.items()}
+        if got != {INPUT: ("int32", 2)}:
+            raise UsageError(f"{self.path.name}: inputs are {got}; expected exactly {INPUT} int32 rank 2")
+        outs = self.runner.get_output_details()
+        shown = {k: (np.dtype(v["dtype"]).name, list(v["shape_signature"])) for k, v in outs.items()}
+        if PROBABILITIES not in outs or set(outs) - {PROBABILITIES, ATTENTION} or \
+                any(d not in OUTPUT_DTYPES or len(s) != 2 for d, s in shown.values()):
+            raise UsageError(f"{self.path.name}: outputs are {shown}; expected {PROBABILITIES} (and optionally "
+                             f"{ATTENTION}), rank 2, float32")
+        classes = shown[PROBABILITIES][1][1]
+        if self.n_classes is not None and classes > 0 and classes != self.n_classes:
+            raise UsageError(f"{self.path.name}: output {PROBABILITIES} has {classes} classes; the bundle has "
+                             f"{self.n_classes} labels")
+        rows = self.embedding_rows(ins[INPUT]["index"])
+        if self.vocab_size is not None and rows is not None and self.vocab_size > rows:
+            raise UsageError(f"{self.path.name}: the embedding has {rows:,} rows but the bundle's vocabulary has "
+                             f"{self.vocab_size:,} ids; ids past the table would be read (LiteRT's gather does not "
+                             "check them)")
+
+    def embedding_rows(self, input_index) -> int | None:
+        """Rows of the table a GATHER / EMBEDDING_LOOKUP reads with the input ids, if any."""
+        try:
+            ops = self.interp._get_ops_details()
+        except AttributeError:  # pragma: no cover - an interpreter without op details
+            return None
+        shapes = {t["index"]: list(t["shape"]) for t in self.interp.get_tensor_details()}
+        rows = []
+        for op in ops:
+            ins = list(op.get("inputs", []))
+            if op.get("op_name") == "GATHER" and len(ins) >= 2 and ins[1] == input_index:
+                rows.append(shapes.get(ins[0], [0])[0])
+            elif op.get("op_name") == "EMBEDDING_LOOKUP" and len(ins) >= 2 and ins[0] == input_index:
+                rows.append(shapes.get(ins[1], [0])[0])
+        return min(rows) if rows else None
+
+    def precision_problem(self, precision):
+        types = {np.dtype(t["dtype"]).name for t in self.interp.get_tensor_details()}
+        if precision == "fp32" and types & {"float16", "int8", "uint8"}:
+            return "it holds " + ", ".join(sorted(types & {"float16", "int8", "uint8"})) + " tensors, not fp32 weights"
+        if precision == "fp16" and "float16" not in types:
+            return "it holds no float16 tensor"
+        if precision.startswith("int8") and not types & {"int8", "uint8"}:
+            return "it holds no int8 tensor"
+        return None
 
     def _infer(self, ids):
         out = self.runner(**{self._input: ids})

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import zipfile
-import io
 
 import numpy as np
 
@@ -52,12 +50,11 @@ def classifier(blob: bytes):
 
 
 def embedded_files(blob: bytes) -> dict:
-    """The files packed in a model's metadata (a zip archive appended to the flatbuffer)."""
-    try:
-        with zipfile.ZipFile(io.BytesIO(blob)) as z:
-            return {n: z.read(n) for n in z.namelist()}
-    except zipfile.BadZipFile:
-        return {}
+    """The files packed in a model's metadata (a zip archive appended to the flatbuffer),
+    entry count, names, sizes and ratios checked before anything is inflated."""
+    from ..audit.tflite import _metadata_zip
+
+    return _metadata_zip(blob, "the model's metadata")
 
 
 def read_metadata(blob: bytes) -> dict:
@@ -118,9 +115,10 @@ class MediaPipeRunner(Runner):
         from ..formats.tflite_flatbuffer import describe
         from probattn.models.text.tokenizer import REGEX_PAD, REGEX_START, REGEX_UNK, REGEX_WORD_CHARS
 
-        if not self.path.is_file():
-            raise UsageError(f"model file not found: {self.path}")
-        blob = self.path.read_bytes()
+        from .litert import MAX_FILE_BYTES
+
+        # the hash-checked bytes from the bundle, or a regular file read with no link followed
+        blob = self.read_model(MAX_FILE_BYTES, "MediaPipe model")
         try:
             info = describe(blob)
             meta = read_metadata(blob)

@@ -1,7 +1,9 @@
-"""onnxruntime on the CPU, with every graph optimisation (``all``) or none (``none``)."""
-from __future__ import annotations
+"""onnxruntime on the CPU, with every graph optimisation (``all``) or none (``none``).
 
-from pathlib import Path
+Before onnxruntime sees a file, ``audit.onnx`` checks its bytes (ops, loops, tensor sizes,
+external data, the I/O signature, the embedding's rows); the session then runs in the
+process-wide capped arena with limited constant folding (``limits.ort_session_options``)."""
+from __future__ import annotations
 
 import numpy as np
 
@@ -24,20 +26,20 @@ class OnnxRuntimeRunner(Runner):
     def _load(self):
         import onnxruntime as ort
 
+        from ..audit import onnx as onnx_audit
         from ..contract import INPUT
+        from ..limits import ort_session_options
 
-        so = ort.SessionOptions()
-        so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if self.variant == "all"
-                                       else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-        so.log_severity_level = 3
-        if self.threads:
-            so.intra_op_num_threads = self.threads
-            so.inter_op_num_threads = 1
-        if not self.path.is_file():
-            raise UsageError(f"ONNX file not found: {self.path}")
-        refuse_external_data(self.path)
+        data = self.read_model(onnx_audit.MAX_FILE_BYTES, "ONNX model")
+        # a model from a bundle comes as checked bytes: its external data could not be checked, so none is allowed
+        self.audit = onnx_audit.audit(data, what=self.path.name,
+                                      model_dir=None if self.content is not None else self.path.parent,
+                                      vocab_size=self.vocab_size, n_classes=self.n_classes)
+        so = ort_session_options(self.threads, optimize=self.variant == "all")
         try:
-            self.sess = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
+            # with external data, onnxruntime must read the file to find it (checked above: inside its folder)
+            model = str(self.path) if self.audit["external_data"] else data
+            self.sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise UsageError(f"{self.path} is not a valid ONNX model ({one_line(e, 200)})") from None
         self.outputs = [o.name for o in self.sess.get_outputs()]
@@ -48,47 +50,17 @@ class OnnxRuntimeRunner(Runner):
     def _infer(self, ids):
         if self._int64:
             ids = ids.astype(np.int64)
-        return dict(zip(self.outputs, self.sess.run(self.outputs, {self._input: ids})))
+        try:
+            return dict(zip(self.outputs, self.sess.run(self.outputs, {self._input: ids})))
+        except Exception as e:  # e.g. the capped arena refused an allocation
+            raise UsageError(f"onnxruntime failed on {self.path.name} with input {list(ids.shape)} "
+                             f"({one_line(e, 240)})") from None
+
+    def precision_problem(self, precision):
+        from ..audit.onnx import precision_problem
+
+        return precision_problem(self.audit, precision)
 
     def _close(self):
         self.sess = None
 
-
-def refuse_external_data(path: Path) -> None:
-    """ONNX external-data locations must stay inside the model's folder."""
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise UsageError(f"{path} is not a valid ONNX model ({one_line(e, 200)})") from None
-    base = path.parent.resolve()
-    graphs = [model.graph] + [f for f in model.functions]  # functions hold nodes, like graphs
-    for t in (t for g in graphs for t in _all_tensors(g)):
-        for entry in t.external_data:
-            if entry.key == "location":
-                target = (base / entry.value).resolve()
-                if base != target.parent and base not in target.parents:
-                    raise UsageError(f"{path.name}: external data '{entry.value}' points outside the "
-                                     "model's folder; refusing it")
-
-
-def _all_tensors(graph):
-    """Every tensor of a graph: initializers, sparse initializers, and tensors held in node
-    attributes (``Constant``'s value, subgraphs of ``If``/``Loop``/``Scan``), recursively.
-    Any of them can name an external-data file."""
-    for t in getattr(graph, "initializer", ()):
-        yield t
-    for sp in getattr(graph, "sparse_initializer", ()):
-        yield sp.values
-        yield sp.indices
-    for node in graph.node:
-        for a in node.attribute:
-            if a.HasField("t"):
-                yield a.t
-            yield from a.tensors
-            if a.HasField("sparse_tensor"):
-                yield a.sparse_tensor.values
-                yield a.sparse_tensor.indices
-            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                yield from _all_tensors(g)

@@ -28,14 +28,19 @@ class OpenVINORunner(Runner):
 
         from ..contract import INPUT
 
-        if not self.path.is_file():
-            raise UsageError(f"model file not found: {self.path}")
+        data = self.read_model(2 << 30, "model file")
+        if self.path.suffix == ".onnx":
+            from ..audit import onnx as onnx_audit
+
+            onnx_audit.audit(data, what=self.path.name, model_dir=None if self.content is not None else self.path.parent,
+                             vocab_size=self.vocab_size, n_classes=self.n_classes)
         config = {"INFERENCE_PRECISION_HINT": "f32"}
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = int(self.threads)
         try:
             core = ov.Core()
-            model = core.read_model(str(self.path))
+            # ONNX from the checked bytes; OpenVINO reads TFLite only from a path
+            model = core.read_model(data if self.path.suffix == ".onnx" else str(self.path))
             self.compiled = core.compile_model(model, "CPU", config)
         except Exception as e:
             raise UsageError(f"OpenVINO could not load {self.path.name} ({one_line(e, 200)})") from None

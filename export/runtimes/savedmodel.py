@@ -1,4 +1,8 @@
-"""TensorFlow SavedModel, called through its ``serving_default`` signature."""
+"""TensorFlow SavedModel, called through its ``serving_default`` signature.
+
+Loading a SavedModel runs code from it (its restore function, resource initialisers), so
+``audit.savedmodel`` checks its files and every op of every function first; ``unsafe``
+(``--unsafe``) skips the op check only."""
 from __future__ import annotations
 
 from probattn.models.errors import UsageError, one_line
@@ -21,9 +25,11 @@ class SavedModelRunner(Runner):
     def _load(self):
         from probattn.models.quiet import import_tensorflow
 
+        from ..audit import savedmodel as audit
         from ..contract import SIGNATURE_KEY
 
         tf = import_tensorflow()
+        audit.audit(self.path, unsafe=self.unsafe, what=f"SavedModel {self.path.name}")
         if self.threads:
             tf_threads(self.threads)
         try:

@@ -58,9 +58,10 @@ class TFLMRunner(Runner):
 
         from ..formats.tflite_flatbuffer import describe
 
-        if not self.path.is_file():
-            raise UsageError(f"TFLite file not found: {self.path}")
-        blob = self.path.read_bytes()
+        from .litert import MAX_FILE_BYTES
+
+        # the hash-checked bytes from the bundle, or a regular file read with no link followed
+        blob = self.read_model(MAX_FILE_BYTES, "TFLite model")
         try:
             info = describe(blob)
         except Exception as e:

