@@ -45,7 +45,8 @@ def _add_data_file_args(parser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="probattn", description="Train, export, verify and run a ProbAttention text classifier.")
+    p = _Parser(prog="probattn", description="Train, export, verify and run a ProbAttention text classifier "
+                "(or your own Keras text model).")
     sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train the classifier on a dataset; writes RUN_DIR")
@@ -60,14 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--embedding-dim", type=_positive_int, default=64)
     t.add_argument("--batch-size", type=_positive_int, default=32)
     t.add_argument("--limit", type=int, default=0, help="use only the first N examples (0 = all)")
+    t.add_argument("--model", default="probattn",
+                   help="architecture: probattn (default), dot, additive, mha, bilstm (see README)")
+    t.add_argument("--keras", default=None,
+                   help="3 (Keras 3, what tf.keras is on TensorFlow 2.16+) or 2 (tf_keras); "
+                   "default: the one a TensorFlow 2.21 user gets")
     t.add_argument("--overwrite", action="store_true", help="replace an existing RUN_DIR")
 
     e = sub.add_parser("export", help="export SOURCE to SavedModel, TFLite and ONNX in a bundle")
     e.add_argument("source", help="RUN_DIR from 'probattn train', a .keras/.h5 file or a SavedModel directory")
     e.add_argument("--out", required=True, help="bundle directory to write (atomically)")
-    e.add_argument("--formats", default=",".join(C.EXPORT_FORMATS),
-                   help=f"comma list of {', '.join(C.EXPORT_FORMATS)} (default: all)")
-    e.add_argument("--precisions", default=",".join(C.PRECISIONS),
+    e.add_argument("--formats", default=None,
+                   help=f"comma list of {', '.join(C.EXPORT_FORMATS)} (default: all, leaving out and reporting "
+                   "what cannot be built; named formats must all build)")
+    e.add_argument("--precisions", default=None,
                    help="comma list of " + ", ".join(C.PRECISIONS) + " (default: all; "
                    + "; ".join(f"{f} has {'/'.join(C.SUPPORTED[f])}" for f in C.EXPORT_FORMATS) + ")")
     e.add_argument("--opset", default="17", help="ONNX opset, 13 to 18 (default 17)")
@@ -77,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-length", type=_positive_int, help="training max length (default: from the run or tokenizer)")
     e.add_argument("--no-attention-weights", action="store_true", help=f"export only '{C.PROBABILITIES}'")
     e.add_argument("--unsafe", action="store_true", help="allow Lambda layers (runs code from the model file)")
+    e.add_argument("--custom-objects", metavar="FILE.py",
+                   help="your classes and functions the model uses (runs that file; recorded in the manifest)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
 
     v = sub.add_parser("verify", help="check every artifact of a bundle against Keras")
@@ -85,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_file_args(v)
     v.add_argument("--report-dir", help="where to write parity.json/.md/.png (default BUNDLE/report)")
     v.add_argument("--formats", help=f"only these formats (comma list of {', '.join(C.EXPORT_FORMATS)})")
+    v.add_argument("--custom-objects", metavar="FILE.py",
+                   help="the file the bundle was exported with, when it was (its SHA-256 is checked)")
+
+    d = sub.add_parser("doctor", help="what a Keras model does with padding, layer by layer (no export)")
+    d.add_argument("model", help="a .keras/.h5 file, a SavedModel directory or a RUN_DIR")
+    d.add_argument("--custom-objects", metavar="FILE.py", help="your classes and functions the model uses")
+    d.add_argument("--tokenizer", help="tokenizer.json: probe with real texts from --data instead of random ids")
+    d.add_argument("--data", help="texts to probe with (.csv/.jsonl/.txt or a dataset name; needs --tokenizer)")
+    d.add_argument("--unsafe", action="store_true", help="allow Lambda layers (runs code from the model file)")
+    d.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
 
     free = runtimes.names(tensorflow_free=True)
     pr = sub.add_parser("predict", help=f"label texts with {', '.join(free)} (no TensorFlow)")
@@ -104,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", default="1,all", help="comma list of thread counts and/or 'all' (default 1,all)")
     b.add_argument("--quick", action="store_true", help="fewer repetitions and shapes")
     b.add_argument("--runtimes", help=f"only these runtimes (comma list of {', '.join(runtimes.names())})")
+    b.add_argument("--custom-objects", metavar="FILE.py",
+                   help="the file the bundle was exported with, when it was (its SHA-256 is checked)")
     return p
 
 
@@ -143,6 +164,8 @@ def _dispatch(args) -> int:
         return _export(args)
     if args.verb == "verify":
         return _verify(args)
+    if args.verb == "doctor":
+        return _doctor(args)
     if args.verb == "bench":
         from .bench import run_cli
 
@@ -156,11 +179,12 @@ def _train(args) -> int:
     cfg = TrainConfig(dataset=args.dataset, text_column=args.text_column, label_column=args.label_column,
                       encoding=args.encoding, seed=args.seed, epochs=args.epochs, max_length=args.max_length,
                       vocab_size=args.vocab_size, embedding_dim=args.embedding_dim,
-                      batch_size=args.batch_size, limit=args.limit)
+                      batch_size=args.batch_size, limit=args.limit, model=args.model, keras=args.keras)
     cfg.validate()
     m = train(cfg, args.out, overwrite=args.overwrite)
     t = m["test"]
-    print(f"trained on {m['sizes']['train']} texts in {m['train_seconds']} s ({m['epochs_run']} epochs); "
+    print(f"{m['model']} model, Keras flavour {m['keras']}: "
+          f"trained on {m['sizes']['train']} texts in {m['train_seconds']} s ({m['epochs_run']} epochs); "
           f"test accuracy {t['accuracy']:.4f}, macro F1 {t['macro_f1']:.4f} on {t['n']} texts -> {args.out}")
     return 0
 
@@ -171,7 +195,7 @@ def _export(args) -> int:
     opts = ExportOptions(formats=args.formats, precisions=args.precisions, opset=args.opset,
                          calibration_data=args.calibration_data, tokenizer=args.tokenizer, labels=args.labels,
                          max_length=args.max_length, attention_weights=not args.no_attention_weights,
-                         unsafe=args.unsafe, overwrite=args.overwrite)
+                         unsafe=args.unsafe, overwrite=args.overwrite, custom_objects=args.custom_objects)
     manifest = export(args.source, args.out, opts)
     print(summary_table(manifest))
     print(f"exported {len(manifest['artifacts'])} artifacts in {manifest['export_seconds']} s -> {args.out}")
@@ -188,10 +212,20 @@ def _verify(args) -> int:
         formats = C.parse_list(args.formats, C.EXPORT_FORMATS, "format")
     report_dir = Path(args.report_dir) if args.report_dir else Path(args.bundle) / "report"
     report = verify(args.bundle, data=args.data, report_dir=report_dir, formats=formats,
-                    text_column=args.text_column, label_column=args.label_column, encoding=args.encoding)
+                    text_column=args.text_column, label_column=args.label_column, encoding=args.encoding,
+                    custom_objects=args.custom_objects)
     print(terminal_summary(report))
     print(f"report: {report_dir}/parity.md, parity.json, parity.png")
     return 0 if report.passed else 1
+
+
+def _doctor(args) -> int:
+    from .doctor import doctor, render
+
+    result = doctor(args.model, custom_objects=args.custom_objects, tokenizer=args.tokenizer, data=args.data,
+                    unsafe=args.unsafe)
+    print(json.dumps(result, indent=1, default=str) if args.json else render(result))
+    return 1 if result["breaks_masking"] else 0
 
 
 def _predict(args) -> int:
@@ -227,8 +261,10 @@ def _predict(args) -> int:
         if args.json:
             print(json.dumps({"text": text, **r}, ensure_ascii=False))
         else:
-            probs = ", ".join(f"{k}={v:.3f}" for k, v in r["probabilities"].items())
-            print(f"{r['label']}\t{probs}\t{text[:80]}")
+            values = r.get("probabilities") or r.get("scores") or {}
+            probs = ", ".join(f"{k}={v:.3f}" for k, v in values.items())
+            label = ",".join(r["label"]) if isinstance(r["label"], list) else r["label"]
+            print(f"{label}\t{probs}\t{text[:80]}")
     return 0
 
 

@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from probattn.models.errors import UsageError
 from probattn.models.fsutil import atomic_directory, check_output_dir
 from probattn.models.text.tokenizer import PAD_ID, UNK_ID, encode, load_tokenizer
@@ -28,8 +30,10 @@ CALIBRATION_BATCH = 4
 
 @dataclass
 class ExportOptions:
-    formats: tuple = C.EXPORT_FORMATS
-    precisions: tuple = C.PRECISIONS
+    #: None: every format, and one that cannot be built is left out and reported; a
+    #: selection (``--formats``) is a request: an artifact of it that cannot be built fails
+    formats: tuple | None = None
+    precisions: tuple | None = None  # as ``formats``, for ``--precisions``
     opset: int = DEFAULT_OPSET
     calibration_data: str | None = None
     tokenizer: str | None = None
@@ -38,12 +42,13 @@ class ExportOptions:
     attention_weights: bool = True
     unsafe: bool = False
     overwrite: bool = False
+    custom_objects: str | None = None  # the user's FILE.py with their classes (runs their code)
 
 
 @dataclass
 class Source:
     model_path: Path
-    tokenizer_path: Path
+    tokenizer_path: Path | None
     labels: list | None
     max_length: int | None
     test_data: Path | None = None
@@ -65,13 +70,11 @@ def resolve_source(source, opts: ExportOptions) -> Source:
                       opts.max_length or cfg.get("max_length"),
                       source / "test.jsonl" if (source / "test.jsonl").is_file() else None,
                       source / "calibration.jsonl" if (source / "calibration.jsonl").is_file() else None,
-                      {"dataset": cfg.get("dataset"), "seed": cfg.get("seed")})
+                      {"dataset": cfg.get("dataset"), "seed": cfg.get("seed"), "architecture": cfg.get("model")})
     if source.is_dir() and (source / "metrics.json").is_file():
         raise UsageError(f"run directory {source} has no model.keras (incomplete or damaged run)")
-    if not opts.tokenizer:
-        raise UsageError(f"{source} is a model, not a run directory: pass --tokenizer tokenizer.json")
-    return Source(source, Path(opts.tokenizer), _read_labels(opts.labels) if opts.labels else None,
-                  opts.max_length)
+    return Source(source, Path(opts.tokenizer) if opts.tokenizer else None,
+                  _read_labels(opts.labels) if opts.labels else None, opts.max_length)
 
 
 def _read_labels(path) -> list:
@@ -92,11 +95,15 @@ def _read_labels(path) -> list:
     return labels
 
 
-def calibration_batches(texts, tokenizer, max_length) -> list:
-    """Real texts at their own lengths, in small batches padded to the longest (padding included)."""
+def calibration_batches(texts, tokenizer, max_length, fixed_length=None) -> list:
+    """Real texts at their own lengths, in small batches padded to the longest (padding
+    included); a model with a fixed input length gets every batch padded to it."""
     texts = [t for t in texts if t.strip()][:CALIBRATION_MAX_TEXTS]
-    return [encode(tokenizer, texts[i:i + CALIBRATION_BATCH], max_length)
-            for i in range(0, len(texts), CALIBRATION_BATCH)]
+    batches = [encode(tokenizer, texts[i:i + CALIBRATION_BATCH], fixed_length or max_length)
+               for i in range(0, len(texts), CALIBRATION_BATCH)]
+    if fixed_length:
+        batches = [np.pad(b, ((0, 0), (0, fixed_length - b.shape[1]))) for b in batches]
+    return batches
 
 
 def _calibration_texts(src: Source, opts: ExportOptions) -> list | None:
@@ -119,44 +126,92 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
+def label_count(head) -> int:
+    """How many label names a head has: a single-unit head decides between two."""
+    return 2 if head.units == 1 else head.units
+
+
+def _labels_for(serving, given) -> list:
+    primary = serving.heads[0]
+    n = label_count(primary)
+    labels = given or [str(i) for i in range(n)]
+    if len(labels) != n:
+        what = (f"a single {primary.kind} unit (two labels: negative, positive)" if primary.units == 1
+                else f"{n} {primary.kind} outputs")
+        raise UsageError(f"{len(labels)} labels given but the model's first output has {what}")
+    for h in serving.heads:
+        h.labels = labels if h is primary else [str(i) for i in range(label_count(h))]
+    return labels
+
+
 def export(source, out, opts: ExportOptions | None = None) -> dict:
     opts = opts or ExportOptions()
     t_start = time.perf_counter()
-    selected = C.parse_list(opts.formats, C.EXPORT_FORMATS, "format")
-    precisions = C.parse_list(opts.precisions, C.PRECISIONS, "precision")
+    selected = C.parse_list(opts.formats or C.EXPORT_FORMATS, C.EXPORT_FORMATS, "format")
+    precisions = C.parse_list(opts.precisions or C.PRECISIONS, C.PRECISIONS, "precision")
     opset = check_opset(opts.opset)
     if C.selection_is_empty(selected, precisions):
         raise UsageError(f"--formats {','.join(selected)} with --precisions {','.join(precisions)} selects no "
                          "artifact (" + "; ".join(f"{f} has {', '.join(C.SUPPORTED[f])}" for f in C.EXPORT_FORMATS) + ")")
+    requested = _requested(opts, selected, precisions)
     check_output_dir(out, opts.overwrite, B.MANIFEST)  # before the slow part, not after it
     src = resolve_source(source, opts)
-    tokenizer = load_tokenizer(src.tokenizer_path)
-    max_length = src.max_length or (tokenizer.truncation or {}).get("max_length") or 64
-    cal_texts = None
-    if "tflite" in selected and "int8" in precisions:
-        cal_texts = _calibration_texts(src, opts)
-        if not cal_texts:
-            raise UsageError("full-integer int8 needs calibration texts: pass --calibration-data "
-                             "FILE (.csv/.jsonl/.txt) or drop int8 from --precisions")
+    if src.tokenizer_path is not None:
+        load_tokenizer(src.tokenizer_path)  # a bad tokenizer file fails before the model loads
 
-    from .loading import load_keras_model, vocab_size_of
+    from .adapt import adapt
+    from .loading import load_model, vocab_size_of
+    from .signature import apply_rewrites, probe_ids, serving_for, trace
 
-    model = load_keras_model(src.model_path, unsafe=opts.unsafe)
-    log(f"loaded {src.model_path}")  # after: a model that fails to load gives one error line
-    from .signature import serving_module, with_attention_output
-
-    attention = opts.attention_weights and with_attention_output(model) is not None
-    module, concrete = serving_module(model, attention=attention)
-    out_names = C.ordered_outputs(concrete.structured_outputs.keys())
-    n_classes = int(concrete.structured_outputs[C.PROBABILITIES].shape[-1])
-    labels = src.labels or [str(i) for i in range(n_classes)]
-    if len(labels) != n_classes:
-        raise UsageError(f"{len(labels)} labels given but the model has {n_classes} outputs")
-    vocab_size = vocab_size_of(model) or tokenizer.get_vocab_size()
+    loaded = load_model(src.model_path, unsafe=opts.unsafe, custom_objects=opts.custom_objects)
+    log(f"loaded {src.model_path} ({loaded.info.describe()})")  # after: a failed load gives one error line
+    adapted = None
+    if loaded.keras_model is not None:
+        adapted = _adapt(loaded, adapt, probe_ids)
+        loaded.keras_model = adapted.model
+        for note in adapted.notes:
+            log(f"  adapted: {note['what']}")
+    if adapted is not None and adapted.tokenizer is not None:
+        if src.tokenizer_path is not None:
+            raise UsageError("the model carries its own TextVectorization vocabulary, which becomes tokenizer.json; "
+                             "drop --tokenizer")
+        tokenizer = adapted.tokenizer
+    elif src.tokenizer_path is None:
+        raise UsageError(f"{src.model_path} is a model, not a run directory: pass --tokenizer tokenizer.json")
+    else:
+        tokenizer = load_tokenizer(src.tokenizer_path)
+    model = loaded.keras_model
+    vocab_size = (vocab_size_of(model) if model is not None else None) or tokenizer.get_vocab_size()
     if tokenizer.get_vocab_size() > vocab_size:
         raise UsageError(f"the tokenizer has {tokenizer.get_vocab_size()} ids but the model's embedding has "
                          f"{vocab_size} rows: ids the tokenizer makes would be out of range; "
                          "pass the tokenizer the model was trained with")
+    serving = serving_for(loaded, opts.attention_weights, vocab_size)
+    labels = _labels_for(serving, src.labels)
+    fixed = serving.fixed_length
+    max_length = fixed or src.max_length or (tokenizer.truncation or {}).get("max_length") or 64
+    if fixed and src.max_length and src.max_length != fixed:
+        log(f"  note: the model's input has a fixed length of {fixed}; texts are cut to {fixed} tokens")
+    if fixed:
+        log(f"  fixed input length {fixed}: every artifact takes token_ids [batch, {fixed}]")
+    diagnosis = _diagnose(loaded, serving, tokenizer, src)
+    rewrites = apply_rewrites(serving)
+    for r in rewrites:
+        log(f"  rewrite for builtin ops: {r}")
+    module, concrete = trace(serving)
+    out_names = C.ordered_outputs(concrete.structured_outputs.keys())
+
+    left_out = []
+    cal_texts = None
+    wanted = {f: [p for p in precisions if p in C.SUPPORTED[f]] for f in selected}
+    if "int8" in wanted.get("tflite", []):
+        cal_texts = _calibration_texts(src, opts)
+        if not cal_texts:
+            wanted["tflite"].remove("int8")
+            left_out.append({"format": "tflite", "precision": "int8",
+                             "reason": "full-integer int8 needs calibration texts: pass --calibration-data "
+                                       "FILE (.csv/.jsonl/.txt) or drop int8 from --precisions"})
+    input_shape = C.input_dims(fixed) if fixed else None
 
     artifacts = []
     with atomic_directory(out, overwrite=opts.overwrite, marker=B.MANIFEST) as tmp:
@@ -165,33 +220,62 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
             entry = {"path": built.path, "format": built.format, "precision": built.precision,
                      "bytes": B.size_of(path), "sha256": B.sha256_path(path),
                      "seconds": round(built.seconds, 2), **built.extra}
+            if input_shape:
+                entry["input_shape"] = input_shape
             artifacts.append(entry)
             log(f"  ✓ {built.format:<10} {built.precision:<12} {entry['bytes'] / 1e6:8.2f} MB  "
                 f"{built.seconds:6.1f} s  {built.path}")
 
         t = time.perf_counter()
-        keras_rel = C.artifact_filename("keras", "fp32")
-        if src.model_path.suffix == ".keras":
-            shutil.copyfile(src.model_path, tmp / keras_rel)
-        else:
-            model.save(tmp / keras_rel)
-        record(formats.Built("keras", "fp32", keras_rel, time.perf_counter() - t))
-        shutil.copyfile(src.tokenizer_path, tmp / "tokenizer.json")
+        keras_rel = _write_reference(loaded, adapted, tmp)
+        record(formats.Built("keras", "fp32", keras_rel, time.perf_counter() - t,
+                             {"source_kind": loaded.info.savedmodel_kind or loaded.info.kind,
+                              "flavour": loaded.flavour}))
+        custom_record = None
+        if loaded.custom is not None:
+            custom_record = loaded.custom.record()
+            (tmp / C.CUSTOM_OBJECTS_DIR).mkdir()
+            shutil.copyfile(loaded.custom.path, tmp / C.CUSTOM_OBJECTS_DIR / loaded.custom.path.name)
+            custom_record["path"] = f"{C.CUSTOM_OBJECTS_DIR}/{loaded.custom.path.name}"
+        tokenizer.save(str(tmp / "tokenizer.json"))
         if src.test_data:
             shutil.copyfile(src.test_data, tmp / "test.jsonl")
 
         ctx = formats.ExportContext(
             out=tmp, module=module, concrete=concrete, output_names=out_names, opset=opset,
-            calibration=calibration_batches(cal_texts, tokenizer, max_length) if cal_texts else None,
-            log=log)
-        for built in _run_formats(ctx, selected, precisions):
-            record(built)
+            calibration=calibration_batches(cal_texts, tokenizer, max_length, fixed) if cal_texts else None,
+            log=log, fixed_length=fixed, input_dtype=serving.input_dtype,
+            head_units={h.output: h.units for h in serving.heads})
+        built, failed = _run_formats(ctx, {f: ps for f, ps in wanted.items() if ps})
+        left_out.extend(failed)
+        from .runcheck import check_artifacts
+
+        t = time.perf_counter()
+        entries = [{"path": b.path, "format": b.format, "precision": b.precision,
+                    **({"input_shape": input_shape} if input_shape else {})} for b in built]
+        broken = check_artifacts(tmp, entries, vocab_size, out_names, log=log)
+        run_check_seconds = time.perf_counter() - t
+        for b in built:
+            if b.path in broken:
+                left_out.append({"format": b.format, "precision": b.precision, "reason": broken[b.path]})
+                target = tmp / b.path
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+            else:
+                record(b)
+        _refuse_requested(left_out, requested)
+        if not [a for a in artifacts if a["format"] != "keras"]:
+            raise UsageError("no artifact could be built: " + "; ".join(
+                f"{x['format']} {x['precision']}: {x['reason']}" for x in left_out))
+        for x in left_out:
+            log(f"  left out {x['format']} {x['precision']}: {x['reason']}")
         artifacts.sort(key=lambda a: C.sort_key(a["format"], a["precision"]))
         manifest = {
             "schema_version": B.SCHEMA_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": versions(),
-            "signature": C.signature(n_classes, attention),
+            "signature": C.signature(serving.heads[0].units, serving.attention, fixed,
+                                     [h.as_dict() for h in serving.heads]),
+            "heads": [h.as_dict() for h in serving.heads],
             "labels": labels,
             "pad_id": PAD_ID,
             "unk_id": UNK_ID,
@@ -199,8 +283,17 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
             "max_length": int(max_length),
             "tokenizer": {"path": "tokenizer.json", "sha256": B.sha256_path(tmp / "tokenizer.json")},
             "test_data": "test.jsonl" if src.test_data else None,
-            "source": {"model": str(src.model_path), **src.extra},
+            "source": {"model": str(src.model_path), "kind": loaded.info.savedmodel_kind or loaded.info.kind,
+                       "keras": loaded.flavour, "keras_version": loaded.info.keras_version,
+                       "custom_objects": custom_record, **src.extra},
+            "model_input": {"dtype": serving.input_dtype, "fixed_length": fixed,
+                            "cast": serving.input_dtype != "int32"},
+            "adaptations": adapted.notes if adapted is not None else [],
+            "rewrites": rewrites,
+            "diagnosis": diagnosis,
+            "left_out": left_out,
             "artifacts": artifacts,
+            "run_check_seconds": round(run_check_seconds, 1),
             "export_seconds": round(time.perf_counter() - t_start, 1),
             "verdict": None,
         }
@@ -208,15 +301,86 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
     return manifest
 
 
-def _run_formats(ctx: formats.ExportContext, selected, precisions) -> list:
-    """Run each selected format's exporter. A SavedModel is written first when a converter
-    needs one (in a scratch folder if the SavedModel itself was not asked for); formats that
-    convert in a child process run in a thread beside the in-process ones."""
-    modules = {f: formats.get(f) for f in selected}
-    wanted = {f: [p for p in precisions if p in C.SUPPORTED[f]] for f in selected}
-    wanted = {f: ps for f, ps in wanted.items() if ps}
+def _requested(opts: ExportOptions, selected, precisions) -> set:
+    """The (format, precision) pairs the user asked for by name: a selection given with
+    ``--formats`` or ``--precisions`` (the defaults ask for nothing in particular)."""
+    if opts.formats is None and opts.precisions is None:
+        return set()
+    return {(f, p) for f in selected for p in precisions if p in C.SUPPORTED[f]}
+
+
+def _refuse_requested(left_out, requested) -> None:
+    asked = [x for x in left_out if (x["format"], x["precision"]) in requested]
+    if asked:
+        raise UsageError("; ".join(f"{x['format']} {x['precision']} was asked for but {x['reason']}"
+                                   for x in asked) + _way_out(asked))
+
+
+def _way_out(asked) -> str:
+    formats = sorted({x["format"] for x in asked})
+    others = [f for f in C.EXPORT_FORMATS if f not in formats]
+    return (f". Without --formats/--precisions probattn leaves out what cannot be built and ships the rest "
+            f"(or pass --formats {','.join(others)})" if others else "")
+
+
+def _adapt(loaded, adapt, probe_ids):
+    from probattn.models.keras_compat import get_keras
+
+    keras = get_keras(loaded.flavour)
+    objects = loaded.custom.objects if loaded.custom is not None else {}
+    with keras.utils.custom_object_scope(objects):
+        return adapt(loaded.keras_model, probe_ids)
+
+
+def _write_reference(loaded, adapted, tmp: Path) -> str:
+    """The bundle's reference: the user's own file, copied as is, or the adapted model."""
+    if adapted is not None and adapted.changed:
+        rel = C.REFERENCE_FILES["keras"]
+        adapted.model.save(tmp / rel)
+        return rel
+    kind = loaded.info.kind
+    rel = C.REFERENCE_FILES[kind]
+    if loaded.path.is_dir():
+        shutil.copytree(loaded.path, tmp / rel)
+    else:
+        shutil.copyfile(loaded.path, tmp / rel)
+    return rel
+
+
+def _diagnose(loaded, serving, tokenizer, src) -> dict | None:
+    """What the Keras model itself does with padding (``probattn.export.diagnosis``)."""
+    try:
+        from .diagnosis import diagnose_serving
+    except ImportError:
+        return None
+    texts = None
+    if src.test_data is not None:
+        from probattn.models.text.data import load_text_file
+
+        texts = load_text_file(src.test_data).texts[:64]
+    result = diagnose_serving(serving, tokenizer=tokenizer, texts=texts)
+    for line in result.get("findings_text", []):
+        log(f"  model diagnosis: {line}")
+    return result
+
+
+def _run_formats(ctx: formats.ExportContext, wanted: dict):
+    """Run each format's exporter for its wanted precisions; returns ``(built, failed)``. A
+    format or precision that cannot be built is reported in ``failed`` (with the reason)
+    without stopping the others. A SavedModel is written first when a converter needs one
+    (in a scratch folder if the SavedModel itself was not asked for); formats that convert
+    in a child process run in a thread beside the in-process ones."""
+    modules = {f: formats.get(f) for f in wanted}
     from .formats import savedmodel
 
+    failed = []
+    lock = threading.Lock()
+
+    def fail(fmt, precision, reason):
+        with lock:
+            failed.append({"format": fmt, "precision": precision, "reason": reason})
+
+    ctx.failed = fail
     scratch = None
     if any(modules[f].NEEDS_SAVED_MODEL for f in wanted):
         if "savedmodel" in wanted:
@@ -224,7 +388,14 @@ def _run_formats(ctx: formats.ExportContext, selected, precisions) -> list:
         else:
             scratch = ctx.out / ".saved_model_for_conversion"
             ctx.saved_model_dir = scratch
-        ctx.saved_model_seconds = savedmodel.save(ctx, ctx.saved_model_dir)
+        try:
+            ctx.saved_model_seconds = savedmodel.save(ctx, ctx.saved_model_dir)
+        except UsageError as e:
+            for f in wanted:
+                if f == "savedmodel" or modules[f].NEEDS_SAVED_MODEL:
+                    for p in wanted[f]:
+                        fail(f, p, str(e))
+            wanted = {f: ps for f, ps in wanted.items() if not (f == "savedmodel" or modules[f].NEEDS_SAVED_MODEL)}
 
     built, errors, procs = [], [], []
     cancel = threading.Event()
@@ -234,13 +405,24 @@ def _run_formats(ctx: formats.ExportContext, selected, precisions) -> list:
         if cancel.is_set():  # the export failed or was interrupted while it started
             proc.kill()
 
+    def run(f, ps):
+        try:
+            got = modules[f].export(ctx, ps)
+        except UsageError as e:  # the whole format failed
+            for p in ps:
+                if not any(b.precision == p for b in built if b.format == f):
+                    fail(f, p, str(e))
+            return
+        with lock:
+            built.extend(got)
+
     ctx.started = started
     threads = []
     for f, ps in wanted.items():
         if modules[f].IN_CHILD:
-            def work(mod=modules[f], ps=ps):
+            def work(f=f, ps=ps):
                 try:
-                    built.extend(mod.export(ctx, ps))
+                    run(f, ps)
                 except BaseException as e:  # re-raised in the main thread
                     errors.append(e)
 
@@ -250,7 +432,7 @@ def _run_formats(ctx: formats.ExportContext, selected, precisions) -> list:
     try:
         for f, ps in wanted.items():
             if not modules[f].IN_CHILD:
-                built.extend(modules[f].export(ctx, ps))
+                run(f, ps)
     except BaseException:  # failed or interrupted: stop the converters rather than wait for them
         _stop(cancel, procs)
         raise
@@ -259,9 +441,9 @@ def _run_formats(ctx: formats.ExportContext, selected, precisions) -> list:
             _join(th, cancel, procs)
     if errors:
         raise errors[0]
-    if scratch is not None:
+    if scratch is not None and scratch.exists():
         shutil.rmtree(scratch)
-    return built
+    return built, failed
 
 
 def _stop(cancel, procs):

@@ -48,12 +48,22 @@ class Predictor:
         self.labels = list(self.manifest["labels"])
         self.vocab_size = int(self.manifest["vocab_size"])
         self.max_length = max_length or self.manifest.get("max_length")
-        self.runner = cls(path, self.vocab_size, threads, variant=variant).activate()
+        fixed = (self.manifest.get("model_input") or {}).get("fixed_length")
+        if fixed:  # a model with a fixed input length: longer texts are cut to it
+            self.max_length = min(int(self.max_length or fixed), int(fixed))
+        self.heads = self.manifest.get("heads") or [
+            {"output": PROBABILITIES, "kind": "softmax", "units": len(self.labels), "labels": self.labels}]
+        self.runner = cls(path, self.vocab_size, threads, variant=variant,
+                          input_shape=entry.get("input_shape")).activate()
 
     def predict_ids(self, token_ids) -> np.ndarray:
-        """Probabilities ``[batch, classes]`` for int token ids ``[batch, sequence]``."""
+        """Probabilities ``[batch, classes]`` (the first head) for int token ids ``[batch, sequence]``."""
+        return self.predict_outputs(token_ids)[PROBABILITIES]
+
+    def predict_outputs(self, token_ids) -> dict:
+        """Every output (each head and, when exported, ``attention_weights``) for int token ids."""
         ids = check_token_ids(token_ids, self.vocab_size)
-        return self.runner.infer(ids, check_inputs=False)[PROBABILITIES]
+        return self.runner.infer(ids, check_inputs=False)
 
     def encode(self, texts) -> np.ndarray:
         return encode(self.tokenizer, texts, self.max_length)
@@ -69,9 +79,32 @@ class Predictor:
             raise UsageError(f"predict() takes texts (str); item {bad[0]} is {type(texts[bad[0]]).__name__}")
         results = []
         for i in range(0, len(texts), batch_size):
-            probs = self.predict_ids(self.encode(texts[i:i + batch_size]))
-            for row in probs:
-                k = int(np.argmax(row))
-                results.append({"label": self.labels[k],
-                                "probabilities": {l: round(float(p), 6) for l, p in zip(self.labels, row)}})
+            outs = self.predict_outputs(self.encode(texts[i:i + batch_size]))
+            per_head = [[_decide(row, h) for row in outs[h["output"]]] for h in self.heads]
+            for j in range(len(per_head[0])):
+                result = dict(per_head[0][j])
+                if len(self.heads) > 1:
+                    result["heads"] = {h["keras_output"]: per_head[k][j] for k, h in enumerate(self.heads) if k}
+                results.append(result)
         return results
+
+
+def _decide(row, head) -> dict:
+    """One example's answer from one head, by its kind (see ``export/signature.py``):
+    ``label`` is the decision (a list of labels for a multi-label head); ``probabilities``
+    (or ``scores`` for unbounded outputs) per label."""
+    from .parity.compare import decisions
+
+    labels = head.get("labels") or [str(i) for i in range(max(2, len(row)))]
+    kind = head["kind"]
+    d = decisions(np.asarray(row, np.float64)[None, :], kind)[0]
+    if kind in ("softmax", "scores"):
+        key = "probabilities" if kind == "softmax" else "scores"
+        return {"label": labels[int(d)], key: {l: round(float(p), 6) for l, p in zip(labels, row)}}
+    if len(row) == 1:  # binary: one sigmoid (or logit) decides between two labels
+        v = float(row[0])
+        if kind == "sigmoid":
+            return {"label": labels[int(d)], "probabilities": {labels[0]: round(1.0 - v, 6), labels[1]: round(v, 6)}}
+        return {"label": labels[int(d)], "scores": {labels[1]: round(v, 6)}}
+    return {"label": [l for l, yes in zip(labels, d) if yes],
+            "probabilities": {l: round(float(p), 6) for l, p in zip(labels, row)}}

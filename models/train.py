@@ -37,6 +37,8 @@ class TrainConfig:
     batch_size: int = 32
     learning_rate: float = 2e-3
     limit: int = 0  # use only the first N examples (quick runs and tests); 0 = all
+    model: str = "probattn"  # architecture: probattn.models.zoo.ARCHITECTURES
+    keras: str | None = None  # "3" (Keras 3) or "2" (tf_keras); None: keras_compat.DEFAULT_FLAVOUR
 
     def validate(self):
         for name in ("max_length", "vocab_size", "embedding_dim", "hidden_units", "epochs",
@@ -54,6 +56,11 @@ class TrainConfig:
             raise UsageError(f"--seed must be an integer from 0 to 2**32-1; received {self.seed!r}")
         if self.limit < 0:
             raise UsageError(f"--limit must be >= 0; received {self.limit}")
+        from .keras_compat import check_flavour
+        from .zoo import check_architecture
+
+        check_architecture(self.model)
+        self.keras = check_flavour(self.keras)
 
 
 def _write_jsonl(path: Path, texts, labels):
@@ -85,8 +92,9 @@ def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None
                          "each class needs at least 3")
     from .classifier import build_classifier
     from .keras_compat import get_keras
+    from .zoo import build_model
 
-    keras = get_keras()
+    keras = get_keras(config.keras)
     import tensorflow as tf  # already imported, quietly, by get_keras
 
     keras.utils.set_random_seed(config.seed)
@@ -103,9 +111,13 @@ def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None
     x_train, y_train = xy(split.train)
     x_val, y_val = xy(split.validation)
     x_test, y_test = xy(split.test)
-    model = build_classifier(vocab, len(split.label_names), config.embedding_dim,
-                             config.hidden_units, config.dropout,
-                             attention_layer=attention_layer() if attention_layer else None)
+    if attention_layer is not None:  # a comparison layer in the seed page's model
+        model = build_classifier(vocab, len(split.label_names), config.embedding_dim,
+                                 config.hidden_units, config.dropout,
+                                 attention_layer=attention_layer(), flavour=config.keras)
+    else:
+        model = build_model(config.model, vocab, len(split.label_names), config.embedding_dim,
+                            config.hidden_units, config.dropout, flavour=config.keras)
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     if verbose is None:
@@ -127,6 +139,8 @@ def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None
         "sizes": {"train": len(split.train.texts), "validation": len(split.validation.texts),
                   "test": len(split.test.texts)},
         "vocab_size": vocab,
+        "model": config.model,
+        "keras": config.keras,
     }
     with atomic_directory(out, overwrite=overwrite, marker=RUN_MARKER) as tmp:
         # an uncompiled twin (same layers and weights): the .keras file carries no optimizer state

@@ -46,17 +46,24 @@ INT8_RECIPE = {
 
 
 def _flex_ops(message: str) -> list:
-    # the converter lists them itself ("TF Select ops: StridedSlice, ..."); prefer that over
-    # scraping, which also picked up MLIR noise (tf.entry_function, tf.__operators__, 0)
+    """The op names the converter lists itself ("TF Select ops: StridedSlice, ..."); nothing
+    is scraped from the rest of its message (MLIR noise such as tf.entry_function)."""
     listed = re.findall(r"(?:TF Select|Custom) ops:\s*([A-Za-z0-9_, ]+)", message)
-    if listed:
-        return sorted({x.strip() for group in listed for x in group.split(",") if x.strip()})
-    ops = set(re.findall(r"Flex[A-Za-z0-9_]+|tf\.[A-Za-z0-9_]+", message))
-    m = re.search(r"ops?[^:]*:\s*([A-Za-z0-9_, ]+)", message)
-    if "Select TF" in message or "Flex" in message or "custom" in message.lower():
-        if m:
-            ops.update(x.strip() for x in m.group(1).split(",") if x.strip())
-    return sorted(ops)
+    return sorted({x.strip() for group in listed for x in group.split(",") if x.strip()})
+
+
+def _saved_model_ops(saved_model_dir, prefix: str) -> list:
+    """Op types starting with ``prefix`` in a SavedModel's graph and function library."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    sm = saved_model_pb2.SavedModel()
+    sm.ParseFromString((Path(saved_model_dir) / "saved_model.pb").read_bytes())
+    ops = set()
+    for mg in sm.meta_graphs:
+        ops.update(n.op for n in mg.graph_def.node)
+        for fn in mg.graph_def.library.function:
+            ops.update(n.op for n in fn.node_def)
+    return sorted(o for o in ops if o.startswith(prefix))
 
 
 def convert(saved_model_dir: str, precision: str, calibration: list | None = None) -> bytes:
@@ -88,12 +95,16 @@ def convert(saved_model_dir: str, precision: str, calibration: list | None = Non
     except Exception as e:  # ConverterError and friends: report what the converter said
         msg = str(e)
         ops = _flex_ops(msg)
-        if "Select TF" in msg or "Flex" in msg or "custom op" in msg.lower() or ops:
+        how = "Rewrite those ops with builtins (e.g. tf.expand_dims instead of x[..., None])"
+        if not ops and "tensor list" in msg.lower():  # the converter does not name them
+            ops = _saved_model_ops(saved_model_dir, "TensorList") or ["TensorList ops"]
+            how = ("They come from a recurrent layer traced with a dynamic shape: rewrite it as a loop "
+                   "of builtin ops (probattn does so for LSTM and Bidirectional(LSTM))")
+        if ops or "Select TF" in msg or "Flex" in msg or "custom op" in msg.lower():
             raise UsageError(
                 f"TFLite {precision}: the model needs ops that are not LiteRT builtins "
-                f"({', '.join(ops) or 'see converter output'}); Select TF (Flex) and custom ops "
-                "cannot be run by the Python LiteRT interpreter, so probattn refuses them. "
-                "Rewrite those ops with builtins (e.g. tf.expand_dims instead of x[..., None])"
+                f"({', '.join(ops) or 'the converter did not name them'}); Select TF (Flex) and custom ops "
+                f"cannot be run by the Python LiteRT interpreter, so probattn refuses them. {how}"
             ) from None
         raise UsageError(f"TFLite {precision} conversion failed: {one_line(msg)}") from None
 
@@ -103,14 +114,16 @@ def export(ctx: ExportContext, precisions) -> list:
     if "int8" in precisions and not ctx.calibration:
         raise UsageError("full-integer int8 needs calibration texts (--calibration-data)")
     results = convert_in_child(ctx.saved_model_dir, ctx.out, list(precisions), ctx.calibration,
-                               started=ctx.started)
+                               started=ctx.started, failed=ctx.failed)
     return [Built(FORMAT, r["precision"], r["path"], r["seconds"],
                   {**({"recipe": INT8_RECIPE} if r["precision"] == "int8" else {}), "output_dtype": "float32"})
             for r in results]
 
 
-def convert_in_child(saved_model_dir, out_dir, precisions, calibration=None, progress=None, started=None):
-    """Convert each precision in one child process; yields result dicts as they finish."""
+def convert_in_child(saved_model_dir, out_dir, precisions, calibration=None, progress=None, started=None,
+                     failed=None):
+    """Convert each precision in one child process; returns result dicts. A precision that
+    fails goes to ``failed(format, precision, reason)`` when given (else it raises)."""
     out_dir = Path(out_dir)
     calib_path = None
     if calibration:
@@ -130,8 +143,11 @@ def convert_in_child(saved_model_dir, out_dir, precisions, calibration=None, pro
                 continue
             res = json.loads(line)
             if "error" in res:
-                proc.wait()
-                raise UsageError(res["error"])
+                if failed is None or "precision" not in res:
+                    proc.wait()
+                    raise UsageError(res["error"])
+                failed(FORMAT, res["precision"], res["error"])
+                continue
             results.append(res)
             if progress:
                 progress(res)
@@ -183,9 +199,9 @@ def _child_main(argv):
         t0 = time.perf_counter()
         try:
             blob = convert(saved_model_dir, precision, calibration)
-        except UsageError as e:
-            print(json.dumps({"error": str(e)}), flush=True)
-            return 2
+        except UsageError as e:  # this precision fails; the next ones are still tried
+            print(json.dumps({"error": str(e), "precision": precision}), flush=True)
+            continue
         name = artifact_filename(FORMAT, precision)
         path = Path(out_dir) / name
         tmp = path.with_suffix(".tmp")

@@ -24,11 +24,13 @@ class Check:
     bound: float
     op: str  # "<=" or ">="
     passed: bool
+    detail: str = ""  # e.g. how a runtime crashed
 
     def message(self) -> str:
         rel = "within" if self.passed else "outside"
         return (f"{self.artifact} on {self.runtime}, case {self.case}: {self.metric} "
-                f"{fmt(self.value)} {rel} bound {self.op} {fmt(self.bound)}")
+                f"{fmt(self.value)} {rel} bound {self.op} {fmt(self.bound)}"
+                + (f" ({self.detail})" if self.detail else ""))
 
 
 def fmt(v) -> str:
@@ -57,9 +59,29 @@ def _concat(arrs):
     return np.concatenate(arrs)
 
 
-def metrics(out, ref, case: Case, base, keras_acc):
-    """Every figure of one artifact x runtime x case against the reference outputs."""
-    p, r = out[PROBABILITIES], ref[PROBABILITIES]
+def decisions(probs: np.ndarray, kind: str = "softmax") -> np.ndarray:
+    """The decision each row's outputs stand for, by head kind (``export/signature.py``):
+    the top class (softmax, scores), one yes/no per unit at 0.5 (sigmoid; a single unit is
+    a binary head: class 1 when >= 0.5), or positive when >= 0 (a single logit)."""
+    if kind == "sigmoid":
+        return (probs[:, 0] >= 0.5).astype(np.int64) if probs.shape[1] == 1 else probs >= 0.5
+    if kind == "logit":
+        return (probs[:, 0] >= 0.0).astype(np.int64)
+    return probs.argmax(-1)
+
+
+def _agreement(a: dict, b: dict, heads) -> float:
+    """Share of decisions two runs agree on (per label for multi-label heads); the worst head."""
+    return min(float(np.mean(decisions(a[h], k) == decisions(b[h], k))) for h, k in heads)
+
+
+def metrics(out, ref, case: Case, base, keras_acc, heads=None):
+    """Every figure of one artifact x runtime x case against the reference outputs.
+    ``heads``: ``[(output name, kind), ...]``, every score output (default: one softmax
+    ``probabilities``); values are compared over all of them, decisions per head."""
+    heads = heads or [(PROBABILITIES, "softmax")]
+    p = np.concatenate([out[h] for h, _ in heads], axis=1)
+    r = np.concatenate([ref[h] for h, _ in heads], axis=1)
     m = {}
     m["nan_inf"] = int(sum(np.count_nonzero(~np.isfinite(v)) for v in out.values()))
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -70,20 +92,21 @@ def metrics(out, ref, case: Case, base, keras_acc):
         m["max_rel"] = float(np.nanmax(diff[big] / np.abs(r[big]))) if big.any() and np.isfinite(diff).any() else float("nan")
     if m["nan_inf"]:
         m["max_abs"] = float("inf")
-    m["top1_agreement"] = float(np.mean(p.argmax(-1) == r.argmax(-1)))
+    m["top1_agreement"] = _agreement(out, ref, heads)
     ids_rows = np.concatenate([b.max(axis=1) for b in case.batches])
     allpad = ids_rows == PAD_ID
     if allpad.any():
         m["all_pad_abs"] = float(np.max(diff[allpad])) if np.isfinite(p[allpad]).all() else float("inf")
-    if case.labels is not None:
-        acc = float(np.mean(p.argmax(-1) == case.labels))
+    primary = decisions(out[heads[0][0]], heads[0][1])
+    if case.labels is not None and primary.ndim == 1:  # a multi-label head has no single label
+        acc = float(np.mean(primary == case.labels))
         m["accuracy"] = acc
         if keras_acc is not None:
             m["accuracy_drop"] = keras_acc - acc
     if base is not None:
-        bp = base[PROBABILITIES]
+        bp = np.concatenate([base[h] for h, _ in heads], axis=1)
         m["pad_invariance"] = float(np.max(np.abs(p.astype(np.float64) - bp))) if np.isfinite(p).all() else float("inf")
-        m["pad_top1_agreement"] = float(np.mean(p.argmax(-1) == bp.argmax(-1)))
+        m["pad_top1_agreement"] = _agreement(out, base, heads)
     if ATTENTION in out:
         ids = np.concatenate([np.pad(b, ((0, 0), (0, out[ATTENTION].shape[1] - b.shape[1])))
                               for b in case.batches])

@@ -55,7 +55,7 @@ def markdown_table(report: Report) -> str:
 
 
 def terminal_summary(report: Report) -> str:
-    out = [markdown_table(report), ""]
+    out = [markdown_table(report), ""] + list(report.meta.get("explanations") or [])
     if report.failures:
         out.append(f"{len(report.failures)} of {len(report.checks)} checks FAILED:")
         out.extend(f"  FAIL {c.message()}" for c in report.failures[:40])
@@ -88,6 +88,8 @@ def write_report(report: Report, out_dir: Path) -> None:
     md = ["# Parity report", "", f"Bundle `{report.meta['bundle']}`, data: {report.meta['data']} "
           f"({report.meta['n_texts']} texts), {len(report.checks)} checks: "
           f"**{'PASS' if report.passed else 'FAIL'}**", "", markdown_table(report), ""]
+    if report.meta.get("explanations"):
+        md += ["## Diagnosis", ""] + [f"{l}" for l in report.meta["explanations"]] + [""]
     if report.failures:
         md += ["## Failures", ""] + [f"- {c.message()}" for c in report.failures] + [""]
     md += ["## Tolerances", "", "```", json.dumps(T.as_json(), indent=1), "```", ""]

@@ -21,16 +21,22 @@ from .. import runtimes
 from ..versions import machine, versions
 from . import tolerances as T
 from .cases import build_cases, load_texts
-from .compare import checks_for, metrics, run_case
+from ..loading import check_custom_objects_for_bundle
+from ..runtimes.isolated import IsolatedRunner, RuntimeCrash
+from .compare import Check, checks_for, metrics, run_case
 from .report import Report, write_report
 
 
 def verify(bundle, data: str | None = None, report_dir=None, formats=None, quiet=False,
            check_hashes: bool = True, text_column: str = "text", label_column: str = "label",
-           encoding: str = "utf-8") -> Report:
+           encoding: str = "utf-8", custom_objects=None) -> Report:
+    """Judge every artifact of ``bundle``; every runtime runs in a child process. A bundle
+    exported with ``--custom-objects`` needs the same file again (``custom_objects``), since
+    loading the Keras reference runs it."""
     bundle = Path(bundle).absolute()
     manifest = B.load_manifest(bundle)
     t0 = time.perf_counter()
+    custom = check_custom_objects_for_bundle(manifest, custom_objects)
     if report_dir is not None and Path(report_dir).exists() and not Path(report_dir).is_dir():
         raise UsageError(f"--report-dir exists and is not a directory: {report_dir}")
     # everything that can be refused is refused before the lock file is touched
@@ -45,11 +51,11 @@ def verify(bundle, data: str | None = None, report_dir=None, formats=None, quiet
         if B.load_manifest(bundle)["artifacts"] != manifest["artifacts"]:
             raise UsageError(f"{bundle} was replaced while verify started; run verify again")
         return _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, report_dir,
-                              formats, quiet, t0)
+                              formats, quiet, t0, custom)
 
 
 def _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, report_dir, formats,
-                   quiet, t0) -> Report:
+                   quiet, t0, custom=None) -> Report:
     cases = build_cases(tokenizer, manifest, texts, labels)
     vocab = int(manifest["vocab_size"])
     report = Report(meta={"bundle": str(bundle), "data": source, "n_texts": len(texts),
@@ -65,10 +71,13 @@ def _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, re
 
     reference = {}
     keras_acc = None
+    heads = [(h["output"], h["kind"]) for h in manifest.get("heads") or []] or None
     for entry in entries:
         is_reference = entry is keras_entry
         for cls, variant in runtimes.pairs_for(entry["format"]):
-            runner = cls(paths[entry["path"]], vocab, variant=variant, input_shape=entry.get("input_shape"))
+            extra = {"custom_objects": custom} if is_reference and custom else {}
+            runner = IsolatedRunner(cls, paths[entry["path"]], vocab, variant=variant,
+                                    input_shape=entry.get("input_shape"), **extra)
             label = f"{entry['path']} on {runner.name}"
             reason = cls.unavailable() or cls.cannot_run(entry["format"], entry["precision"])
             if reason:
@@ -77,22 +86,33 @@ def _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, re
                 continue
             t = time.perf_counter()
             per_case, not_applicable = {}, []
-            with runner:
-                for case in cases:
-                    # longer than this artifact's (or the reference's) fixed length
-                    if (not all(runner.accepts_length(b.shape[1]) for b in case.batches + (case.base or []))
-                            or (not is_reference and case.name not in reference)):
-                        not_applicable.append(case.name)
-                        continue
-                    out, base = run_case(runner, case)
+            case = None
+            try:
+                with runner:
+                    for case in cases:
+                        # longer than this artifact's (or the reference's) fixed length
+                        if (not all(runner.accepts_length(b.shape[1]) for b in case.batches + (case.base or []))
+                                or (not is_reference and case.name not in reference)):
+                            not_applicable.append(case.name)
+                            continue
+                        out, base = run_case(runner, case)
+                        if is_reference:
+                            reference[case.name] = out
+                        m = metrics(out, reference[case.name], case, base, keras_acc, heads)
+                        if is_reference and case.name == "heldout" and "accuracy" in m:
+                            keras_acc = m["accuracy"]
+                        per_case[case.name] = m
+                        report.checks.extend(checks_for(entry["path"], runner.name, entry["precision"], case, m,
+                                                        reference=is_reference))
                     if is_reference:
-                        reference[case.name] = out
-                    m = metrics(out, reference[case.name], case, base, keras_acc)
-                    if is_reference and case.name == "heldout" and "accuracy" in m:
-                        keras_acc = m["accuracy"]
-                    per_case[case.name] = m
-                    report.checks.extend(checks_for(entry["path"], runner.name, entry["precision"], case, m,
-                                                    reference=is_reference))
+                        report.meta["diagnosis"] = runner.call("diagnose", cases[0].batches[0][:32])
+            except RuntimeCrash as e:  # the runtime died or hung: this row fails, verify goes on
+                if is_reference:
+                    raise RuntimeCrash(f"the Keras reference could not run: {e}") from None
+                where = case.name if case is not None else "load"
+                report.checks.append(Check(entry["path"], runner.name, where, "runtime_crash", 1, 0, "<=", False,
+                                           detail=str(e)))
+                say(f"  ✗ {label} crashed: {e}")
             row = _summary_row(entry, runner.name, per_case, is_reference)
             row["cases_not_applicable"] = not_applicable
             row["seconds"] = round(time.perf_counter() - t, 2)
@@ -101,6 +121,7 @@ def _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, re
             say(f"  {'PASS' if row['passed'] else 'FAIL'} {label}  ({row['seconds']:.1f} s)")
         if is_reference and not reference:
             raise UsageError(f"the Keras reference could not run: {report.skipped[-1]['reason']}")
+    report.meta["explanations"] = explanations(report, manifest)
     accuracy_checked = any(c.metric == "accuracy_drop" for c in report.checks)
     report.meta["accuracy_checked"] = accuracy_checked
     report.meta["seconds"] = round(time.perf_counter() - t0, 1)
@@ -118,8 +139,41 @@ def _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, re
     return report
 
 
+def explanations(report: Report, manifest: dict) -> list:
+    """Lines that say why, beside the checks: the model's own masking (which is not the
+    export's fault, and is said apart from export parity) and float16 NaN with its cause."""
+    from ..diagnosis import explain_nan
+
+    lines = []
+    diag = report.meta.get("diagnosis") or {}
+    model_failed = [c for c in report.failures if c.artifact == manifest_reference(manifest)]
+    export_failed = [c for c in report.failures if c.artifact != manifest_reference(manifest)]
+    if model_failed or diag.get("breaks_masking"):
+        start = f", starting at layer '{diag['starts_at']}'" if diag.get("starts_at") else ""
+        lines.append(f"The Keras model itself breaks masking{start} (a model problem, not an export one; "
+                     f"export parity: {len(export_failed)} failed checks):")
+        lines += [f"  - {t}" for t in diag.get("model_text", [])]
+    for row in report.rows:
+        if row.get("nan_inf") and row["precision"] == "fp16":
+            why = explain_nan(diag, "fp16")
+            if why:
+                lines.append(f"{row['artifact']} on {row['runtime']} gives NaN/inf: {why}")
+    return lines
+
+
+def manifest_reference(manifest: dict) -> str | None:
+    entry = B.find_artifact(manifest, "keras")
+    return entry["path"] if entry else None
+
+
 def _summary_row(entry, runtime, per_case, reference: bool) -> dict:
     held = per_case.get("heldout", {})
+    if not per_case:  # the runtime crashed before any case finished
+        return {"artifact": entry["path"], "format": entry["format"], "precision": entry["precision"],
+                "runtime": runtime, "bytes": entry["bytes"], "reference": reference, "accuracy": None,
+                "accuracy_drop": None, "top1_agreement": None, "max_abs": float("nan"), "mean_abs": None,
+                "max_rel": None, "pad_invariance": None, "pad_attention": None, "nan_inf": 0, "cases": {},
+                "passed": None}
     pad = [m["pad_invariance"] for m in per_case.values() if "pad_invariance" in m]
     patt = [m["pad_attention"] for m in per_case.values() if "pad_attention" in m]
     return {
