@@ -35,10 +35,18 @@ from probattn.models.text.tokenizer import PAD_ID, encode
 CHANGE_RELATIVE = 1e-5
 #: pads appended in the padding probe (the same as verify's pad+7 family)
 EXTRA_PADS = 7
+#: the whole model's probabilities may move this much with padding: verify's bound for the
+#: Keras reference (tolerances.FP32_PAD_INVARIANCE; masked steps carry <= exp(-20) in ours)
+MODEL_PAD_INVARIANCE = 1e-6
 FLOAT16_MAX = 65504.0
 
-#: finding kinds; the first four break the model itself, the last only float16 artifacts
-BREAKS_MODEL = ("mask_dropped", "mask_recomputed", "padding_changes_output", "nan_on_all_padding_row")
+#: finding kinds, in the order they are reported for one layer. The model breaks masking
+#: when it *behaves* so (``BEHAVIOUR``: outputs at real steps move with padding, or an
+#: all-padding row turns NaN); a dropped or recomputed mask says where it starts. A dropped
+#: mask alone is no failure: a later layer may mask from the ids again.
+MASK_KINDS = ("mask_dropped", "mask_recomputed")
+BEHAVIOUR = ("padding_changes_output", "nan_on_all_padding_row")
+BREAKS_MODEL = MASK_KINDS + BEHAVIOUR
 FLOAT16_OVERFLOW = "float16_overflow"
 
 
@@ -79,13 +87,15 @@ def diagnose_serving(serving, batches=None, tokenizer=None, texts=None) -> dict:
             result["findings"] = _trace_layers(serving, ids) + _float16_constants(serving)
             result["traced"] = True
         except Exception as e:  # a model whose layers cannot be probed one by one
-            result["untraced_reason"] = f"{type(e).__name__}: {str(e)[:200]}"
+            result["untraced_reason"] = str(e)[:300] if isinstance(e, ValueError) else \
+                f"{type(e).__name__}: {str(e)[:200]}"
     else:
         result["untraced_reason"] = "a SavedModel without a Keras model has no layers to trace"
-    breaking = [f for f in result["findings"] if f["kind"] in BREAKS_MODEL]
-    result["starts_at"] = breaking[0]["layer"] if breaking else None
-    result["breaks_masking"] = bool(breaking) or result.get("pad_invariance", 0) > 1e-6 \
+    behaves = [f for f in result["findings"] if f["kind"] in BEHAVIOUR]
+    result["breaks_masking"] = bool(behaves) or result.get("pad_invariance", 0) > MODEL_PAD_INVARIANCE \
         or not result.get("all_padding_row_finite", True)
+    breaking = [f for f in result["findings"] if f["kind"] in BREAKS_MODEL] if result["breaks_masking"] else []
+    result["starts_at"] = breaking[0]["layer"] if breaking else None
     result["findings_text"] = [f["text"] for f in result["findings"]]
     result["model_text"] = [f["text"] for f in breaking]  # what breaks the model itself
     if result["breaks_masking"] and not breaking:
@@ -103,12 +113,28 @@ def _vocab(serving) -> int:
     return int(serving.probe.max()) + 1
 
 
+def _relaxed(fn, fixed_length, dtype):
+    """``fn`` callable at any length: a model with a fixed input length is traced with a
+    dynamic one (the padding probe appends pads past it). None when the model cannot."""
+    if not fixed_length:
+        return fn
+    import tensorflow as tf
+
+    traced = tf.function(fn, input_signature=[tf.TensorSpec([None, None], dtype)])
+    try:
+        traced.get_concrete_function()
+    except Exception:
+        return None
+    return traced
+
+
 def _behaviour(serving, ids) -> dict:
     """Padding invariance and the all-padding row of the whole model (its outputs)."""
     out = {}
     base = {k: v.numpy() for k, v in serving(ids).items()}
-    if serving.fixed_length is None:
-        padded = {k: v.numpy() for k, v in serving(np.pad(ids, ((0, 0), (0, EXTRA_PADS)))).items()}
+    call = _relaxed(lambda x: serving(x), serving.fixed_length, "int32")
+    if call is not None:
+        padded = {k: v.numpy() for k, v in call(np.pad(ids, ((0, 0), (0, EXTRA_PADS)))).items()}
         heads = [h.output for h in serving.heads]
         diffs = [np.abs(base[h].astype(np.float64) - padded[h]) for h in heads]
         out["pad_invariance"] = float(max(np.nanmax(d) if np.isfinite(d).any() else np.inf for d in diffs))
@@ -173,30 +199,39 @@ def _trace_layers(serving, ids) -> list:
     from .signature import model_input
 
     x_in = model_input(model)
+    if x_in is None:
+        raise ValueError("a subclassed model has no functional graph between its layers: only its outputs "
+                         "are probed")
     points = _probe_points(model)
-    tensors, index = [], {}
-    for li, (layer, outs, _) in enumerate(points):
-        for t in outs:
-            index[id(t)] = (li, len(tensors), None)
-            tensors.append(t)
-            m = _mask_of(t)
-            if m is not None:
-                index[id(t)] = (li, index[id(t)][1], len(tensors))
-                tensors.append(m)
-    if not tensors:
+    outputs = [t for _, outs, _ in points for t in outs]
+    if not outputs:
         return []
-    probe = keras.Model(x_in, tensors)
+    masks = [_mask_of(t) for t in outputs]
+    with_masks = [m for m in masks if m is not None]
+    try:  # Keras 3: the masks Keras attached to each output are probed with the outputs
+        probe = _probe_model(keras, model, x_in, outputs + with_masks)
+        symbolic_masks = True
+    except Exception:  # tf_keras: mask tensors made by ops are not layer outputs; recomputed below
+        probe = _probe_model(keras, model, x_in, outputs)
+        symbolic_masks = False
     dtype = serving.input_dtype
+    relaxed = _relaxed(lambda x: probe(x, training=False), serving.fixed_length, dtype)
 
-    def run(batch):
-        got = probe(tf.cast(batch, dtype), training=False)
-        return [np.asarray(g) for g in (got if isinstance(got, (list, tuple)) else [got])]
+    def run(batch, call=None):
+        got = (call or probe)(tf.cast(batch, dtype), **({} if call else {"training": False}))
+        got = [np.asarray(g) for g in (got if isinstance(got, (list, tuple)) else [got])]
+        return {id(t): v for t, v in zip(outputs, got)}, got[len(outputs):]
 
     real = ids != PAD_ID
-    base = run(ids)
-    padded = None if serving.fixed_length else run(np.pad(ids, ((0, 0), (0, EXTRA_PADS))))
+    base, base_masks = run(ids)
+    if symbolic_masks:
+        it = iter(base_masks)
+        mask_value = {id(t): (next(it) if m is not None else None) for t, m in zip(outputs, masks)}
+    else:
+        mask_value = _eager_masks(points, x_in, tf.cast(ids, dtype), base)
+    padded = None if relaxed is None else run(np.pad(ids, ((0, 0), (0, EXTRA_PADS))), relaxed)[0]
     allpad_ids = np.concatenate([ids[:3], np.zeros((1, ids.shape[1]), np.int32)])
-    allpad = run(allpad_ids)
+    allpad = run(allpad_ids)[0]
     width = ids.shape[1]
     has_mask = {id(x_in): False}
     findings = []
@@ -208,18 +243,18 @@ def _trace_layers(serving, ids) -> list:
             findings.append({"layer": layer.name, "class": type(layer).__name__, "kind": kind,
                              "text": f"layer '{layer.name}' ({type(layer).__name__}): {text}"})
 
-    for li, (layer, outs, inputs) in enumerate(points):
+    for layer, outs, inputs in points:
         input_masked = any(has_mask.get(id(t), False) for t in inputs)
         for t in outs:
-            _, vi, mi = index[id(t)]
-            value = base[vi]
+            value = base[id(t)]
+            mask = mask_value.get(id(t))
             sequence = value.ndim >= 2 and value.shape[0] == ids.shape[0] and value.shape[1] == width
-            has_mask[id(t)] = mi is not None
-            if sequence and value.ndim >= 3 and mi is None and input_masked:
+            has_mask[id(t)] = mask is not None
+            if sequence and value.ndim >= 3 and mask is None and input_masked:
                 add(layer, "mask_dropped", "drops the padding mask: its sequence output carries no mask, so "
                     "later layers treat padded steps as real")
-            if mi is not None and sequence:
-                got = base[mi].astype(bool)
+            if mask is not None and sequence:
+                got = np.asarray(mask).astype(bool).reshape(real.shape)
                 wrong = int(np.sum(got != real))
                 if wrong:
                     as_real = int(np.sum(got & ~real))
@@ -227,17 +262,78 @@ def _trace_layers(serving, ids) -> list:
                         f"wrong ({as_real} padded steps marked real): a mask computed from values, not from "
                         "the pad id")
             if padded is not None:
-                change = _valid_change(value, padded[vi], real, sequence, ids.shape[0])
+                change = _valid_change(value, padded[id(t)], real, sequence, ids.shape[0])
                 if change is not None and change > CHANGE_RELATIVE:
                     add(layer, "padding_changes_output", f"its outputs at real steps change by {change:.3g} "
                         f"(relative) when {EXTRA_PADS} pads are appended")
-            a = allpad[vi]
+            a = allpad[id(t)]
             if a.ndim >= 1 and a.shape[0] == allpad_ids.shape[0] and not np.isfinite(a[-1]).all():
                 add(layer, "nan_on_all_padding_row", "turns NaN/inf on an all-padding row (e.g. a division by "
                     "the number of real steps, which is 0 there)")
     order = {name: i for i, name in enumerate(l.name for l, _, _ in points)}
     findings.sort(key=lambda f: (order.get(f["layer"], 0), BREAKS_MODEL.index(f["kind"])))
     return findings
+
+
+def _eager_masks(points, x_in, x_value, values) -> dict:
+    """The mask of every probed output, as Keras propagates it (``layer.compute_mask(inputs,
+    input masks)``, layer after layer), evaluated on the probed values."""
+    import tensorflow as tf
+
+    vals = {id(x_in): x_value, **values}
+    masks = {id(x_in): None}
+    for layer, outs, _ in points:
+        node = layer._inbound_nodes[0]
+        args = getattr(node, "call_args", None)
+        first = args[0] if args else getattr(node, "input_tensors", None)
+        try:
+            v_in = tf.nest.map_structure(lambda t: vals[id(t)], first)
+            m_in = tf.nest.map_structure(lambda t: masks.get(id(t)), first)
+            if isinstance(m_in, (list, tuple)) and all(m is None for m in m_in) or m_in is None:
+                m_in = None
+            m_out = layer.compute_mask(v_in, m_in)
+        except Exception:
+            m_out = None
+        flat = tf.nest.flatten(m_out) if m_out is not None else []
+        for i, t in enumerate(outs):
+            m = flat[i] if i < len(flat) else None
+            masks[id(t)] = None if m is None else np.asarray(m)
+    return masks
+
+
+def _probe_model(keras, model, x_in, tensors):
+    """A model from the input to every probed tensor. A reloaded Keras 3 model can hold op
+    nodes with the same name (two ``not_equal`` masks), which a new functional model refuses:
+    duplicates are renamed while it is built, then restored."""
+    ops = _ancestor_ops(tensors)
+    seen, renamed = {}, []
+    for op in ops:
+        name = getattr(op, "name", None)
+        if name in seen and not isinstance(type(op).__dict__.get("name"), property):
+            renamed.append((op, name))
+            op.name = f"{name}_probattn_probe_{len(renamed)}"
+        seen[name] = True
+    try:
+        return keras.Model(x_in, tensors)
+    finally:
+        for op, name in renamed:
+            op.name = name
+
+
+def _ancestor_ops(tensors) -> list:
+    """Every operation that produces ``tensors`` or their inputs (through ``_keras_history``)."""
+    ops, seen, stack = [], set(), list(tensors)
+    while stack:
+        t = stack.pop()
+        hist = getattr(t, "_keras_history", None)
+        op = getattr(hist, "operation", None) or getattr(hist, "layer", None)
+        if op is None or id(op) in seen:
+            continue
+        seen.add(id(op))
+        ops.append(op)
+        for node in getattr(op, "_inbound_nodes", None) or []:
+            stack.extend(_flat(getattr(node, "input_tensors", None)))
+    return ops[::-1]
 
 
 def _valid_change(a, b, real, sequence, batch) -> float | None:
@@ -315,14 +411,21 @@ def _rename(layer, name):
     return old
 
 
-def explain_nan(diagnosis: dict | None, precision: str) -> str | None:
-    """Why a float16 artifact gives NaN/inf, when the diagnosis found the cause."""
-    if not diagnosis or precision != "fp16":
-        return None
-    hits = [f for f in diagnosis.get("findings", []) if f["kind"] == FLOAT16_OVERFLOW]
-    if not hits:
-        return None
+def explain_float16(diagnosis: dict | None, fp16_rows) -> list:
+    """What the float16 constants found in the model mean for the bundle's fp16 artifacts.
+    ``fp16_rows``: ``[(artifact, gave NaN/inf), ...]``."""
+    hits = [f for f in (diagnosis or {}).get("findings", []) if f["kind"] == FLOAT16_OVERFLOW]
+    if not hits or not fp16_rows:
+        return []
     f = hits[0]
-    return (f"float16 cannot hold the constant {f['value']:.3g} in layer '{f['layer']}' (op {f['op']}): it becomes "
-            "inf, and 0 * inf is NaN. The model, not the export, does this: use a mask constant float16 can hold "
-            "(e.g. -1e4, or the layer's dtype max) or mask with tf.where")
+    what = (f"the constant {f['value']:.3g} in layer '{f['layer']}' (op {f['op']}) is beyond float16's range "
+            f"(±{FLOAT16_MAX:g}): in float16 arithmetic it is inf, and 0 * inf is NaN (the model's own "
+            "(1 - mask) * constant on a real token)")
+    bad = sorted({a for a, nan in fp16_rows if nan})
+    if bad:
+        return [f"{', '.join(bad)} give NaN/inf: {what}. The model does this, not the export: use a mask "
+                "constant float16 can hold (e.g. 1e4) or mask with tf.where"]
+    files = ", ".join(sorted({a for a, _ in fp16_rows}))
+    return [f"note for {files}: {what}. probattn's float16 converters store it clamped to ±{FLOAT16_MAX:g}, so "
+            "these files run without NaN, but with a different constant than the model (their error against Keras "
+            "is in the table)"]

@@ -1,5 +1,7 @@
 """Before an artifact goes into a bundle it must run: every artifact is opened and run in
-every runtime of the verify matrix that can run it, in a child process
+every runtime of the verify matrix it is made for (every LiteRT kernel family for TFLite,
+onnxruntime with and without graph optimisation for ONNX; not ``secondary`` readers such
+as OpenVINO, whose missing importers are their own limit), in a child process
 (``runtimes.isolated``), on a few ragged rows and an all-padding row. A runtime that
 crashes (segfault, abort), hangs or refuses the file makes the artifact "does not run":
 the exporter leaves it out (or fails, when the user asked for it by name).
@@ -41,8 +43,8 @@ def check_artifacts(bundle: Path, entries: list, vocab_size: int, output_names: 
         for entry in entries:
             path = Path(bundle) / entry["path"]
             for cls, variant in runtimes.pairs_for(entry["format"]):
-                if cls.unavailable() or cls.cannot_run(entry["format"], entry["precision"]):
-                    continue
+                if cls.secondary or cls.unavailable() or cls.cannot_run(entry["format"], entry["precision"]):
+                    continue  # checked on the runtimes the file is made for
                 if worker is None or worker.closed:
                     worker = Worker(CHECK_LIMITS)
                 runner = IsolatedRunner(cls, path, vocab_size, variant=variant, input_shape=entry.get("input_shape"),

@@ -122,6 +122,23 @@ def keras_outputs(model) -> list:
     return [(str(n).split("/")[0].split(":")[0], t) for n, t in zip(names, outs)]
 
 
+def _subclassed_input(model, vocab_size) -> tuple:
+    """``(dtype, None)`` for a model without a symbolic input (a subclassed model): the ids
+    dtype it accepts, int32 first, then float32 (a model that takes neither is refused)."""
+    import tensorflow as tf
+
+    ids = probe_ids(vocab_size, None)[:2]
+    errors = []
+    for dtype in ("int32", "float32"):
+        try:
+            model(tf.cast(ids, dtype), training=False)
+            return dtype, None
+        except Exception as e:
+            errors.append(f"{dtype}: {one_line(e, 120)}")
+    raise UsageError("the model has no Input and cannot be called with token ids [batch, sequence] ("
+                     + "; ".join(errors) + ")")
+
+
 def _call_outputs(out) -> list:
     """A model call's result as a list of tensors in a stable order."""
     if isinstance(out, dict):
@@ -164,14 +181,14 @@ class KerasServing:
         self.model = model
         self.flavour = flavour_of(model)
         x = model_input(model)
-        if x is None:
-            raise UsageError("the model has never been called on an input, so its input shape and dtype "
-                             "are unknown; call it once (or build it with an Input) before saving")
-        self.input_dtype = _dtype_name(x.dtype)
+        if x is None:  # a subclassed model: no symbolic input; it is called with ids as they come
+            self.input_dtype, self.fixed_length = _subclassed_input(model, vocab_size)
+        else:
+            self.input_dtype = _dtype_name(x.dtype)
+            length = x.shape[1]
+            self.fixed_length = int(length) if length is not None else None
         if self.input_dtype == "string":
             raise UsageError("the model takes text (a TextVectorization layer?) that probattn could not strip")
-        length = x.shape[1]
-        self.fixed_length = int(length) if length is not None else None
         self.explained = with_attention_output(model) if attention else None
         self.target = self.explained or model
         self.attention = self.explained is not None
@@ -307,7 +324,7 @@ def trace(serving):
 
     spec = tf.TensorSpec([None, serving.fixed_length], tf.int32, name=INPUT)
 
-    @tf.function(input_signature=[spec])
+    @tf.function(input_signature=[spec], autograph=False)  # Keras converts its own layers' calls
     def serve(token_ids):
         return serving(token_ids)
 

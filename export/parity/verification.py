@@ -104,8 +104,24 @@ def _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, re
                         per_case[case.name] = m
                         report.checks.extend(checks_for(entry["path"], runner.name, entry["precision"], case, m,
                                                         reference=is_reference))
-                    if is_reference:
-                        report.meta["diagnosis"] = runner.call("diagnose", cases[0].batches[0][:32])
+                    if is_reference:  # the model itself, traced layer by layer
+                        diag = report.meta["diagnosis"] = runner.call("diagnose", cases[0].batches[0][:32])
+                        if diag.get("breaks_masking"):
+                            where = f"starts at layer '{diag['starts_at']}'" if diag.get("starts_at") else \
+                                "no single layer found"
+                            report.checks.append(Check(entry["path"], runner.name, "diagnosis", "model_breaks_masking",
+                                                       1, 0, "<=", False, detail=where))
+            except UsageError as e:  # the runtime refused the file
+                if is_reference:
+                    raise
+                if cls.secondary and case is None:  # e.g. an op OpenVINO's importer lacks: its limit
+                    reason = f"cannot read this file: {e}"
+                    report.skipped.append({"artifact": entry["path"], "runtime": runner.name, "reason": reason})
+                    say(f"  - skip {label}: {reason}")
+                    continue
+                report.checks.append(Check(entry["path"], runner.name, case.name if case else "load", "runtime_error",
+                                           1, 0, "<=", False, detail=str(e)))
+                say(f"  ✗ {label}: {e}")
             except RuntimeCrash as e:  # the runtime died or hung: this row fails, verify goes on
                 if is_reference:
                     raise RuntimeCrash(f"the Keras reference could not run: {e}") from None
@@ -140,24 +156,24 @@ def _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, re
 
 
 def explanations(report: Report, manifest: dict) -> list:
-    """Lines that say why, beside the checks: the model's own masking (which is not the
-    export's fault, and is said apart from export parity) and float16 NaN with its cause."""
-    from ..diagnosis import explain_nan
+    """Lines that say why, beside the checks: the model's own masking (a model problem, said
+    apart from export parity) and float16 hazards (constants float16 cannot hold)."""
+    from ..diagnosis import explain_float16
 
     lines = []
     diag = report.meta.get("diagnosis") or {}
-    model_failed = [c for c in report.failures if c.artifact == manifest_reference(manifest)]
-    export_failed = [c for c in report.failures if c.artifact != manifest_reference(manifest)]
-    if model_failed or diag.get("breaks_masking"):
+    ref = manifest_reference(manifest)
+    model_cases = {c.case for c in report.failures if c.artifact == ref}
+    export_failed = [c for c in report.failures if c.artifact != ref and c.case not in model_cases]
+    if model_cases or diag.get("breaks_masking"):
         start = f", starting at layer '{diag['starts_at']}'" if diag.get("starts_at") else ""
-        lines.append(f"The Keras model itself breaks masking{start} (a model problem, not an export one; "
-                     f"export parity: {len(export_failed)} failed checks):")
+        lines.append(f"The Keras model itself breaks masking{start}: a model problem, not an export one "
+                     f"(export parity: {len(export_failed)} failed checks outside the cases where the model "
+                     "itself fails):")
         lines += [f"  - {t}" for t in diag.get("model_text", [])]
-    for row in report.rows:
-        if row.get("nan_inf") and row["precision"] == "fp16":
-            why = explain_nan(diag, "fp16")
-            if why:
-                lines.append(f"{row['artifact']} on {row['runtime']} gives NaN/inf: {why}")
+    fp16 = sorted({(r["artifact"], bool(r.get("nan_inf"))) for r in report.rows if r["precision"] == "fp16"})
+    for line in explain_float16(diag, fp16):
+        lines.append(line)
     return lines
 
 

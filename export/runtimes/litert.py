@@ -39,7 +39,7 @@ class LiteRTRunner(Runner):
                 raise UsageError(f"{self.path.name} has no '{SIGNATURE_KEY}' signature (found {list(sigs)})")
             self.runner = self.interp.get_signature_runner(SIGNATURE_KEY)
             with quiet_stderr():  # the delegate is created, and announces itself, on first use
-                self.runner(**{INPUT: np.zeros((1, 1), np.int32)})
+                self.runner(**{INPUT: np.zeros((1, self.fixed_length or 1), np.int32)})
         except UsageError:
             raise
         except Exception as e:

@@ -21,6 +21,7 @@ class OpenVINORunner(Runner):
     requires = ("openvino",)
     package = "openvino"
     order = 40
+    secondary = True
     description = "OpenVINO CPU plugin, reading .onnx and .tflite directly, f32 inference"
 
     def _load(self):
@@ -56,11 +57,11 @@ class OpenVINORunner(Runner):
 def _output_names(compiled, path) -> list:
     """The contract name of every output. ONNX keeps the names; a TFLite flatbuffer may
     carry only converter tensor names, mapped here through its signature."""
-    from ..contract import OUTPUT_ORDER
+    from ..contract import ATTENTION, OUTPUT_ORDER, is_head
 
     names = []
     for out in compiled.outputs:
-        known = [n for n in out.get_names() if n in OUTPUT_ORDER]
+        known = [n for n in out.get_names() if is_head(n) or n == ATTENTION]
         names.append(known[0] if known else None)
     if None in names and path.suffix == ".tflite":
         mapping = _tflite_signature_names(path)
