@@ -355,7 +355,7 @@ def test_bad_input_table_is_broad():
 def _lambda_model():
     import tf_keras as keras
 
-    base = tiny_classifier()
+    base = tiny_classifier(flavour="2")
     out = keras.layers.Lambda(lambda p: p * 1.0, name="rescale")(base.output)
     return keras.Model(base.inputs, out)
 

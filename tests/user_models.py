@@ -419,8 +419,10 @@ def user_outputs(built: Built, ids=None) -> list:
 
 # ---------------------------------------------------------------------------- one run
 
-def run(built: Built, out: Path, formats=None, precisions=None) -> dict:
-    """export -> verify -> predict for one built case; the outcome and its figures."""
+def run(built: Built, out: Path, formats=None, precisions=None, all_formats: bool = False) -> dict:
+    """export -> verify -> predict for one built case; the outcome and its figures.
+    ``all_formats``: export as the CLI does without --formats/--precisions (every format;
+    what cannot be built is left out and reported)."""
     from probattn.export.exporter import ExportOptions, export
     from probattn.export.parity import verify
     from probattn.export.parity.compare import decisions
@@ -429,7 +431,8 @@ def run(built: Built, out: Path, formats=None, precisions=None) -> dict:
 
     case = built.case
     custom = str(case.custom_path) if case.custom else None
-    opts = ExportOptions(formats=tuple(formats or case.formats), precisions=tuple(precisions or case.precisions),
+    opts = ExportOptions(formats=None if all_formats else tuple(formats or case.formats),
+                         precisions=None if all_formats else tuple(precisions or case.precisions),
                          tokenizer=str(built.tokenizer) if built.tokenizer else None,
                          labels=str(built.labels_file), custom_objects=custom,
                          calibration_data=str(built.data))
