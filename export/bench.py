@@ -87,10 +87,12 @@ def worker(bundle, threads: int, quick: bool, runtime_names, with_accuracy: bool
     results = []
     for n, (entry, cls) in enumerate(jobs, 1):
         path = B.verified_path(bundle, entry)
+        shape = entry.get("input_shape")
         if entry["format"] == "keras":  # the user's model as they would call it: probabilities only
-            runner = cls(path, vocab, threads, attention=False)
+            runner = cls(path, vocab, threads, input_shape=shape, attention=False,
+                         custom_objects=os.environ.get("PROBATTN_BENCH_CUSTOM_OBJECTS") or None)
         else:
-            runner = cls(path, vocab, threads)  # the runtime's default variant
+            runner = cls(path, vocab, threads, input_shape=shape)  # the runtime's default variant
         rt = runner.name
         reason = cls.unavailable()
         label = f"[{n}/{len(jobs)}] threads={threads} {entry['path']} on {rt}"
@@ -107,9 +109,13 @@ def worker(bundle, threads: int, quick: bool, runtime_names, with_accuracy: bool
                "runtime": rt, "threads": threads, "bytes": entry["bytes"], "load_ms": round(load_ms, 1),
                "latency": {}}
         for b, s in shapes:
+            if not runner.accepts_length(s):  # a fixed-length model: longer rows do not exist for it
+                row["latency"][f"{b}x{s}"] = None
+                continue
             ids = rng.integers(2, vocab, (b, s), dtype=np.int32)
             row["latency"][f"{b}x{s}"] = _time_calls(call, ids, **timing)
-        ids = rng.integers(2, vocab, THROUGHPUT_SHAPE, dtype=np.int32)
+        ids = rng.integers(2, vocab, (THROUGHPUT_SHAPE[0], min(THROUGHPUT_SHAPE[1], runner.fixed_length or 10**9)),
+                           dtype=np.int32)
         tp = _time_calls(call, ids, min_seconds=0.2 if quick else 1.0, min_reps=3 if quick else 10,
                          max_reps=500, warmup=2)
         row["throughput_texts_per_s"] = round(THROUGHPUT_SHAPE[0] / (tp["median_us"] / 1e6), 1)
@@ -118,6 +124,8 @@ def worker(bundle, threads: int, quick: bool, runtime_names, with_accuracy: bool
         if with_scaling and entry["precision"] == "fp32":
             row["scaling"] = {}
             for s in (QUICK_SCALING if quick else SCALING):
+                if not runner.accepts_length(s):
+                    continue
                 ids = rng.integers(2, vocab, (1, s), dtype=np.int32)
                 row["scaling"][str(s)] = _time_calls(call, ids, min_seconds=0.1 if quick else 0.3,
                                                      min_reps=5 if quick else 20, max_reps=1000, warmup=3)["median_us"]
@@ -163,9 +171,14 @@ def _parity_verdicts(bundle: Path) -> dict:
     return out
 
 
-def run(bundle, out_dir=None, threads="1,all", quick=False, runtime_names=None) -> dict:
+def run(bundle, out_dir=None, threads="1,all", quick=False, runtime_names=None, custom_objects=None) -> dict:
     bundle = Path(bundle)
     manifest = B.load_manifest(bundle)
+    from .loading import check_custom_objects_for_bundle
+
+    custom = None
+    if "keras" in (runtime_names or runtimes.names()):  # only the Keras reference runs the user's code
+        custom = check_custom_objects_for_bundle(manifest, custom_objects)
     for a in manifest["artifacts"]:
         B.verified_path(bundle, a)
     settings = []
@@ -189,7 +202,8 @@ def run(bundle, out_dir=None, threads="1,all", quick=False, runtime_names=None) 
     for i, t in enumerate(settings):
         cmd = [sys.executable, "-m", "probattn.export.bench", "--worker", str(bundle), str(t),
                "1" if quick else "0", ",".join(runtime_names), "1" if i == 0 else "0", "1" if i == 0 else "0"]
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS=str(t))
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS=str(t),
+                   PROBATTN_BENCH_CUSTOM_OBJECTS=str(Path(custom).resolve()) if custom else "")
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
         last = (proc.stdout.strip().splitlines() or ["{}"])[-1]
         result = json.loads(last) if last.startswith("{") else {}
@@ -246,8 +260,8 @@ def markdown(doc) -> str:
             parity = {True: "PASS", False: "FAIL", None: "-"}[r.get("parity")]
             acc = "-" if r.get("accuracy") is None else f"{r['accuracy']:.4f}"
             cells = [r["artifact"], r["runtime"], str(r["threads"]), f"{r['bytes'] / 1e6:.2f} MB",
-                     f"{r['load_ms']:.0f} ms", acc, parity] + [_us(lat[s]["median_us"]) for s in shapes] + \
-                    [_us(lat.get("1x64", {}).get("p90_us")), f"{r['throughput_texts_per_s']:,.0f}"]
+                     f"{r['load_ms']:.0f} ms", acc, parity] + [_us((lat.get(s) or {}).get("median_us")) for s in shapes] + \
+                    [_us((lat.get("1x64") or {}).get("p90_us")), f"{r['throughput_texts_per_s']:,.0f}"]
             lines.append("| " + " | ".join(cells) + " |")
         for r in run_["rows"]:
             if "skipped" in r:
@@ -256,7 +270,7 @@ def markdown(doc) -> str:
     # headline ratios at 1x64, one thread
     one = next((run_ for run_ in doc["runs"] if run_["threads"] == 1), None)
     if one:
-        lat = {(r["artifact"], r["runtime"]): r["latency"].get("1x64", {}).get("median_us")
+        lat = {(r["artifact"], r["runtime"]): (r["latency"].get("1x64") or {}).get("median_us")
                for r in one["rows"] if "skipped" not in r}
         keras = next((v for k, v in lat.items() if k[1] == "keras"), None)
         if keras:
@@ -338,7 +352,7 @@ def plot_size_accuracy(doc, path):
 
 def run_cli(args) -> int:
     names = tuple(x.strip() for x in args.runtimes.split(",")) if args.runtimes else None
-    doc = run(args.bundle, args.out, args.threads, args.quick, names)
+    doc = run(args.bundle, args.out, args.threads, args.quick, names, custom_objects=args.custom_objects)
     print(markdown(doc))
     print(f"wrote {Path(args.out) if args.out else Path(args.bundle) / 'bench'}/bench.json, bench.md, "
           "bench_scaling.png, bench_size_accuracy.png")

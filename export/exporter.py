@@ -158,6 +158,9 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
     src = resolve_source(source, opts)
     if src.tokenizer_path is not None:
         load_tokenizer(src.tokenizer_path)  # a bad tokenizer file fails before the model loads
+    cal_texts = None
+    if "tflite" in selected and "int8" in precisions:  # bad calibration data fails before the model loads
+        cal_texts = _calibration_texts(src, opts)
 
     from .adapt import adapt
     from .loading import load_model, vocab_size_of
@@ -202,10 +205,8 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
     out_names = C.ordered_outputs(concrete.structured_outputs.keys())
 
     left_out = []
-    cal_texts = None
     wanted = {f: [p for p in precisions if p in C.SUPPORTED[f]] for f in selected}
     if "int8" in wanted.get("tflite", []):
-        cal_texts = _calibration_texts(src, opts)
         if not cal_texts:
             wanted["tflite"].remove("int8")
             left_out.append({"format": "tflite", "precision": "int8",

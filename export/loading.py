@@ -282,8 +282,20 @@ def _tf_keras_builtin(obj: ConfigObject):
     import tf_keras
 
     module = obj.module or ""
+    if module == "tf_keras" or module.startswith("tf_keras."):  # tf_keras' own modules only
+        try:
+            found = getattr(importlib.import_module(module), obj.class_name, None)
+        except ImportError:
+            found = None
+        if found is not None:
+            return found
     if module.startswith("tf_keras") or module in ("keras", "builtins") or module.startswith("keras.") or not module:
-        return _bare_builtin(tf_keras, obj.class_name)
+        found = _bare_builtin(tf_keras, obj.class_name)
+        if found is None and not module:  # an .h5 names tf_keras' op layers (tf ops on Keras tensors) bare
+            from tf_keras.src.layers.core import tf_op_layer
+
+            found = getattr(tf_op_layer, obj.class_name, None)
+        return found
     return None
 
 
@@ -300,10 +312,15 @@ def resolve(obj: ConfigObject, flavour: str, custom: dict):
     return _keras3_builtin(obj) if flavour == "3" else _tf_keras_builtin(obj)
 
 
-def unresolved(config, flavour: str, custom: dict) -> list:
-    """Labels of every object in ``config`` this process cannot resolve (none imported)."""
+def unresolved(config, flavour: str, custom: dict, imports_modules: bool = False) -> list:
+    """Labels of every object in ``config`` this process cannot resolve (none imported).
+    ``imports_modules``: Keras will import the modules the config names (tf_keras with
+    ``--unsafe``), so an object with a module of its own counts as resolvable."""
     missing = []
     for obj in config_objects(config):
+        if imports_modules and obj.module and obj.module not in ("builtins",) and not any(
+                obj.module == m or obj.module.startswith(m + ".") for m in SAFE_CONFIG_MODULES):
+            continue
         if resolve(obj, flavour, custom) is None and obj.label() not in missing:
             missing.append(obj.label())
     return missing
@@ -406,7 +423,7 @@ def load_model(path, unsafe: bool = False, custom_objects=None) -> Loaded:
         keras_own["NotEqual"] = NotEqual
     if not unsafe:
         _refuse_unsafe(config, flavour, objects, path)
-    missing = unresolved(config, flavour, {**keras_own, **objects})
+    missing = unresolved(config, flavour, {**keras_own, **objects}, imports_modules=unsafe and flavour == "2")
     if missing:
         hint = ("" if custom is None else f" (not in --custom-objects {custom.path.name}, which defines "
                 f"{', '.join(sorted(custom.objects))})")

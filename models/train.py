@@ -11,6 +11,7 @@ import numpy as np
 
 from .errors import UsageError
 from .fsutil import atomic_directory, check_output_dir
+from .keras_compat import DEFAULT_FLAVOUR
 from .metrics import classification_report
 from .text import data as data_mod
 from .text.tokenizer import encode_fixed, train_tokenizer
@@ -38,7 +39,7 @@ class TrainConfig:
     learning_rate: float = 2e-3
     limit: int = 0  # use only the first N examples (quick runs and tests); 0 = all
     model: str = "probattn"  # architecture: probattn.models.zoo.ARCHITECTURES
-    keras: str | None = None  # "3" (Keras 3) or "2" (tf_keras); None: keras_compat.DEFAULT_FLAVOUR
+    keras: str | None = DEFAULT_FLAVOUR  # "3" (Keras 3) or "2" (tf_keras); None: the default
 
     def validate(self):
         for name in ("max_length", "vocab_size", "embedding_dim", "hidden_units", "epochs",

@@ -58,8 +58,9 @@ def test_user_model(name, user_builds, user_results):
     summary = f"{name}: failures {result['failures'][:5]}; explanations {result['explanations']}"
     if case.expect == "broken":
         assert not result["passed"], f"{name} breaks masking but verify passed"
-        assert result["diagnosis"].get("starts_at") == case.broken_at, summary
-        assert any(f"layer '{case.broken_at}'" in line for line in result["explanations"]), summary
+        layer = built.layer_name(case.broken_at)
+        assert result["diagnosis"].get("starts_at") == layer, summary
+        assert any(f"layer '{layer}'" in line for line in result["explanations"]), summary
         assert any(line.startswith("The Keras model itself breaks masking") for line in result["explanations"])
     else:
         assert result["passed"], summary
@@ -91,14 +92,16 @@ def test_mixed_model_bundle_matches_its_float32_self(user_builds, user_results):
     np.testing.assert_allclose(p.predict_ids(ids), np.asarray(twin(ids)), rtol=0, atol=U.MATCH_MAX_ABS)
 
 
-def test_seed_page_is_diagnosed_not_just_failed(user_results):
+def test_seed_page_is_diagnosed_not_just_failed(user_builds, user_results):
     """The seed page's code (Keras 3, shape bug fixed): verify names Masking as where masking
     breaks, names the 1e12 constant as a float16 hazard for the fp16 files, and says what the
     fp16 converters did with it."""
+    built = user_builds["k3_seed_page"]
     result, _ = user_results("k3_seed_page")
     lines = "\n".join(result["explanations"])
-    assert "starting at layer 'masking'" in lines and "recomputes the mask" in lines, lines
-    assert "1e+12" in lines and "layer 'prob_attention'" in lines and "model_fp16.tflite" in lines, lines
+    masking, pool = built.layer_name("masking"), built.layer_name("prob_attention")
+    assert f"starting at layer '{masking}'" in lines and "recomputes the mask" in lines, lines
+    assert "1e+12" in lines and f"layer '{pool}'" in lines and "model_fp16.tflite" in lines, lines
     assert result["manifest"]["model_input"] == {"dtype": "float32", "fixed_length": 40, "cast": True}
 
 

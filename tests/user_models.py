@@ -321,6 +321,16 @@ class Built:
     labels_file: Path
     texts: list
 
+    def layer_name(self, base: str) -> str:
+        """The name Keras gave the layer the case calls ``base`` (a layer built without a name
+        is ``masking``, or ``masking_3`` when other models in this process took ``masking``)."""
+        import re
+
+        names = [l.name for l in getattr(self.model, "layers", [])]
+        found = [n for n in names if n == base or re.fullmatch(re.escape(base) + r"_\d+", n)]
+        assert len(found) == 1, (base, names)
+        return found[0]
+
 
 def _keras(flavour):
     from probattn.models.keras_compat import get_keras

@@ -110,8 +110,11 @@ class Worker:
         to_child_r, self._to_child = os.pipe()
         self._from_child, from_child_w = os.pipe()
         self._log = tempfile.TemporaryFile()
+        # the child imports what this process can (a runner class is sent by module and name)
+        paths = [p for p in sys.path if p and os.path.isdir(p)]
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
-                   PROBATTN_PARENT_PID=str(os.getpid()))
+                   PROBATTN_PARENT_PID=str(os.getpid()),
+                   PYTHONPATH=os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
         cmd = [sys.executable, "-m", "probattn.export.runtimes.isolated", str(to_child_r), str(from_child_w)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
                                      pass_fds=(to_child_r, from_child_w), env=env)
@@ -222,6 +225,9 @@ class IsolatedRunner:
 
     def __init__(self, cls, path, vocab_size=None, threads=None, variant=None, input_shape=None,
                  limits: Limits | None = None, worker: Worker | None = None, **kwargs):
+        if "<locals>" in cls.__qualname__ or cls.__module__ == "__main__":
+            raise TypeError(f"{cls.__qualname__} cannot run in a child process: define it at the top level of an "
+                            "importable module")
         self.local = cls(path, vocab_size, threads, variant=variant, input_shape=input_shape, **kwargs)
         self.spec = (cls.__module__, cls.__qualname__, (str(path), vocab_size, threads),
                      {"variant": variant, "input_shape": input_shape, **kwargs})
