@@ -69,7 +69,7 @@ def _accuracy(runner, bundle: Path, manifest: dict):
 
 
 def entry_runs_on(entry, cls) -> bool:
-    return entry["format"] in cls.formats and cls.cannot_run(entry["format"], entry["precision"]) is None
+    return entry["format"] in cls.formats and cls.cannot_run(entry["format"], entry["precision"], entry) is None
 
 
 def worker(bundle, threads: int, quick: bool, runtime_names, with_accuracy: bool, with_scaling: bool) -> dict:
@@ -92,7 +92,8 @@ def worker(bundle, threads: int, quick: bool, runtime_names, with_accuracy: bool
             runner = cls(path, vocab, threads, input_shape=shape, attention=False,
                          custom_objects=os.environ.get("PROBATTN_BENCH_CUSTOM_OBJECTS") or None)
         else:
-            runner = cls(path, vocab, threads, input_shape=shape)  # the runtime's default variant
+            # the runtime's default variant; a fixed-shape file runs the shapes it accepts
+            runner = cls(path, vocab, threads, input_shape=shape)
         rt = runner.name
         reason = cls.unavailable()
         label = f"[{n}/{len(jobs)}] threads={threads} {entry['path']} on {rt}"
@@ -250,7 +251,7 @@ def markdown(doc) -> str:
         rows = [r for r in run_["rows"] if "skipped" not in r]
         if not rows:
             continue
-        shapes = list(rows[0]["latency"])
+        shapes = list(dict.fromkeys(k for r in rows for k in r["latency"]))
         head = ["artifact", "runtime", "threads", "size", "load", "accuracy", "parity"] + \
                [f"{s}" for s in shapes] + ["p90 1x64", "texts/s"]
         lines.append("| " + " | ".join(head) + " |")

@@ -9,7 +9,7 @@ from pathlib import Path
 from probattn.models.errors import UsageError
 from probattn.models.fsutil import sha256_path  # noqa: F401  (re-exported: bundles are hashed with it)
 
-from .contract import FORMATS, PRECISIONS, SUPPORTED
+from .contract import FORMATS, OUTPUT_DTYPES, PRECISIONS, SUPPORTED, artifact_key
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -62,6 +62,13 @@ def load_manifest(bundle) -> dict:
         if a["format"] not in FORMATS or a["precision"] not in SUPPORTED[a["format"]]:
             raise UsageError(f"{path}: artifact {a['path']} has format '{a['format']}' / precision "
                              f"'{a['precision']}'; allowed formats {', '.join(FORMATS)}, precisions {', '.join(PRECISIONS)}")
+        if a.get("output_dtype", "float32") not in OUTPUT_DTYPES:
+            raise UsageError(f"{path}: artifact {a['path']} has output_dtype {a.get('output_dtype')!r}; "
+                             f"allowed: {', '.join(OUTPUT_DTYPES)}")
+    keys = [artifact_key(a) for a in manifest["artifacts"]]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise UsageError(f"{path}: more than one artifact is {' / '.join(dupes[0])}; entries must be unique")
     return manifest
 
 
@@ -74,11 +81,25 @@ def write_manifest(bundle, manifest: dict) -> None:
     os.replace(tmp, path)
 
 
-def find_artifact(manifest: dict, fmt: str, precision: str = "fp32") -> dict | None:
+def find_artifact(manifest: dict, fmt: str, precision: str = "fp32", output_dtype: str = "float32") -> dict | None:
+    """The entry of ``fmt`` / ``precision`` / ``output_dtype`` (entries are unique on these
+    three: the dynamic ``tflite`` and fixed-shape ``tflite-fixed`` files never mix)."""
     for a in manifest["artifacts"]:
-        if a["format"] == fmt and a["precision"] == precision:
+        if artifact_key(a) == (fmt, precision, output_dtype):
             return a
     return None
+
+
+def inside(bundle, rel) -> Path:
+    """``bundle / rel`` after checking that ``rel`` is a relative path that stays inside the
+    bundle (no absolute path, no ``..``, no symlink out of it)."""
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        raise UsageError(f"manifest path {rel!r} is not a file name inside the bundle; refusing it")
+    root = Path(bundle).resolve()
+    path = (root / rel).resolve()
+    if Path(rel).is_absolute() or root not in path.parents:
+        raise UsageError(f"manifest path '{rel}' points outside the bundle; refusing it")
+    return path
 
 
 def verified_path(bundle, entry: dict) -> Path:

@@ -70,23 +70,46 @@ def ordered_outputs(names) -> list:
 
 # ------------------------------------------------------------------ formats and precisions
 #: every artifact format a bundle can hold; ``keras`` is the reference
-FORMATS = ("keras", "savedmodel", "tflite", "onnx")
+FORMATS = ("keras", "savedmodel", "tflite", "tflite-fixed", "mediapipe", "onnx")
 #: the formats ``probattn export --formats`` builds
-EXPORT_FORMATS = ("savedmodel", "tflite", "onnx")
+EXPORT_FORMATS = ("savedmodel", "tflite", "tflite-fixed", "mediapipe", "onnx")
+#: what ``export`` builds when ``--formats`` is not given (``mediapipe`` is added when the
+#: tokenizer is MediaPipe's regex tokenizer, the only one MediaPipe's TextClassifier runs)
+DEFAULT_EXPORT_FORMATS = ("savedmodel", "tflite", "tflite-fixed", "onnx")
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8")
 #: which precisions each format has
 SUPPORTED = {
     "keras": ("fp32",),
     "savedmodel": ("fp32",),
     "tflite": ("fp32", "fp16", "int8-dynamic", "int8"),
+    # TFLite Micro has no fp16 kernels (DEQUANTIZE from float16) and no hybrid int8 kernels
+    "tflite-fixed": ("fp32", "int8"),
+    "mediapipe": ("fp32", "int8"),
     "onnx": ("fp32", "fp16", "int8"),
 }
 FORMAT_DESCRIPTIONS = {
     "keras": "the Keras model (the reference)",
     "savedmodel": "TensorFlow SavedModel, signature serving_default",
-    "tflite": "TFLite / LiteRT flatbuffer, builtin ops only",
+    "tflite": "TFLite / LiteRT flatbuffer, builtin ops only, dynamic [batch, sequence]",
+    "tflite-fixed": "TFLite flatbuffer with a fixed [1, max_length] input, for devices (TFLite Micro)",
+    "mediapipe": "fixed-shape TFLite, probabilities only, with MediaPipe TextClassifier metadata",
     "onnx": "ONNX (tf2onnx)",
 }
+#: formats whose files store a fixed ``[1, max_length]`` input (TFLite Micro and MediaPipe
+#: cannot resize inputs); their manifest entries carry ``input_shape``
+FIXED_SHAPE_FORMATS = ("tflite-fixed", "mediapipe")
+#: formats that hold a TFLite flatbuffer (raw tensor names are the contract's)
+TFLITE_FORMATS = ("tflite", "tflite-fixed", "mediapipe")
+#: outputs of the MediaPipe artifact: TextClassifier needs one output per output metadata
+MEDIAPIPE_OUTPUTS = (PROBABILITIES,)
+
+# ------------------------------------------------------------------ output dtypes
+#: the dtype of an artifact's outputs; float32 unless a device artifact keeps them int8
+OUTPUT_DTYPES = ("float32", "int8")
+#: the output dtypes each (format, precision) is built with
+OUTPUT_VARIANTS = {("tflite-fixed", "int8"): ("float32", "int8")}
+#: an int8 softmax output: 256 levels over [0, 1], so scale 1/256 and zero point -128
+INT8_PROBABILITIES_SCALE, INT8_PROBABILITIES_ZERO_POINT = 1 / 256, -128
 
 
 #: where the Keras reference lives in a bundle, by the kind of file the user gave (their
@@ -96,26 +119,76 @@ REFERENCE_FILES = {"keras": "model.keras", "h5": "model.h5", "savedmodel": "refe
 CUSTOM_OBJECTS_DIR = "custom_objects"
 
 
-def artifact_filename(fmt: str, precision: str) -> str:
+def output_dtypes(fmt: str, precision: str) -> tuple:
+    return OUTPUT_VARIANTS.get((fmt, precision), ("float32",))
+
+
+def fixed_input_shape(max_length: int) -> list:
+    """The stored input shape of the fixed-shape formats: one text of ``max_length`` ids."""
+    return [1, int(max_length)]
+
+
+def artifact_input_shape(fmt: str, fixed_length: int | None = None, device_length: int | None = None):
+    """The ``input_shape`` a manifest entry records, the one place it is decided (runners
+    read it with ``runtimes.base.fixed_dims``: an int fixes a dim, a name leaves it dynamic):
+
+    * the fixed-shape formats: ``[1, device_length]``, one text per call (``device_length``
+      is the model's own input length when it has one, else the training max length);
+    * every other format of a model with a fixed input length (``Input(shape=(n,))``):
+      ``["batch", n]``;
+    * otherwise None: ``[batch, sequence]``, both dynamic."""
+    if fmt in FIXED_SHAPE_FORMATS:
+        return fixed_input_shape(device_length)
+    return input_dims(fixed_length) if fixed_length else None
+
+
+# ------------------------------------------------------------------ targets
+#: where a TFLite-family artifact can run, measured at export (never assumed): LiteRT
+#: (``ai_edge_litert``), TensorFlow Lite Micro (``tflite-micro``), MediaPipe TextClassifier
+TARGETS = ("litert", "tflm", "mediapipe")
+
+# ------------------------------------------------------------------ plain files in a bundle
+#: label names in output order, one per line
+LABELS_FILE = "labels.txt"
+#: the tokenizer's vocabulary, one token per line, line i holds id i
+VOCAB_FILE = "vocab.txt"
+#: C sources written by ``export --c-array``
+C_ARRAY_DIR = "c"
+
+
+def artifact_filename(fmt: str, precision: str, output_dtype: str = "float32") -> str:
     """Where an artifact lives inside a bundle."""
     if fmt not in SUPPORTED:
         raise UsageError(f"unknown format '{fmt}'; allowed: {', '.join(FORMATS)}")
     if precision not in SUPPORTED[fmt]:
         raise UsageError(f"format {fmt} has no precision '{precision}'; allowed: {', '.join(SUPPORTED[fmt])}")
+    if output_dtype not in output_dtypes(fmt, precision):
+        raise UsageError(f"format {fmt} {precision} has no {output_dtype} outputs; allowed: "
+                         f"{', '.join(output_dtypes(fmt, precision))}")
     if fmt == "keras":
         return "model.keras"
     if fmt == "savedmodel":
         return "saved_model"
-    return f"model_{precision.replace('-', '_')}.{fmt}"
+    stem = precision.replace("-", "_")
+    if fmt == "tflite-fixed":
+        return f"model_fixed_{stem}" + ("_int8out" if output_dtype == "int8" else "") + ".tflite"
+    if fmt == "mediapipe":
+        return f"model_mediapipe_{stem}.tflite"
+    return f"model_{stem}.{fmt}"
 
 
 def selection_is_empty(formats, precisions) -> bool:
     return not any(p in SUPPORTED[f] for f in formats for p in precisions)
 
 
-def sort_key(fmt: str, precision: str) -> tuple:
-    """Artifacts in manifest order: by format, then precision."""
-    return FORMATS.index(fmt), PRECISIONS.index(precision)
+def sort_key(fmt: str, precision: str, output_dtype: str = "float32") -> tuple:
+    """Artifacts in manifest order: by format, then precision, then output dtype."""
+    return FORMATS.index(fmt), PRECISIONS.index(precision), OUTPUT_DTYPES.index(output_dtype)
+
+
+def artifact_key(entry: dict) -> tuple:
+    """What tells two manifest entries apart: format, precision and output dtype."""
+    return entry["format"], entry["precision"], entry.get("output_dtype", "float32")
 
 
 def parse_list(value, allowed, what) -> tuple:

@@ -11,27 +11,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from probattn.models.errors import UsageError
 from probattn.models.fsutil import atomic_directory, check_output_dir
-from probattn.models.text.tokenizer import PAD_ID, UNK_ID, encode, load_tokenizer
-from probattn.models.train import CALIBRATION_MAX_TEXTS
+from probattn.models.text.tokenizer import PAD_ID, UNK_ID, load_tokenizer, regex_spec
 
 from . import bundle as B
 from . import contract as C
 from . import formats
+from .calibration import calibration_batches, calibration_fixed
 from .formats.onnx import DEFAULT_OPSET, check_opset
 from .versions import versions
-
-#: full-int8 calibration: real texts at their own lengths, this many per padded batch
-CALIBRATION_BATCH = 4
 
 
 @dataclass
 class ExportOptions:
-    #: None: every format, and one that cannot be built is left out and reported; a
-    #: selection (``--formats``) is a request: an artifact of it that cannot be built fails
+    #: None: ``contract.DEFAULT_EXPORT_FORMATS`` (plus ``mediapipe`` for a regex tokenizer),
+    #: and one that cannot be built is left out and reported; a selection (``--formats``) is
+    #: a request: an artifact of it that cannot be built fails
     formats: tuple | None = None
     precisions: tuple | None = None  # as ``formats``, for ``--precisions``
     opset: int = DEFAULT_OPSET
@@ -43,6 +39,8 @@ class ExportOptions:
     unsafe: bool = False
     overwrite: bool = False
     custom_objects: str | None = None  # the user's FILE.py with their classes (runs their code)
+    #: also write C sources (model, vocabulary, labels) of the fixed-shape int8 model
+    c_array: bool = False
 
 
 @dataclass
@@ -95,15 +93,28 @@ def _read_labels(path) -> list:
     return labels
 
 
-def calibration_batches(texts, tokenizer, max_length, fixed_length=None) -> list:
-    """Real texts at their own lengths, in small batches padded to the longest (padding
-    included); a model with a fixed input length gets every batch padded to it."""
-    texts = [t for t in texts if t.strip()][:CALIBRATION_MAX_TEXTS]
-    batches = [encode(tokenizer, texts[i:i + CALIBRATION_BATCH], fixed_length or max_length)
-               for i in range(0, len(texts), CALIBRATION_BATCH)]
-    if fixed_length:
-        batches = [np.pad(b, ((0, 0), (0, fixed_length - b.shape[1]))) for b in batches]
-    return batches
+def selected_formats(opts: ExportOptions, tokenizer) -> tuple:
+    """``--formats``, or the default: every format but ``mediapipe``, which joins when the
+    tokenizer is MediaPipe's regex tokenizer."""
+    if opts.formats is not None:
+        return C.parse_list(opts.formats, C.EXPORT_FORMATS, "format")
+    extra = ("mediapipe",) if regex_spec(tokenizer) is not None else ()
+    return tuple(f for f in C.EXPORT_FORMATS if f in C.DEFAULT_EXPORT_FORMATS + extra)
+
+
+def plain_files(tmp: Path, tokenizer, labels) -> dict:
+    """``labels.txt`` and ``vocab.txt`` (one entry per line, in id order), hashed."""
+    from probattn.models.text.tokenizer import vocabulary
+
+    files = {}
+    for key, name, lines in (("labels", C.LABELS_FILE, labels), ("vocabulary", C.VOCAB_FILE, vocabulary(tokenizer))):
+        bad = [i for i, x in enumerate(lines) if not x or any(c in x for c in "\r\n\x85\u2028\u2029\x0b\x0c\x1c\x1d\x1e")]
+        if bad:
+            raise UsageError(f"{name}: entry {bad[0]} ({lines[bad[0]]!r}) is empty or holds a line break; "
+                             "a one-per-line file cannot hold it")
+        (tmp / name).write_text("".join(f"{x}\n" for x in lines), encoding="utf-8")
+        files[key] = {"path": name, "sha256": B.sha256_path(tmp / name), "entries": len(lines)}
+    return files
 
 
 def _calibration_texts(src: Source, opts: ExportOptions) -> list | None:
@@ -147,20 +158,25 @@ def _labels_for(serving, given) -> list:
 def export(source, out, opts: ExportOptions | None = None) -> dict:
     opts = opts or ExportOptions()
     t_start = time.perf_counter()
-    selected = C.parse_list(opts.formats or C.EXPORT_FORMATS, C.EXPORT_FORMATS, "format")
+    # the formats a selection can hold at most (the default adds mediapipe only for a regex
+    # tokenizer, known once the tokenizer is): checked before the slow part
+    possible = C.parse_list(opts.formats if opts.formats is not None else C.EXPORT_FORMATS, C.EXPORT_FORMATS,
+                            "format")
     precisions = C.parse_list(opts.precisions or C.PRECISIONS, C.PRECISIONS, "precision")
     opset = check_opset(opts.opset)
-    if C.selection_is_empty(selected, precisions):
-        raise UsageError(f"--formats {','.join(selected)} with --precisions {','.join(precisions)} selects no "
+    if C.selection_is_empty(possible, precisions):
+        raise UsageError(f"--formats {','.join(possible)} with --precisions {','.join(precisions)} selects no "
                          "artifact (" + "; ".join(f"{f} has {', '.join(C.SUPPORTED[f])}" for f in C.EXPORT_FORMATS) + ")")
-    requested = _requested(opts, selected, precisions)
+    if opts.c_array and not ("tflite-fixed" in possible and "int8" in precisions):
+        raise UsageError("--c-array embeds the fixed-shape int8 model: keep tflite-fixed in --formats and int8 "
+                         "in --precisions")
     check_output_dir(out, opts.overwrite, B.MANIFEST)  # before the slow part, not after it
     src = resolve_source(source, opts)
     if src.tokenizer_path is not None:
         load_tokenizer(src.tokenizer_path)  # a bad tokenizer file fails before the model loads
     cal_texts = None
-    if "tflite" in selected and "int8" in precisions:  # bad calibration data fails before the model loads
-        cal_texts = _calibration_texts(src, opts)
+    if any(f in possible for f in C.TFLITE_FORMATS) and "int8" in precisions:
+        cal_texts = _calibration_texts(src, opts)  # bad calibration data fails before the model loads
 
     from .adapt import adapt
     from .loading import load_model, vocab_size_of
@@ -183,6 +199,12 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
         raise UsageError(f"{src.model_path} is a model, not a run directory: pass --tokenizer tokenizer.json")
     else:
         tokenizer = load_tokenizer(src.tokenizer_path)
+    selected = selected_formats(opts, tokenizer)
+    if "mediapipe" in selected:
+        from .formats.mediapipe import require_regex_tokenizer
+
+        require_regex_tokenizer(tokenizer)
+    requested = _requested(opts, selected, precisions)
     model = loaded.keras_model
     vocab_size = (vocab_size_of(model) if model is not None else None) or tokenizer.get_vocab_size()
     if tokenizer.get_vocab_size() > vocab_size:
@@ -203,16 +225,26 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
         log(f"  rewrite for builtin ops: {r}")
     module, concrete = trace(serving)
     out_names = C.ordered_outputs(concrete.structured_outputs.keys())
+    # the fixed-shape formats hold one text of the model's own length when its input has one
+    # (then max_length is that length), else of the training max length; the one rule for
+    # every artifact's input_shape is contract.artifact_input_shape
+    device_length = int(max_length)
+    traces = {  # the same serving function, traced again for the fixed-shape formats
+        "fixed": lambda: trace(serving, batch=1, length=device_length),
+        "fixed-probabilities": lambda: trace(serving, batch=1, length=device_length, outputs=C.MEDIAPIPE_OUTPUTS),
+    }
 
     left_out = []
     wanted = {f: [p for p in precisions if p in C.SUPPORTED[f]] for f in selected}
-    if "int8" in wanted.get("tflite", []):
-        if not cal_texts:
-            wanted["tflite"].remove("int8")
-            left_out.append({"format": "tflite", "precision": "int8",
+    for f in C.TFLITE_FORMATS:
+        if "int8" in wanted.get(f, []) and not cal_texts:
+            wanted[f].remove("int8")
+            left_out.append({"format": f, "precision": "int8",
                              "reason": "full-integer int8 needs calibration texts: pass --calibration-data "
                                        "FILE (.csv/.jsonl/.txt) or drop int8 from --precisions"})
-    input_shape = C.input_dims(fixed) if fixed else None
+
+    def input_shape(fmt):
+        return C.artifact_input_shape(fmt, fixed, device_length)
 
     artifacts = []
     with atomic_directory(out, overwrite=opts.overwrite, marker=B.MANIFEST) as tmp:
@@ -221,11 +253,15 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
             entry = {"path": built.path, "format": built.format, "precision": built.precision,
                      "bytes": B.size_of(path), "sha256": B.sha256_path(path),
                      "seconds": round(built.seconds, 2), **built.extra}
-            if input_shape:
-                entry["input_shape"] = input_shape
+            shape = input_shape(built.format)
+            if shape is not None and entry.setdefault("input_shape", shape) != shape:
+                raise UsageError(f"{built.path}: input shape {entry['input_shape']}, expected {shape}")
+            if any(C.artifact_key(a) == C.artifact_key(entry) for a in artifacts):
+                raise UsageError(f"two artifacts are {C.artifact_key(entry)}; manifest entries must be unique")
             artifacts.append(entry)
-            log(f"  ✓ {built.format:<10} {built.precision:<12} {entry['bytes'] / 1e6:8.2f} MB  "
-                f"{built.seconds:6.1f} s  {built.path}")
+            targets = f"  targets: {', '.join(entry['targets']) or 'none'}" if "targets" in entry else ""
+            log(f"  ✓ {built.format:<12} {built.precision:<12} {entry['bytes'] / 1e6:8.2f} MB  "
+                f"{built.seconds:6.1f} s  {built.path}{targets}")
 
         t = time.perf_counter()
         keras_rel = _write_reference(loaded, adapted, tmp)
@@ -241,19 +277,24 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
         tokenizer.save(str(tmp / "tokenizer.json"))
         if src.test_data:
             shutil.copyfile(src.test_data, tmp / "test.jsonl")
+        files = plain_files(tmp, tokenizer, labels)
 
         ctx = formats.ExportContext(
             out=tmp, module=module, concrete=concrete, output_names=out_names, opset=opset,
-            calibration=calibration_batches(cal_texts, tokenizer, max_length, fixed) if cal_texts else None,
+            calibration=calibration_batches(cal_texts, tokenizer, int(max_length), fixed_length=fixed)
+            if cal_texts else None,
+            calibration_fixed=calibration_fixed(cal_texts, tokenizer, device_length, int(max_length))
+            if cal_texts else None,
+            max_length=device_length, labels=labels, tokenizer=tokenizer,
             log=log, fixed_length=fixed, input_dtype=serving.input_dtype,
             head_units={h.output: h.units for h in serving.heads})
-        built, failed = _run_formats(ctx, {f: ps for f, ps in wanted.items() if ps})
+        built, failed = _run_formats(ctx, {f: ps for f, ps in wanted.items() if ps}, traces)
         left_out.extend(failed)
         from .runcheck import check_artifacts
 
         t = time.perf_counter()
-        entries = [{"path": b.path, "format": b.format, "precision": b.precision,
-                    **({"input_shape": input_shape} if input_shape else {})} for b in built]
+        entries = [{"path": b.path, "format": b.format, "precision": b.precision, **b.extra,
+                    **({"input_shape": input_shape(b.format)} if input_shape(b.format) else {})} for b in built]
         broken = check_artifacts(tmp, entries, vocab_size, out_names, log=log)
         run_check_seconds = time.perf_counter() - t
         for b in built:
@@ -269,7 +310,15 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
                 f"{x['format']} {x['precision']}: {x['reason']}" for x in left_out))
         for x in left_out:
             log(f"  left out {x['format']} {x['precision']}: {x['reason']}")
-        artifacts.sort(key=lambda a: C.sort_key(a["format"], a["precision"]))
+        artifacts.sort(key=lambda a: C.sort_key(a["format"], a["precision"], a.get("output_dtype", "float32")))
+        if opts.c_array:
+            from .c_array import write_c_sources
+
+            fixed_int8 = B.find_artifact({"artifacts": artifacts}, "tflite-fixed", "int8")
+            if fixed_int8 is None:
+                raise UsageError("--c-array embeds the fixed-shape int8 model, which was left out: " + "; ".join(
+                    x["reason"] for x in left_out if (x["format"], x["precision"]) == ("tflite-fixed", "int8")))
+            files["c_array"] = write_c_sources(tmp, fixed_int8, tokenizer, labels)
         manifest = {
             "schema_version": B.SCHEMA_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -282,7 +331,9 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
             "unk_id": UNK_ID,
             "vocab_size": vocab_size,
             "max_length": int(max_length),
-            "tokenizer": {"path": "tokenizer.json", "sha256": B.sha256_path(tmp / "tokenizer.json")},
+            "tokenizer": {"path": "tokenizer.json", "sha256": B.sha256_path(tmp / "tokenizer.json"),
+                          "kind": _tokenizer_kind(tokenizer)},
+            "files": files,
             "test_data": "test.jsonl" if src.test_data else None,
             "source": {"model": str(src.model_path), "kind": loaded.info.savedmodel_kind or loaded.info.kind,
                        "keras": loaded.flavour, "keras_version": loaded.info.keras_version,
@@ -304,10 +355,19 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
 
 def _requested(opts: ExportOptions, selected, precisions) -> set:
     """The (format, precision) pairs the user asked for by name: a selection given with
-    ``--formats`` or ``--precisions`` (the defaults ask for nothing in particular)."""
+    ``--formats`` or ``--precisions`` (the defaults ask for nothing in particular), and the
+    fixed-shape int8 model that ``--c-array`` embeds."""
+    asked = {("tflite-fixed", "int8")} if opts.c_array else set()
     if opts.formats is None and opts.precisions is None:
-        return set()
-    return {(f, p) for f in selected for p in precisions if p in C.SUPPORTED[f]}
+        return asked
+    return asked | {(f, p) for f in selected for p in precisions if p in C.SUPPORTED[f]}
+
+
+def _tokenizer_kind(tokenizer) -> str:
+    spec = regex_spec(tokenizer)
+    if spec is None:
+        return "wordlevel"
+    return "regex-start" if spec["start"] else "regex"
 
 
 def _refuse_requested(left_out, requested) -> None:
@@ -365,14 +425,20 @@ def _diagnose(loaded, serving, tokenizer, src) -> dict | None:
     return result
 
 
-def _run_formats(ctx: formats.ExportContext, wanted: dict):
+#: the traces of the serving function a format can convert from (``SAVED_MODEL``)
+SAVED_MODEL_KINDS = ("dynamic", "fixed", "fixed-probabilities")
+
+
+def _run_formats(ctx: formats.ExportContext, wanted: dict, traces: dict):
     """Run each format's exporter for its wanted precisions; returns ``(built, failed)``. A
     format or precision that cannot be built is reported in ``failed`` (with the reason)
-    without stopping the others. A SavedModel is written first when a converter needs one
-    (in a scratch folder if the SavedModel itself was not asked for); formats that convert
-    in a child process run in a thread beside the in-process ones."""
+    without stopping the others. The SavedModels the converters need are written first (the
+    dynamic one in the bundle when ``savedmodel`` was asked for, the rest in scratch
+    folders); every TFLite conversion then runs in one converter child, in a thread beside
+    the in-process formats (ONNX), and each TFLite-family format finishes its files
+    (metadata, measured targets) once the child is done."""
     modules = {f: formats.get(f) for f in wanted}
-    from .formats import savedmodel
+    from .formats import savedmodel, tflite
 
     failed = []
     lock = threading.Lock()
@@ -381,24 +447,44 @@ def _run_formats(ctx: formats.ExportContext, wanted: dict):
         with lock:
             failed.append({"format": fmt, "precision": precision, "reason": reason})
 
-    ctx.failed = fail
-    scratch = None
-    if any(modules[f].NEEDS_SAVED_MODEL for f in wanted):
-        if "savedmodel" in wanted:
-            ctx.saved_model_dir = ctx.out / C.artifact_filename("savedmodel", "fp32")
-        else:
-            scratch = ctx.out / ".saved_model_for_conversion"
-            ctx.saved_model_dir = scratch
-        try:
-            ctx.saved_model_seconds = savedmodel.save(ctx, ctx.saved_model_dir)
-        except UsageError as e:
-            for f in wanted:
-                if f == "savedmodel" or modules[f].NEEDS_SAVED_MODEL:
-                    for p in wanted[f]:
-                        fail(f, p, str(e))
-            wanted = {f: ps for f, ps in wanted.items() if not (f == "savedmodel" or modules[f].NEEDS_SAVED_MODEL)}
+    def fail_format(f, reason):
+        for p in wanted[f]:
+            fail(f, p, reason)
 
-    built, errors, procs = [], [], []
+    ctx.failed = fail
+    scratch = []
+    kinds = {getattr(modules[f], "SAVED_MODEL", "dynamic") for f in wanted if modules[f].NEEDS_SAVED_MODEL}
+    for kind in (k for k in SAVED_MODEL_KINDS if k in kinds):
+        if kind == "dynamic" and "savedmodel" in wanted:
+            path = ctx.out / C.artifact_filename("savedmodel", "fp32")
+        else:
+            path = ctx.out / f".saved_model_{kind.replace('-', '_')}_for_conversion"
+            scratch.append(path)
+        users = [f for f in wanted if modules[f].NEEDS_SAVED_MODEL and getattr(modules[f], "SAVED_MODEL", "dynamic") == kind]
+        try:
+            if kind == "dynamic":
+                ctx.saved_model_dir = path
+                ctx.saved_model_seconds = savedmodel.save(ctx, path)
+            else:
+                savedmodel.save(ctx, path, *traces[kind]())
+        except UsageError as e:  # the formats converting from this trace fail; the others go on
+            for f in users + (["savedmodel"] if kind == "dynamic" and "savedmodel" in wanted else []):
+                fail_format(f, str(e))
+            wanted = {f: ps for f, ps in wanted.items()
+                      if f not in users and not (kind == "dynamic" and f == "savedmodel")}
+            continue
+        ctx.saved_models[kind] = path
+
+    child = {}
+    jobs = []
+    for f, ps in wanted.items():
+        if modules[f].IN_CHILD:
+            try:
+                jobs.extend(modules[f].conversions(ctx, ps))
+                child[f] = ps
+            except UsageError as e:
+                fail_format(f, str(e))
+    built, errors, procs, results = [], [], [], []
     cancel = threading.Event()
 
     def started(proc):
@@ -419,17 +505,19 @@ def _run_formats(ctx: formats.ExportContext, wanted: dict):
 
     ctx.started = started
     threads = []
-    for f, ps in wanted.items():
-        if modules[f].IN_CHILD:
-            def work(f=f, ps=ps):
-                try:
-                    run(f, ps)
-                except BaseException as e:  # re-raised in the main thread
-                    errors.append(e)
+    if jobs:
+        def work():
+            try:
+                results.extend(tflite.convert_in_child(ctx, jobs))
+            except UsageError as e:  # the converter child itself failed: every job of it did
+                for f in child:
+                    fail_format(f, str(e))
+            except BaseException as e:  # re-raised in the main thread
+                errors.append(e)
 
-            th = threading.Thread(target=work, daemon=True)
-            th.start()
-            threads.append(th)
+        th = threading.Thread(target=work, daemon=True)
+        th.start()
+        threads.append(th)
     try:
         for f, ps in wanted.items():
             if not modules[f].IN_CHILD:
@@ -442,8 +530,19 @@ def _run_formats(ctx: formats.ExportContext, wanted: dict):
             _join(th, cancel, procs)
     if errors:
         raise errors[0]
-    if scratch is not None and scratch.exists():
-        shutil.rmtree(scratch)
+    for f in child:
+        mine = [r for r in results if r["format"] == f]
+        try:
+            built.extend(modules[f].finish(ctx, mine))
+        except UsageError as e:  # the files of this format are not what they must be
+            for r in mine:
+                fail(f, r["precision"], str(e))
+                target = ctx.out / r["path"]
+                if target.exists():
+                    target.unlink()
+    for path in scratch:
+        if path.exists():
+            shutil.rmtree(path)
     return built, failed
 
 

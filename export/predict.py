@@ -18,6 +18,7 @@ from . import bundle as B
 from . import runtimes
 from .contract import PRECISIONS, PROBABILITIES
 from .runtimes import check_token_ids
+from .runtimes.base import fixed_dims
 
 
 class Predictor:
@@ -35,7 +36,7 @@ class Predictor:
         fmt = runtimes.default_format(runtime)
         entry = B.find_artifact(self.manifest, fmt, precision)
         if entry is None:
-            have = sorted(a["precision"] for a in self.manifest["artifacts"] if a["format"] == fmt)
+            have = sorted({a["precision"] for a in self.manifest["artifacts"] if a["format"] == fmt})
             raise UsageError(f"bundle has no {fmt} {precision} artifact; it has {fmt}: {', '.join(have) or 'none'}")
         reason = cls.unavailable()
         if reason:
@@ -48,8 +49,8 @@ class Predictor:
         self.labels = list(self.manifest["labels"])
         self.vocab_size = int(self.manifest["vocab_size"])
         self.max_length = max_length or self.manifest.get("max_length")
-        fixed = (self.manifest.get("model_input") or {}).get("fixed_length")
-        if fixed:  # a model with a fixed input length: longer texts are cut to it
+        fixed = fixed_dims(entry.get("input_shape"))[1]
+        if fixed:  # an artifact with a fixed input length (the model's own, or a device file's): texts are cut to it
             self.max_length = min(int(self.max_length or fixed), int(fixed))
         self.heads = self.manifest.get("heads") or [
             {"output": PROBABILITIES, "kind": "softmax", "units": len(self.labels), "labels": self.labels}]

@@ -16,7 +16,9 @@ import numpy as np
 
 from probattn.models.errors import UsageError, one_line
 
+from . import contract as C
 from . import runtimes
+from .runtimes.base import fixed_dims
 from .runtimes.isolated import IsolatedRunner, Limits, RuntimeCrash, Worker
 
 #: a load or a smoke call that takes longer than this is a hang, not a slow start
@@ -34,16 +36,25 @@ def smoke_ids(vocab_size: int, fixed_length: int | None) -> np.ndarray:
     return ids
 
 
+def expected_outputs(fmt: str, output_names: list) -> list:
+    """The outputs a file of ``fmt`` must give (MediaPipe's file: the probabilities only)."""
+    return [n for n in output_names if n in C.MEDIAPIPE_OUTPUTS] if fmt == "mediapipe" else list(output_names)
+
+
 def check_artifacts(bundle: Path, entries: list, vocab_size: int, output_names: list, log=print) -> dict:
-    """``{artifact path: reason}`` for every artifact that does not run somewhere it should."""
-    ids = smoke_ids(vocab_size, None)
+    """``{artifact path: reason}`` for every artifact that does not run somewhere it should.
+    The rows fit each entry's ``input_shape`` (no longer than a fixed length); a runtime
+    that cannot be given such ids at all (MediaPipe rebuilds texts from them) and one the
+    export measured the file against (``target_checks``) are not asked."""
     failures = {}
     worker = None
     try:
         for entry in entries:
             path = Path(bundle) / entry["path"]
+            ids = smoke_ids(vocab_size, fixed_dims(entry.get("input_shape"))[1])
+            wanted = expected_outputs(entry["format"], output_names)
             for cls, variant in runtimes.pairs_for(entry["format"]):
-                if cls.secondary or cls.unavailable() or cls.cannot_run(entry["format"], entry["precision"]):
+                if cls.secondary or cls.unavailable() or cls.cannot_run(entry["format"], entry["precision"], entry):
                     continue  # checked on the runtimes the file is made for
                 if worker is None or worker.closed:
                     worker = Worker(CHECK_LIMITS)
@@ -51,8 +62,10 @@ def check_artifacts(bundle: Path, entries: list, vocab_size: int, output_names: 
                                         limits=CHECK_LIMITS, worker=worker)
                 try:
                     with runner:
+                        if not runner.accepts(ids):
+                            continue
                         out = runner.infer(ids)
-                    missing = sorted(set(output_names) - set(out))
+                    missing = sorted(set(wanted) - set(out))
                     if missing:
                         raise UsageError(f"outputs {sorted(out)}, missing {missing}")
                 except RuntimeCrash as e:

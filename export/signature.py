@@ -317,16 +317,28 @@ def apply_rewrites(serving) -> list:
 REWRITE_MAX_ABS = 1e-5
 
 
-def trace(serving):
+def trace(serving, batch: int | None = None, length: int | None = None, outputs=None):
     """``(module, concrete)``: a ``tf.Module`` tracking the raw variables, whose ``serve`` is
-    the traced serving function with the explicit input signature."""
+    the traced serving function with the explicit input signature ``[batch, length]``.
+
+    The one place an input shape is traced. ``length`` defaults to the model's own fixed
+    length (None: dynamic) and cannot differ from it; ``batch=1, length=n`` is the trace of
+    the fixed-shape device formats. ``outputs``: keep only these outputs (MediaPipe takes
+    the probabilities alone)."""
     import tensorflow as tf
 
-    spec = tf.TensorSpec([None, serving.fixed_length], tf.int32, name=INPUT)
+    if length is None:
+        length = serving.fixed_length
+    elif serving.fixed_length is not None and int(length) != serving.fixed_length:
+        raise UsageError(f"the model's input has a fixed length of {serving.fixed_length}; it cannot be traced "
+                         f"at length {length}")
+    spec = tf.TensorSpec([batch, length], tf.int32, name=INPUT)
+    keep = None if outputs is None else set(outputs)
 
     @tf.function(input_signature=[spec], autograph=False)  # Keras converts its own layers' calls
     def serve(token_ids):
-        return serving(token_ids)
+        out = serving(token_ids)
+        return out if keep is None else {k: v for k, v in out.items() if k in keep}
 
     module = tf.Module()
     module.variables_ = serving.variables()
@@ -341,3 +353,13 @@ def trace(serving):
         raise UsageError(f"the model could not be traced with int32 token ids {spec.shape}: "
                          f"{type(e).__name__}: {one_line(e, 300)}") from None
     return module, concrete
+
+
+def serving_module(model, attention: bool = False, shape=(None, None), vocab_size: int | None = None):
+    """``(module, concrete)`` for a Keras model as it is (no rewrites): ``trace`` of its
+    ``KerasServing`` with the input ``shape`` ``[batch, sequence]`` (tools and tests)."""
+    from .loading import vocab_size_of
+
+    serving = KerasServing(model, attention, vocab_size or vocab_size_of(model) or 2)
+    batch, length = shape
+    return trace(serving, batch=batch, length=length)

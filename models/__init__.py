@@ -15,7 +15,7 @@ from __future__ import annotations
 _LAZY = {
     "ProbAttention": "layers",
     "prob_attention_pool": "layers",
-    "MASK_OFFSET": "layers",
+    "GATE": "layers",
     "layer_classes": "layers",
     "build_classifier": "classifier",
     "find_attention_layer": "classifier",

@@ -1,18 +1,29 @@
-"""The ProbAttention layer: attention pooling with padding-aware, quantization-friendly math.
+"""The ProbAttention layer: attention pooling with padding-aware, quantization-safe math.
 
-The layer scores every time step with a learned vector, takes a softmax over time and
-returns the weighted sum of the inputs. The arithmetic is chosen so that the same graph
-behaves in float32, float16 and full-integer int8:
+The layer scores every time step with a learned vector, takes a softmax over the valid
+steps and returns the weighted sum of the inputs. The arithmetic is chosen so that one
+graph behaves in float32, float16 and full-integer int8, on LiteRT's XNNPACK *and*
+reference kernels (what microcontroller builds run), for texts of 1 token and of 4x the
+training length alike:
 
 * Masking uses the incoming Keras mask (``Embedding(mask_zero=True)``).
-* Scores are centred on the largest *valid* score, then padded steps are set to exactly
-  ``-MASK_OFFSET`` (20). A padded step therefore carries at most ``exp(-20) ≈ 2e-9`` of
-  the softmax mass before the final multiply by the mask sets it to exactly zero. No
-  constant exceeds the float16 range and no ``0 * inf`` can occur.
-* The small, fixed offset keeps the calibrated int8 range of the score tensor narrow
-  (a -1e4 or -1e12 constant spreads the real scores over a handful of int8 levels).
-* Pooling is a batched matmul (``BATCH_MATMUL``), not ``reduce_sum(x * a)``: LiteRT's
-  reference int8 ``SUM`` kernel is wrong over the time axis.
+* Scores are centred on the best *valid* score (picked with a select, so the best step's
+  centred score is exactly 0) and multiplied by the mask: valid steps are <= 0 and pads
+  sit at 0 too, so no mask constant stretches the int8
+  range of the scores (a -1e4 or -1e12 constant leaves the real scores a handful of int8
+  levels; -1e12 is even ``inf`` in float16).
+* ``e = exp(c) * mask``: pads get exactly 0, the best step exactly 1.
+* No SOFTMAX, DIV or SUM over time, each for a measured int8 reason: the int8 SOFTMAX
+  output has a fixed 1/256 step (a text of n near-uniform steps gets ~256/n codes per
+  weight) and LiteRT's reference int8 SOFTMAX aborts the process once its exponent sum
+  reaches 512; LiteRT's int8 DIV saturates when the numerator is a few codes; the
+  reference int8 SUM over the time axis is wrong. Sums over time are batched matmuls and
+  ``e / s`` is ``exp(c - log s)``, which keeps each weight's *relative* error the same
+  whatever its size (EXP and LOG are int8 lookup tables).
+* Two normalisations, gated by the row's attention mass ``s = sum(e)``: rows with
+  ``s < GATE`` (few steps share the attention, e.g. 1-token texts: one weight of 1.0) use
+  coarse weights in [0, 1]; rows with ``s >= GATE`` (many steps) use fine weights in
+  [0, 1/GATE], a GATE-times finer int8 grid. In float both paths are exactly ``e / s``.
 * Only ops with TFLite builtins and ONNX equivalents (``tf.expand_dims``, not
   ``x[..., None]``).
 
@@ -27,10 +38,23 @@ from .quiet import import_tensorflow
 
 tf = import_tensorflow()  # quietly: TensorFlow's native start-up lines stay off stderr
 
-#: Padded steps sit this far below the best valid score. exp(-20) ≈ 2.1e-9 per padded
-#: step, so appending 256 pads moves the softmax mass by < 6e-7 before the mask zeroes it.
-#: 20 fits in every float type and keeps the int8 score range near [-20, 0].
-MASK_OFFSET = 20.0
+#: Rows whose attention mass ``sum(exp(c))`` is at least GATE use the fine weights, whose
+#: int8 range is [0, 1/GATE]. 16 keeps a 16x finer grid for long texts while a row with a
+#: few dominant steps (mass < 16) keeps weights up to 1.0 on the coarse path.
+GATE = 16.0
+#: The coarse path is cut off this far above the gate, so int8 rounding of the mass near
+#: the gate can never give weight to a cut-off coarse path (cut-off implies gate fully on).
+GATE_MARGIN = 2.0
+
+
+def _row_dot(a, b):
+    """``sum_t a[:, t] * b[:, t]`` as ``(batch, 1)``, by BATCH_MATMUL (not SUM)."""
+    return tf.squeeze(tf.matmul(tf.expand_dims(a, 1), tf.expand_dims(b, 2)), axis=-1)
+
+
+def _pool(weights, inputs):
+    """``sum_t weights[:, t] * inputs[:, t, :]`` as ``(batch, features)``, by BATCH_MATMUL."""
+    return tf.squeeze(tf.matmul(tf.expand_dims(weights, 1), inputs), axis=1)
 
 
 def prob_attention_pool(inputs, kernel, mask=None):
@@ -42,23 +66,31 @@ def prob_attention_pool(inputs, kernel, mask=None):
       mask: optional ``(batch, time)`` boolean/0-1 tensor, true on real steps.
 
     Returns:
-      ``(pooled, weights)``: ``(batch, features)`` and ``(batch, time)``.
+      ``(pooled, weights)``: ``(batch, features)`` and ``(batch, time)``. Padded steps get
+      weight exactly 0; an all-padding row gets all-zero weights and the zero vector.
     """
     dtype = inputs.dtype
+    one = tf.constant(1.0, dtype)
+    gate = tf.constant(GATE, dtype)
     scores = tf.squeeze(tf.matmul(inputs, kernel), axis=-1)  # (B, T)
-    if mask is None:
-        weights = tf.nn.softmax(scores, axis=-1)
-    else:
-        m = tf.cast(mask, dtype)  # (B, T), 1 on real steps
-        offset = tf.constant(MASK_OFFSET, dtype)
-        # best valid score: shift every score to >= 0, zero the pads, take the max. (Pads at
-        # -offset would win the max whenever every real score is below -offset.)
-        low = tf.reduce_min(scores, axis=-1, keepdims=True)
-        best = tf.reduce_max((scores - low) * m, axis=-1, keepdims=True) + low
-        centred = (scores - best) * m + (m - 1.0) * offset  # valid <= 0, pads = -offset
-        weights = tf.nn.softmax(centred, axis=-1) * m  # pads exactly 0; all-pad row: 0
-    pooled = tf.matmul(tf.expand_dims(weights, 1), inputs)  # (B, 1, F): BATCH_MATMUL
-    pooled = tf.squeeze(pooled, axis=1)
+    m = tf.ones_like(scores) if mask is None else tf.cast(mask, dtype)
+    # best valid score: pads are replaced by the row's lowest score (so they never win the
+    # max, however negative the real scores) and ``best`` is one of the scores itself, so
+    # the best step's ``c`` is exactly 0 (arithmetic such as (s - low) * m + low would round
+    # it away from 0 in float16 and int8, and the normalisation below relies on it)
+    low = tf.reduce_min(scores, axis=-1, keepdims=True)
+    valid = tf.ones_like(scores, dtype=tf.bool) if mask is None else tf.cast(mask, tf.bool)
+    best = tf.reduce_max(tf.where(valid, scores, low), axis=-1, keepdims=True)
+    c = (scores - best) * m  # valid <= 0, best 0, pads 0
+    e = tf.exp(c) * m  # valid (0, 1], pads exactly 0
+    s = tf.maximum(_row_dot(e, m), one)  # attention mass; 1 on an all-padding row (no 0/0)
+    g = tf.clip_by_value(s - gate, 0.0, 1.0)  # 0: coarse path, 1: fine path
+    keep = one - tf.clip_by_value(s - (gate + tf.constant(GATE_MARGIN, dtype)), 0.0, 1.0)
+    s_coarse = tf.maximum(_row_dot(e * keep, m), one)  # s where used, 1 past the cut
+    w_coarse = tf.exp(c - tf.math.log(s_coarse)) * (m * keep)  # in [0, 1]
+    w_fine = tf.exp(c - tf.math.log(tf.maximum(s, gate))) * m  # in [0, 1/GATE]
+    pooled = g * _pool(w_fine, inputs) + (one - g) * _pool(w_coarse, inputs)
+    weights = g * w_fine + (one - g) * w_coarse
     return pooled, weights
 
 

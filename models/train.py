@@ -14,7 +14,7 @@ from .fsutil import atomic_directory, check_output_dir
 from .keras_compat import DEFAULT_FLAVOUR
 from .metrics import classification_report
 from .text import data as data_mod
-from .text.tokenizer import encode_fixed, train_tokenizer
+from .text.tokenizer import TOKENIZER_KINDS, encode_fixed, train_tokenizer_of_kind
 
 #: The file that marks a directory as a probattn run (``--overwrite`` replaces only runs).
 RUN_MARKER = "metrics.json"
@@ -29,7 +29,7 @@ class TrainConfig:
     label_column: str = "label"
     encoding: str = "utf-8"
     seed: int = 0
-    max_length: int = 64
+    max_length: int | None = None  # None: the dataset's default (see resolve_max_length)
     vocab_size: int = 20000
     embedding_dim: int = 64
     hidden_units: int = 128
@@ -37,7 +37,8 @@ class TrainConfig:
     epochs: int = 4
     batch_size: int = 32
     learning_rate: float = 2e-3
-    limit: int = 0  # use only the first N examples (quick runs and tests); 0 = all
+    limit: int = 0  # use only N examples, drawn per class in proportion (quick runs); 0 = all
+    tokenizer: str = "wordlevel"  # or "regex" / "regex-start": MediaPipe's regex tokenizer
     model: str = "probattn"  # architecture: probattn.models.zoo.ARCHITECTURES
     keras: str | None = DEFAULT_FLAVOUR  # "3" (Keras 3) or "2" (tf_keras); None: the default
 
@@ -45,6 +46,8 @@ class TrainConfig:
         for name in ("max_length", "vocab_size", "embedding_dim", "hidden_units", "epochs",
                      "batch_size"):
             v = getattr(self, name)
+            if name == "max_length" and v is None:
+                continue
             if not isinstance(v, int) or v < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be a positive integer; received {v!r}")
         if self.vocab_size < 3:
@@ -57,11 +60,30 @@ class TrainConfig:
             raise UsageError(f"--seed must be an integer from 0 to 2**32-1; received {self.seed!r}")
         if self.limit < 0:
             raise UsageError(f"--limit must be >= 0; received {self.limit}")
+        if self.tokenizer not in TOKENIZER_KINDS:
+            raise UsageError(f"--tokenizer must be one of {', '.join(TOKENIZER_KINDS)}; received {self.tokenizer!r}")
         from .keras_compat import check_flavour
         from .zoo import check_architecture
 
         check_architecture(self.model)
         self.keras = check_flavour(self.keras)
+
+
+#: --max-length bounds (a user file's default is derived from its texts, within these)
+MIN_DEFAULT_LENGTH, MAX_DEFAULT_LENGTH = 16, 256
+
+
+def resolve_max_length(config, tokenizer, texts) -> int:
+    """``--max-length`` if given; a bundled dataset's own default; otherwise the 95th
+    percentile of the training texts' token counts, rounded up to a multiple of 16 and kept
+    within [16, 256], so 95% of texts are never truncated."""
+    if config.max_length:
+        return config.max_length
+    if config.dataset in data_mod.DEFAULT_MAX_LENGTH:
+        return data_mod.DEFAULT_MAX_LENGTH[config.dataset]
+    lengths = sorted(len(e.ids) for e in tokenizer.encode_batch(list(texts)))
+    p95 = lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))] if lengths else MIN_DEFAULT_LENGTH
+    return int(min(MAX_DEFAULT_LENGTH, max(MIN_DEFAULT_LENGTH, -(-p95 // 16) * 16)))
 
 
 def _write_jsonl(path: Path, texts, labels):
@@ -82,8 +104,7 @@ def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None
     dataset = data_mod.load_dataset(config.dataset, config.text_column, config.label_column,
                                     config.encoding)
     if config.limit:
-        dataset = data_mod.TextDataset(dataset.name, dataset.texts[: config.limit],
-                                       dataset.labels[: config.limit])
+        dataset = data_mod.subsample(dataset, config.limit, seed=config.seed)
     split = data_mod.stratified_split(dataset, seed=config.seed)
     if len(split.label_names) < 2:
         raise UsageError(f"dataset has a single class ({split.label_names}); at least 2 are needed")
@@ -101,7 +122,9 @@ def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
 
-    tokenizer = train_tokenizer(split.train.texts, config.vocab_size, config.max_length)
+    tokenizer = train_tokenizer_of_kind(config.tokenizer, split.train.texts, config.vocab_size, MAX_DEFAULT_LENGTH * 64)
+    config.max_length = resolve_max_length(config, tokenizer, split.train.texts)
+    tokenizer.enable_truncation(max_length=config.max_length)
     vocab = tokenizer.get_vocab_size()
     index = {name: i for i, name in enumerate(split.label_names)}
 

@@ -37,3 +37,19 @@ def tamper(path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def cases_longer_than(bundle, length: int) -> set:
+    """Names of the verify case families with a batch longer than ``length`` ids (what a
+    fixed-shape artifact of that length reports as not applicable)."""
+    import json
+    from pathlib import Path
+
+    from probattn.export.parity.cases import build_cases, load_texts
+    from probattn.models.text.tokenizer import load_tokenizer
+
+    bundle = Path(bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    texts, labels, _ = load_texts(bundle, manifest, None)
+    cases = build_cases(load_tokenizer(bundle / manifest["tokenizer"]["path"]), manifest, texts, labels)
+    return {c.name for c in cases if any(b.shape[1] > length for b in c.batches + (c.base or []))}

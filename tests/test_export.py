@@ -13,11 +13,14 @@ import pytest
 from conftest import tiny_classifier
 from helpers import assert_one_error_line, run_cli
 from probattn.export import bundle as B
+from probattn.export import contract as C
 from probattn.models.errors import UsageError
 from probattn.export.parity.tolerances import FP16_MAX_ABS, FP32_MAX_ABS, MAX_PAD_ATTENTION
 
 EXPECTED = [("savedmodel", "fp32"), ("tflite", "fp32"), ("tflite", "fp16"), ("tflite", "int8-dynamic"),
             ("tflite", "int8"), ("onnx", "fp32"), ("onnx", "fp16"), ("onnx", "int8")]
+#: the fixed-shape device family (tests/test_devices.py checks it): int8 with float32 and int8 outputs
+FIXED = [("tflite-fixed", "fp32"), ("tflite-fixed", "int8"), ("tflite-fixed", "int8")]
 OUTPUTS = ["attention_weights", "probabilities"]
 FLOAT_TOL = {"fp32": FP32_MAX_ABS, "fp16": FP16_MAX_ABS}
 
@@ -108,7 +111,7 @@ EXPECTED_INPUT = {"tflite": {"dtype": "int32", "shape": [-1, -1]},
 
 def test_bundle_has_every_format_and_precision(manifest):
     got = [(a["format"], a["precision"]) for a in manifest["artifacts"]]
-    assert sorted(got) == sorted(EXPECTED + [("keras", "fp32")])
+    assert sorted(got) == sorted(EXPECTED + FIXED + [("keras", "fp32")])
 
 
 @pytest.mark.parametrize("fmt,precision", EXPECTED, ids=[f"{f}-{p}" for f, p in EXPECTED])
@@ -298,9 +301,9 @@ def test_export_user_model_file(user_files, tmp_path, suffix, precisions):
                    "--precisions", precisions)
     assert proc.returncode == 0, proc.stderr[-3000:]
     man = json.loads((out / "manifest.json").read_text())
-    want = {("keras", "fp32"), ("savedmodel", "fp32")} | {(f, p) for f in ("tflite", "onnx")
+    want = {("keras", "fp32"), ("savedmodel", "fp32")} | {(f, p) for f in ("tflite", "tflite-fixed", "onnx")
                                                            for p in precisions.split(",")
-                                                           if not (f == "onnx" and p == "int8-dynamic")}
+                                                           if p in C.SUPPORTED[f]}
     assert {(a["format"], a["precision"]) for a in man["artifacts"]} == want
     assert man["labels"] == ["neg", "neu", "pos"] and man["vocab_size"] == 50
     assert man["test_data"] is None

@@ -49,14 +49,20 @@ def test_verdict_records_formats_data_and_skips(bundle_copy, monkeypatch):
     report = parity.verify(bundle_copy, quiet=True)
     verdict = _manifest(bundle_copy)["verdict"]
     assert verdict["passed"] is report.passed
-    assert verdict["formats"] == ["keras", "onnx", "savedmodel", "tflite"]
-    assert len(verdict["skipped"]) == 8 and all("ai_edge_litert not installed" in s for s in verdict["skipped"])
+    assert verdict["formats"] == ["keras", "onnx", "savedmodel", "tflite", "tflite-fixed"]
+    # 4 dynamic + 3 fixed files, 2 kernel families (TFLite Micro and the dynamic files are not
+    # applicable by design, which is not a skip)
+    assert len(verdict["skipped"]) == 14 and all(" on litert-" in s and "ai_edge_litert not installed" in s
+                                                 for s in verdict["skipped"]), verdict["skipped"]
     assert verdict["accuracy_checked"] is True and "test.jsonl" in verdict["data"]
     assert not any(r["runtime"].startswith("litert") for r in report.rows)
 
 
 def test_verdict_not_written_over_a_manifest_that_changed(bundle_copy, monkeypatch):
     """An export that replaced the bundle meanwhile must not receive the old verdict."""
+    m = _manifest(bundle_copy)
+    m["verdict"] = None  # whatever an earlier verify of the shared bundle recorded
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
     from probattn.export.parity import verification as verify_mod
 
     real = verify_mod.run_case
@@ -66,6 +72,7 @@ def test_verdict_not_written_over_a_manifest_that_changed(bundle_copy, monkeypat
         if not changed:
             m = _manifest(bundle_copy)
             m["artifacts"] = m["artifacts"][:-1]
+            m["verdict"] = None  # the copy may carry the session bundle's verdict
             (bundle_copy / "manifest.json").write_text(json.dumps(m))
             changed["artifacts"] = m["artifacts"]
         return real(runner, case)

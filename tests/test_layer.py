@@ -14,9 +14,10 @@ import pytest
 import tensorflow as tf
 
 from conftest import tiny_classifier
-from probattn.models import (MASK_OFFSET, ProbAttention, build_classifier, find_attention_layer,
+from probattn.models import (GATE, ProbAttention, build_classifier, find_attention_layer,
                              prob_attention_pool)
 from probattn.models.keras_compat import DEFAULT_FLAVOUR, get_keras
+from probattn.models.layers import GATE_MARGIN
 
 #: the Keras of probattn's default flavour (Keras 3: what tf.keras is on TensorFlow 2.21)
 keras = get_keras()
@@ -33,11 +34,10 @@ def _softmax(z):
 
 
 def reference_pool(x, kernel, mask=None):
-    """The layer's math in float64 NumPy.
+    """Attention pooling in float64 NumPy: the function the layer computes.
 
-    scores = x @ w; without a mask a plain softmax over time. With a mask: centre the
-    scores on the best *valid* score, put padded steps at exactly -MASK_OFFSET (-20),
-    softmax, multiply by the mask. pooled = weights @ x.
+    scores = x @ w; weights = softmax over the valid steps only (padded steps exactly 0; an
+    all-padding row all 0); pooled = weights @ x.
     """
     x = np.asarray(x, np.float64)
     scores = (x @ np.asarray(kernel, np.float64))[..., 0]  # (B, T)
@@ -45,10 +45,11 @@ def reference_pool(x, kernel, mask=None):
         weights = _softmax(scores)
     else:
         m = np.asarray(mask, bool)
-        best = np.where(m, scores, -np.inf).max(axis=-1, keepdims=True)
-        best = np.where(np.isfinite(best), best, 0.0)  # all-padding row: nothing valid
-        centred = np.where(m, scores - best, -20.0)
-        weights = _softmax(centred) * m
+        z = np.where(m, scores, -np.inf)
+        best = z.max(axis=-1, keepdims=True)
+        e = np.where(m, np.exp(z - np.where(np.isfinite(best), best, 0.0)), 0.0)
+        total = e.sum(axis=-1, keepdims=True)
+        weights = np.divide(e, total, out=np.zeros_like(e), where=total > 0)
     pooled = np.einsum("bt,btf->bf", weights, x)
     return pooled, weights
 
@@ -63,7 +64,7 @@ def _case(name):
     if name == "all_padding_row":
         lengths = np.array([12, 5, 0, 2])
     if name == "valid_scores_below_minus_20":
-        # every real score is far below -MASK_OFFSET: the pads must still not win the max
+        # every real score is far below zero: the pads (at 0 after masking) must not win the max
         x = rng.uniform(0.6, 1.0, (b, t, f)).astype(np.float32)
         kernel = np.full((f, 1), -10.0, np.float32)  # scores in [-50, -30]
     mask = np.arange(t)[None, :] < lengths[:, None]
@@ -216,18 +217,35 @@ def test_mixed_precision_matches_float32_on_normal_rows(mixed_precision, ragged_
                                err_msg="mixed_float16 probabilities far from float32")
 
 
-def test_mask_offset_fits_float16():
-    assert 0 < MASK_OFFSET < FLOAT16_MAX
-    assert float(np.float16(MASK_OFFSET)) == MASK_OFFSET, "MASK_OFFSET is not exact in float16"
-    # one valid step (centred score 0) beside 256 pads at -MASK_OFFSET: before the mask zeroes
-    # them, the pads must not take a float16 step of weight from the valid one, and nothing
-    # may overflow (a smaller offset, e.g. 5, gives the valid step only 0.37)
-    for dtype in (np.float16, np.float32):
-        row = np.array([0.0] + [-MASK_OFFSET] * 256, dtype)
-        e = np.exp(row - row.max())
-        w = e / e.sum()
-        assert np.isfinite(w).all(), dtype
-        assert abs(float(w[0]) - 1.0) <= float(np.finfo(np.float16).eps), (dtype, w[0])
+@pytest.mark.parametrize("mass", [1.0, 2.0, GATE - 0.5, GATE, GATE + 0.5, GATE + 1.0, GATE + 1.5,
+                                  GATE + GATE_MARGIN, GATE + GATE_MARGIN + 0.5, 4 * GATE, 300.0])
+def test_both_normalisation_paths_are_exact_softmax(mass):
+    """Rows whose attention mass sum(exp(c)) sits below, at, between and above the gate and
+    its margin: whichever path (or blend) the gate picks, float weights are the softmax."""
+    if mass == 1.0:  # a single valid step
+        n, scores = 1, np.zeros((1, 1), np.float32)
+    else:  # one step at score 0 (weight e^0 = 1) and n-1 equal steps sharing mass - 1
+        n = int(np.ceil(mass)) + 1
+        scores = np.array([[0.0] + [np.log((mass - 1.0) / (n - 1))] * (n - 1)], np.float32)
+    x = np.eye(n, dtype=np.float32)[None]  # pooled = weights
+    kernel = np.ones((n, 1), np.float32)
+    inputs = x * scores[..., None]  # scores = inputs @ 1 = the row above
+    pooled, weights = prob_attention_pool(tf.constant(inputs), tf.constant(kernel),
+                                          tf.constant(np.ones((1, n), bool)))
+    _, ref = reference_pool(inputs, kernel, np.ones((1, n), bool))
+    np.testing.assert_allclose(weights.numpy(), ref, rtol=0, atol=2e-6, err_msg=f"mass {mass}")
+
+
+def test_layer_graph_avoids_the_ops_int8_kernels_get_wrong():
+    """SOFTMAX (fixed 1/256 int8 output step; the reference kernel aborts past an exponent
+    sum of 512), DIV (saturates on small numerators) and SUM over time (wrong on the
+    reference kernels) must not appear in the pooling graph."""
+    fn = tf.function(prob_attention_pool).get_concrete_function(
+        tf.TensorSpec([None, None, 8], tf.float32), tf.TensorSpec([8, 1], tf.float32),
+        tf.TensorSpec([None, None], tf.bool))
+    ops = {op.type for op in fn.graph.get_operations()}
+    assert not ops & {"Softmax", "RealDiv", "Div", "Sum"}, sorted(ops)
+    assert {"BatchMatMulV2", "Exp", "Log"} <= ops, sorted(ops)
 
 
 def _graph_constants(fn, *specs):
@@ -245,7 +263,7 @@ def test_no_graph_constant_outside_float16_range(dtype):
         prob_attention_pool, tf.TensorSpec([None, None, 8], dtype),
         tf.TensorSpec([8, 1], dtype), tf.TensorSpec([None, None], tf.bool))
     floats = [c for c in consts if np.issubdtype(c.dtype, np.floating)]
-    assert floats, "expected at least the mask offset constant in the graph"
+    assert floats, "expected at least the gate constant in the graph"
     worst = max(float(np.max(np.abs(c.astype(np.float64)))) for c in floats if c.size)
     assert worst < FLOAT16_MAX, f"a float constant of magnitude {worst:g} does not fit float16"
 

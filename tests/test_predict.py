@@ -147,7 +147,7 @@ def test_predict_ids_validation(predictors, manifest, runtime, case):
 
 
 def test_predictor_refuses_unknown_runtime_and_precision(bundle_dir):
-    with pytest.raises(UsageError, match="unknown runtime 'tensorflow'; allowed: litert, onnxruntime, openvino"):
+    with pytest.raises(UsageError, match="unknown runtime 'tensorflow'; allowed: litert, tflm, onnxruntime, openvino"):
         Predictor(bundle_dir, runtime="tensorflow")
     with pytest.raises(UsageError, match="unknown precision 'fp8'"):
         Predictor(bundle_dir, precision="fp8")
@@ -184,7 +184,7 @@ def test_cli_predict_json(bundle_dir, predictors, runtime):
                                    rtol=0, atol=1e-6, err_msg=f"CLI vs Predictor ({runtime})")
 
 
-@pytest.mark.parametrize("runtime", ["onnxruntime", "litert"])
+@pytest.mark.parametrize("runtime", ["onnxruntime", "litert", "tflm"])
 def test_cli_predict_never_imports_tensorflow(bundle_dir, runtime):
     code = ("import sys\n"
             "from probattn.export.cli import main\n"
@@ -229,7 +229,7 @@ def test_cli_predict_refuses_hash_mismatch(tampered_bundle, runtime, name):
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["--runtime", "tensorflow"], "unknown runtime 'tensorflow'; allowed: litert, onnxruntime, openvino"),
+    (["--runtime", "tensorflow"], "unknown runtime 'tensorflow'; allowed: litert, tflm, onnxruntime, openvino"),
     (["--precision", "fp8"], "unknown precision 'fp8'; allowed: fp32, fp16, int8-dynamic, int8"),
     (["--precision", "int8-dynamic"], "bundle has no onnx int8-dynamic artifact"),
 ], ids=["runtime", "precision", "missing-artifact"])

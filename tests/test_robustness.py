@@ -276,11 +276,11 @@ BAD_INPUT = [
     Case("export-unknown-precision", lambda w, s: ["export", s["run"], "--out", w / "out", "--precisions", "fp32,int4"],
          ("'int4'", "fp32, fp16, int8-dynamic, int8")),
     Case("export-unknown-format", lambda w, s: ["export", s["run"], "--out", w / "out", "--formats", "coreml"],
-         ("'coreml'", "savedmodel, tflite, onnx")),
+         ("'coreml'", "savedmodel, tflite, tflite-fixed, mediapipe, onnx")),
     Case("verify-unknown-format", lambda w, s: ["verify", s["bundle"], "--formats", "coreml", "--report-dir", w / "r"],
-         ("'coreml'", "savedmodel, tflite, onnx")),
+         ("'coreml'", "savedmodel, tflite, tflite-fixed, mediapipe, onnx")),
     Case("predict-unknown-runtime", lambda w, s: ["predict", s["bundle"], "text", "--runtime", "tensorrt"],
-         ("'tensorrt'", "litert, onnxruntime, openvino")),
+         ("'tensorrt'", "litert, tflm, onnxruntime, openvino")),
     Case("predict-unknown-precision", lambda w, s: ["predict", s["bundle"], "text", "--precision", "int4"],
          ("'int4'", "fp32, fp16, int8-dynamic, int8")),
     Case("predict-negative-batch-size", lambda w, s: ["predict", s["bundle"], "text", "--batch-size", "-1"],
@@ -292,7 +292,7 @@ BAD_INPUT = [
     Case("bench-threads-not-a-number", lambda w, s: ["bench", s["bundle"], "--out", w / "bench", "--threads", "1,abc"],
          ("'abc'", "positive integers and 'all'")),
     Case("bench-unknown-runtime", lambda w, s: ["bench", s["bundle"], "--out", w / "bench", "--runtimes", "tensorrt"],
-         ("tensorrt", "keras, savedmodel, litert, onnxruntime")),
+         ("tensorrt", "keras, savedmodel, litert, tflm, onnxruntime, openvino, mediapipe")),
 ]
 
 #: the families above, for the README's 'Guarantees' section

@@ -5,9 +5,18 @@ The registry maps a format name (``probattn.export.contract.EXPORT_FORMATS``) to
 module. A format module declares:
 
 * ``FORMAT``: its name in the contract;
-* ``NEEDS_SAVED_MODEL``: it converts from the SavedModel (built once, in a temporary
-  place when the SavedModel itself was not asked for);
+* ``NEEDS_SAVED_MODEL``: it converts from a SavedModel (built once, in a temporary
+  place when the SavedModel itself was not asked for); ``SAVED_MODEL`` says which trace
+  of the serving function: ``"dynamic"`` (``[batch, sequence]``), ``"fixed"``
+  (``[1, max_length]``) or ``"fixed-probabilities"`` (``[1, max_length]``, probabilities
+  only);
 * ``IN_CHILD``: it runs in a child process, so the exporter runs it beside the others.
+  The TFLite family (``tflite``, ``tflite-fixed``, ``mediapipe``) also offers
+  ``conversions(ctx, precisions)`` and ``finish(ctx, results)``: the exporter then runs
+  every TFLite conversion of the export in one converter child (one TensorFlow start-up)
+  and hands each format its results.
+
+Module names are the format names with ``-`` as ``_`` (``tflite-fixed``: ``tflite_fixed``).
 """
 from __future__ import annotations
 
@@ -31,6 +40,13 @@ class ExportContext:
     calibration: list | None = None  # int32 id batches for full-int8 calibration
     saved_model_dir: Path | None = None  # set by the exporter when a format needs it
     saved_model_seconds: float = 0.0
+    max_length: int = 64  # the fixed-shape formats' length
+    #: one text per [1, max_length] array, for the fixed-shape formats' full-int8 calibration
+    calibration_fixed: list | None = None
+    #: SavedModel directory per trace (``SAVED_MODEL`` of the format modules)
+    saved_models: dict = field(default_factory=dict)
+    labels: list = field(default_factory=list)
+    tokenizer: object = None  # the bundle's tokenizers.Tokenizer
     log: Callable = print
     started: Callable | None = None  # called with a child process once it runs (to stop it)
     fixed_length: int | None = None  # the model's own input length, or None (dynamic)
@@ -57,4 +73,4 @@ def get(fmt: str):
         from probattn.models.errors import UsageError
 
         raise UsageError(f"unknown format '{fmt}'; allowed: {', '.join(EXPORT_FORMATS)}")
-    return importlib.import_module(f"{__name__}.{fmt}")
+    return importlib.import_module(f"{__name__}.{fmt.replace('-', '_')}")

@@ -2,7 +2,8 @@
 
 * fp32: ``tf2onnx.convert.from_function`` with the explicit input signature; input
   ``token_ids`` and outputs keep their names, dynamic dims are named ``batch`` and
-  ``sequence`` (tf2onnx calls them ``unk__N``).
+  ``sequence`` (tf2onnx calls them ``unk__N``), and the graph outputs are put in contract
+  order, ``probabilities`` first (fp16 and int8 are derived from this graph and keep it).
 * fp16: ``onnxruntime.transformers.float16`` with ``keep_io_types=True`` (int32 input,
   float32 outputs). ``onnxconverter_common.float16`` produced an invalid Cast on this graph.
 * int8: ``onnxruntime.quantization.quantize_dynamic``: int8 weights for MatMul and Gather,
@@ -18,7 +19,7 @@ from pathlib import Path
 from probattn.models.errors import UsageError, one_line
 
 from ..contract import (BATCH_DIM, INPUT, SEQUENCE_DIM, SUPPORTED, artifact_filename, input_dims,
-                        output_dims)
+                        ordered_outputs, output_dims)
 from . import Built, ExportContext
 
 FORMAT = "onnx"
@@ -27,7 +28,12 @@ IN_CHILD = False
 DEFAULT_OPSET = 17
 MIN_OPSET, MAX_OPSET = 13, 18  # tf2onnx 1.17 refuses opsets above 18
 ONNX_PRECISIONS = SUPPORTED[FORMAT]
-INT8_RECIPE = {"method": "onnxruntime quantize_dynamic", "weights": "int8 (QInt8)",
+#: reduce_range: 7-bit weights. onnxruntime's MatMulInteger on CPUs without VNNI (AVX2's
+#: u8 x s8 pair products saturate at int16) returned e.g. [1055, -1491] instead of 0 for an
+#: input equal to its zero point, so the all-padding row's zero vector gave logits in the
+#: thousands; with 7-bit weights the pair sums cannot saturate and the result is the same
+#: on every CPU.
+INT8_RECIPE = {"method": "onnxruntime quantize_dynamic", "weights": "int8 (QInt8), reduce_range (7 bit)",
                "activations": "uint8, quantized at run time", "ops": "MatMul, Gather"}
 FP16_RECIPE = {"method": "onnxruntime.transformers.float16", "io": "int32 in, float32 out",
                "ids": "never float16: a model's own float cast of the ids is bypassed for the embedding lookup"}
@@ -86,6 +92,17 @@ def _rename_io(model, mapping: dict) -> None:
             vi.name = mapping[vi.name]
 
 
+def _order_outputs(model, order: list) -> None:
+    """Graph outputs in contract order (tf2onnx sorts a dict's keys by name, which puts
+    attention_weights first): ``session.run(None, feed)[0]`` is then the probabilities."""
+    outputs = sorted(model.graph.output, key=lambda o: order.index(o.name))
+    copies = [type(o)() for o in outputs]
+    for c, o in zip(copies, outputs):
+        c.CopyFrom(o)
+    del model.graph.output[:]
+    model.graph.output.extend(copies)
+
+
 def convert_fp32(module, opset: int, output_names: list, fixed_length: int | None = None,
                  head_units: dict | None = None):
     import tensorflow as tf
@@ -105,6 +122,7 @@ def convert_fp32(module, opset: int, output_names: list, fixed_length: int | Non
     got = [o.name for o in model.graph.output]
     if sorted(got) != sorted(output_names):
         raise UsageError(f"ONNX outputs came out as {got}, expected {output_names}")
+    _order_outputs(model, ordered_outputs(got))
     dims = {n: output_dims(n, (head_units or {}).get(n), fixed_length) for n in got}
     _name_dims(model, dims, input_dims(fixed_length))
     model.doc_string = "probattn classifier"
@@ -154,9 +172,49 @@ def convert_fp16(model_fp32):
     model = copy.deepcopy(model_fp32)
     bypass_float_id_casts(model)
     try:
-        return convert_float_to_float16(model, keep_io_types=True)
+        model = convert_float_to_float16(model, keep_io_types=True)
     except Exception as e:
         raise UsageError(f"ONNX fp16 conversion failed: {one_line(e)}") from None
+    # ops the converter keeps in float32 (Min, Max, ...) get cast nodes that it appends after
+    # their consumers; ONNX requires nodes in topological order
+    toposort(model.graph)
+    return model
+
+
+def _outer_names(node) -> list:
+    """Names a node's subgraphs (If/Loop/Scan bodies) read from the enclosing graph."""
+    out = []
+    for a in node.attribute:
+        for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+            local = {i.name for i in g.input} | {t.name for t in g.initializer}
+            for n in g.node:
+                local.update(n.output)
+            for n in g.node:
+                out += [i for i in list(n.input) + _outer_names(n) if i and i not in local]
+    return out
+
+
+def toposort(graph) -> None:
+    """Reorder ``graph.node`` so every node comes after the nodes producing its inputs (stable:
+    nodes already in order keep their order). Raises on a cycle."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    nodes = list(graph.node)
+    ordered, pending = [], nodes
+    while pending:
+        progress, rest = False, []
+        for node in pending:
+            if all(i in available for i in list(node.input) + _outer_names(node)):
+                ordered.append(node)
+                available.update(node.output)
+                progress = True
+            else:
+                rest.append(node)
+        if not progress:
+            missing = sorted({i for n in rest for i in n.input if i not in available})[:5]
+            raise UsageError(f"ONNX graph has a cycle or undefined inputs ({', '.join(missing)})")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 def convert_int8(fp32_path: Path, out_path: Path) -> None:
@@ -166,7 +224,7 @@ def convert_int8(fp32_path: Path, out_path: Path) -> None:
 
     logging.disable(logging.WARNING)  # "consider pre-processing" advice logged on the root logger
     try:
-        quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8,
+        quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8, reduce_range=True,
                          op_types_to_quantize=["MatMul", "Gather"])
     except Exception as e:
         raise UsageError(f"ONNX int8 quantization failed: {one_line(e)}") from None

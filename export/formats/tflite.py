@@ -7,6 +7,11 @@ returns all of it to the system when it exits.
 Builtin ops only: Select TF (Flex) ops cannot be run by any Python LiteRT interpreter,
 so a model that needs them fails with a message naming the ops.
 
+After conversion the flatbuffer is rewritten (``tflite_flatbuffer.rewrite_io``): raw
+tensor names are the contract's (``token_ids``, ``probabilities``, ``attention_weights``)
+and ``probabilities`` is output 0 of the subgraph and of the signature, so raw clients
+(C++, TFLite Micro, ``get_output_details()[0]``) get the probabilities first.
+
 Full-integer recipe (recorded in the manifest): int8 weights and activations, int32
 ``token_ids`` input, float32 outputs (a dequantize at the end), per-channel dense weights,
 calibrated on real training texts at their own lengths in padded batches. The layer's
@@ -32,6 +37,7 @@ from . import Built, ExportContext
 
 FORMAT = "tflite"
 NEEDS_SAVED_MODEL = True
+SAVED_MODEL = "dynamic"
 IN_CHILD = True
 TFLITE_PRECISIONS = SUPPORTED[FORMAT]
 
@@ -40,7 +46,8 @@ INT8_RECIPE = {
     "activations": "int8",
     "input": "int32 token_ids (not quantized)",
     "outputs": "float32 (dequantized in the graph)",
-    "calibration": "training texts at their own lengths, batches of 4 padded to the longest",
+    "calibration": "training texts at their own length, cut to random lengths, as 1- and 2-token rows, and "
+                   "joined beyond max_length (export/calibration.py); batches of 4 padded to the longest",
     "ops": "TFLITE_BUILTINS_INT8 only",
 }
 
@@ -66,7 +73,11 @@ def _saved_model_ops(saved_model_dir, prefix: str) -> list:
     return sorted(o for o in ops if o.startswith(prefix))
 
 
-def convert(saved_model_dir: str, precision: str, calibration: list | None = None) -> bytes:
+def convert(saved_model_dir: str, precision: str, calibration: list | None = None,
+            int8_output: bool = False, float_ops=()) -> bytes:
+    """One conversion. ``int8_output``: full int8 with int8 outputs (no final DEQUANTIZE);
+    the input stays int32 (token ids are not quantized). ``float_ops``: builtin op names
+    (e.g. ``EXP``) that full int8 keeps in float32, between a DEQUANTIZE and a QUANTIZE."""
     import tensorflow as tf
 
     if precision not in TFLITE_PRECISIONS:
@@ -90,6 +101,10 @@ def convert(saved_model_dir: str, precision: str, calibration: list | None = Non
                 yield {INPUT: np.asarray(ids, dtype=np.int32)}
 
         conv.representative_dataset = representative
+        if int8_output:
+            conv.inference_output_type = tf.int8
+        if float_ops:
+            return _convert_with_float_ops(conv, float_ops, int8_output)
     try:
         return conv.convert()
     except Exception as e:  # ConverterError and friends: report what the converter said
@@ -109,33 +124,83 @@ def convert(saved_model_dir: str, precision: str, calibration: list | None = Non
         raise UsageError(f"TFLite {precision} conversion failed: {one_line(msg)}") from None
 
 
-def export(ctx: ExportContext, precisions) -> list:
-    """Every TFLite precision asked for, converted from ``ctx.saved_model_dir`` in one child."""
+def _convert_with_float_ops(conv, float_ops, int8_output: bool) -> bytes:
+    """Full int8 with ``float_ops`` left in float32: calibrate with the converter, then
+    quantize with the MLIR quantizer's op denylist (what the public
+    ``tf.lite.experimental.QuantizationDebugger`` does with ``denylisted_ops``)."""
+    import tensorflow as tf
+    from tensorflow.lite.python import convert as tf_convert
+
+    conv._experimental_calibrate_only = True  # the converter stops after calibration
+    try:
+        calibrated = conv.convert()
+        return tf_convert.mlir_quantize(calibrated, disable_per_channel=False,
+                                        output_data_type=tf.int8 if int8_output else tf.float32,
+                                        denylisted_ops=list(float_ops))
+    except Exception as e:
+        raise UsageError(f"TFLite int8 conversion with {', '.join(float_ops)} in float failed: {one_line(e)}") from None
+
+
+def conversion(fmt: str, saved_model, precision: str, path: str, calibration: str | None = None,
+               int8_output: bool = False, float_ops=()) -> dict:
+    """One job for the converter child: convert ``saved_model`` at ``precision`` (full int8
+    calibrated with the context's ``calibration`` set, ``"dynamic"`` or ``"fixed"``),
+    rewrite its I/O names and order, write it to ``path`` inside the bundle."""
+    return {"format": fmt, "saved_model": str(saved_model), "precision": precision, "path": path,
+            "calibration": calibration if precision == "int8" else None, "int8_output": bool(int8_output),
+            "float_ops": list(float_ops) if precision == "int8" else []}
+
+
+def conversions(ctx: ExportContext, precisions) -> list:
     if "int8" in precisions and not ctx.calibration:
         raise UsageError("full-integer int8 needs calibration texts (--calibration-data)")
-    results = convert_in_child(ctx.saved_model_dir, ctx.out, list(precisions), ctx.calibration,
-                               started=ctx.started, failed=ctx.failed)
-    return [Built(FORMAT, r["precision"], r["path"], r["seconds"],
-                  {**({"recipe": INT8_RECIPE} if r["precision"] == "int8" else {}), "output_dtype": "float32"})
-            for r in results]
+    return [conversion(FORMAT, ctx.saved_model_dir, p, artifact_filename(FORMAT, p), "dynamic")
+            for p in precisions]
 
 
-def convert_in_child(saved_model_dir, out_dir, precisions, calibration=None, progress=None, started=None,
-                     failed=None):
-    """Convert each precision in one child process; returns result dicts. A precision that
-    fails goes to ``failed(format, precision, reason)`` when given (else it raises)."""
-    out_dir = Path(out_dir)
-    calib_path = None
-    if calibration:
-        calib_path = out_dir / ".calibration.npz"
-        np.savez(calib_path, *[np.asarray(c, np.int32) for c in calibration])
-    cmd = [sys.executable, "-m", "probattn.export.formats.tflite", str(saved_model_dir),
-           str(out_dir), ",".join(precisions), str(calib_path or "")]
+def finish(ctx: ExportContext, results) -> list:
+    """Manifest entries of the converted files: recipe, output dtype, what raw clients see,
+    and where each file runs (measured)."""
+    from .targets import measure
+
+    built = []
+    for r in results:
+        extra = {**({"recipe": INT8_RECIPE} if r["precision"] == "int8" else {}), "output_dtype": "float32"}
+        extra.update(measure(ctx.out / r["path"], ctx.max_length))
+        built.append(Built(FORMAT, r["precision"], r["path"], r["seconds"], extra))
+    return built
+
+
+def export(ctx: ExportContext, precisions) -> list:
+    """Every TFLite precision asked for, converted from ``ctx.saved_model_dir`` in one child."""
+    return finish(ctx, convert_in_child(ctx, conversions(ctx, precisions)))
+
+
+def convert_in_child(ctx: ExportContext, jobs, progress=None) -> list:
+    """Run ``jobs`` (from ``conversion``) in one child process; returns their results
+    (``path``, ``precision``, ``seconds``, ...) in order. A job that fails goes to
+    ``ctx.failed(format, precision, reason)`` when it is set and the others go on;
+    without it the first failure raises."""
+    out_dir = Path(ctx.out)
+    sets = {"dynamic": ctx.calibration, "fixed": ctx.calibration_fixed}
+    spec = {"out": str(out_dir), "jobs": list(jobs), "calibration": {}}
+    written = []
+    for name in sorted({j["calibration"] for j in jobs if j["calibration"]}):
+        if not sets.get(name):
+            raise UsageError("full-integer int8 needs calibration texts (--calibration-data)")
+        path = out_dir / (".calibration.npz" if name == "dynamic" else f".calibration-{name}.npz")
+        np.savez(path, *[np.asarray(c, np.int32) for c in sets[name]])
+        spec["calibration"][name] = str(path)
+        written.append(path)
+    spec_path = out_dir / ".tflite-jobs.json"
+    spec_path.write_text(json.dumps(spec))
+    written.append(spec_path)
+    cmd = [sys.executable, "-m", "probattn.export.formats.tflite", str(spec_path)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PROBATTN_PARENT_PID=str(os.getpid()))
     errlog = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty child cannot block on it
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errlog, text=True, env=env)
-    if started:  # lets the caller stop the conversion (e.g. on Ctrl-C) without waiting for it
-        started(proc)
+    if ctx.started:  # lets the caller stop the conversion (e.g. on Ctrl-C) without waiting for it
+        ctx.started(proc)
     results = []
     try:
         for line in proc.stdout:
@@ -143,10 +208,11 @@ def convert_in_child(saved_model_dir, out_dir, precisions, calibration=None, pro
                 continue
             res = json.loads(line)
             if "error" in res:
-                if failed is None or "precision" not in res:
+                job = res.get("job")
+                if ctx.failed is None or job is None:
                     proc.wait()
                     raise UsageError(res["error"])
-                failed(FORMAT, res["precision"], res["error"])
+                ctx.failed(job["format"], job["precision"], res["error"])  # the other jobs go on
                 continue
             results.append(res)
             if progress:
@@ -161,8 +227,9 @@ def convert_in_child(saved_model_dir, out_dir, precisions, calibration=None, pro
             proc.kill()
             proc.wait()
         errlog.close()
-        if calib_path is not None and calib_path.exists():
-            calib_path.unlink()
+        for path in written:
+            if path.exists():
+                path.unlink()
     return results
 
 
@@ -183,32 +250,39 @@ def _exit_with_parent():
 
 def _child_main(argv):
     _exit_with_parent()
-    saved_model_dir, out_dir, precisions, calib = argv
-    calibration = None
-    if calib:
-        with np.load(calib) as z:
-            calibration = [z[k] for k in sorted(z.files, key=lambda k: int(k.split("_")[1]))]
+    spec = json.loads(Path(argv[0]).read_text())
+    calibration = {}
+    for name, path in spec["calibration"].items():
+        with np.load(path) as z:
+            calibration[name] = [z[k] for k in sorted(z.files, key=lambda k: int(k.split("_")[1]))]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import warnings
 
     from probattn.models.quiet import import_tensorflow
 
+    from ..contract import ordered_outputs
+    from .tflite_flatbuffer import rewrite_io
+
     warnings.filterwarnings("ignore")
     import_tensorflow()
-    for precision in precisions.split(","):
+    for job in spec["jobs"]:
         t0 = time.perf_counter()
         try:
-            blob = convert(saved_model_dir, precision, calibration)
-        except UsageError as e:  # this precision fails; the next ones are still tried
-            print(json.dumps({"error": str(e), "precision": precision}), flush=True)
+            blob = convert(job["saved_model"], job["precision"], calibration.get(job["calibration"]),
+                           int8_output=job["int8_output"], float_ops=job.get("float_ops", ()))
+            blob = rewrite_io(blob, ordered_outputs)  # raw names and order = the contract's
+        except UsageError as e:  # this job fails; the next ones are still tried
+            print(json.dumps({"error": str(e), "job": job}), flush=True)
             continue
-        name = artifact_filename(FORMAT, precision)
-        path = Path(out_dir) / name
+        except ValueError as e:
+            print(json.dumps({"error": f"{job['path']}: cannot name its tensors ({one_line(e)})", "job": job}),
+                  flush=True)
+            continue
+        path = Path(spec["out"]) / job["path"]
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(blob)
         tmp.replace(path)
-        print(json.dumps({"precision": precision, "path": name, "seconds": round(time.perf_counter() - t0, 2)}),
-              flush=True)
+        print(json.dumps({**job, "seconds": round(time.perf_counter() - t0, 2)}), flush=True)
     return 0
 
 

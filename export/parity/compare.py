@@ -70,19 +70,37 @@ def decisions(probs: np.ndarray, kind: str = "softmax") -> np.ndarray:
     return probs.argmax(-1)
 
 
-def _agreement(a: dict, b: dict, heads) -> float:
-    """Share of decisions two runs agree on (per label for multi-label heads); the worst head."""
-    return min(float(np.mean(decisions(a[h], k) == decisions(b[h], k))) for h, k in heads)
+def decision_margin(values: np.ndarray, kind: str = "softmax") -> float:
+    """How far the closest row is from changing its decision: the gap between the top two
+    classes (softmax, scores), or the distance to the threshold (0.5 for sigmoid units, 0
+    for a logit); inf when there is no second class to flip to."""
+    v = np.asarray(values, np.float64)
+    if kind == "sigmoid":
+        return float(np.min(np.abs(v - 0.5)))
+    if kind == "logit":
+        return float(np.min(np.abs(v)))
+    if v.shape[-1] < 2:
+        return float("inf")
+    top2 = np.sort(v, axis=-1)[:, -2:]
+    return float(np.min(top2[:, 1] - top2[:, 0]))
+
+
+def _agreement(a: dict, b: dict, heads, rows=None) -> float:
+    """Share of decisions two runs agree on (per label for multi-label heads); the worst
+    head. ``rows``: a boolean row selection."""
+    sel = (lambda x: x) if rows is None else (lambda x: x[rows])
+    return min(float(np.mean(decisions(sel(a[h]), k) == decisions(sel(b[h]), k))) for h, k in heads)
 
 
 def metrics(out, ref, case: Case, base, keras_acc, heads=None):
-    """Every figure of one artifact x runtime x case against the reference outputs.
+    """Every figure of one artifact x runtime x case against the reference outputs (and, for
+    an invariance family, against the same rows computed another way on this runtime).
     ``heads``: ``[(output name, kind), ...]``, every score output (default: one softmax
     ``probabilities``); values are compared over all of them, decisions per head."""
     heads = heads or [(PROBABILITIES, "softmax")]
     p = np.concatenate([out[h] for h, _ in heads], axis=1)
     r = np.concatenate([ref[h] for h, _ in heads], axis=1)
-    m = {}
+    m = {"rows": int(p.shape[0])}
     m["nan_inf"] = int(sum(np.count_nonzero(~np.isfinite(v)) for v in out.values()))
     with np.errstate(invalid="ignore", divide="ignore"):
         diff = np.abs(p.astype(np.float64) - r)
@@ -97,6 +115,8 @@ def metrics(out, ref, case: Case, base, keras_acc, heads=None):
     allpad = ids_rows == PAD_ID
     if allpad.any():
         m["all_pad_abs"] = float(np.max(diff[allpad])) if np.isfinite(p[allpad]).all() else float("inf")
+        m["all_pad_margin"] = min(decision_margin(ref[h][allpad], k) for h, k in heads)
+        m["all_pad_top1_agreement"] = _agreement(out, ref, heads, allpad)
     primary = decisions(out[heads[0][0]], heads[0][1])
     if case.labels is not None and primary.ndim == 1:  # a multi-label head has no single label
         acc = float(np.mean(primary == case.labels))
@@ -105,8 +125,10 @@ def metrics(out, ref, case: Case, base, keras_acc, heads=None):
             m["accuracy_drop"] = keras_acc - acc
     if base is not None:
         bp = np.concatenate([base[h] for h, _ in heads], axis=1)
-        m["pad_invariance"] = float(np.max(np.abs(p.astype(np.float64) - bp))) if np.isfinite(p).all() else float("inf")
-        m["pad_top1_agreement"] = _agreement(out, base, heads)
+        kind = case.invariance
+        m[f"{kind}_invariance"] = (float(np.max(np.abs(p.astype(np.float64) - bp))) if np.isfinite(p).all()
+                                   else float("inf"))
+        m[f"{kind}_top1_agreement"] = _agreement(out, base, heads)
     if ATTENTION in out:
         ids = np.concatenate([np.pad(b, ((0, 0), (0, out[ATTENTION].shape[1] - b.shape[1])))
                               for b in case.batches])
@@ -117,7 +139,8 @@ def metrics(out, ref, case: Case, base, keras_acc, heads=None):
 
 def checks_for(artifact, runtime, precision, case: Case, m, reference: bool = False) -> list:
     """The checks for one artifact x runtime x case; every bound comes from ``tolerances``.
-    ``reference``: the Keras model itself, whose masking must hold."""
+    ``reference``: the Keras model itself, whose masking (padding on either side, and
+    batching) must hold."""
     out = []
 
     def add(metric, bound, op):
@@ -133,13 +156,19 @@ def checks_for(artifact, runtime, precision, case: Case, m, reference: bool = Fa
     add("pad_attention", T.COMMON["max_pad_attention"], "<=")
     if reference:
         add("pad_invariance", T.REFERENCE.pad_invariance, "<=")
+        add("batch_invariance", T.REFERENCE.batch_invariance, "<=")
         return out
     pol = T.policy(precision)  # raises on a precision without a policy
+    judge_decisions = m.get("rows", 0) >= T.MIN_JUDGED_ROWS  # below it one flip alone would fail
     add("all_pad_abs", pol.all_padding_row_max_abs, "<=")  # same on every runtime
+    if pol.all_padding_row_decision_margin is not None and m.get("all_pad_margin", 0) > pol.all_padding_row_decision_margin:
+        add("all_pad_top1_agreement", 1.0, ">=")
     add("max_abs", pol.max_abs, "<=")
     add("pad_invariance", pol.pad_invariance, "<=")
-    if case.real or not pol.decisions_on_real_texts_only:  # random ids give near-ties
+    add("batch_invariance", pol.batch_invariance, "<=")
+    if judge_decisions and (case.real or not pol.decisions_on_real_texts_only):  # random ids: near-ties
         add("top1_agreement", pol.min_top1_agreement, ">=")
+        add("batch_top1_agreement", pol.batch_min_top1_agreement, ">=")
     if case.name == "heldout":
         add("accuracy_drop", pol.max_accuracy_drop, "<=")
     add("pad_top1_agreement", pol.pad_min_top1_agreement, ">=")

@@ -25,7 +25,28 @@ class Report:
 
     @property
     def passed(self) -> bool:
-        return bool(self.checks) and not self.failures
+        """Every check held, every requested format ran somewhere, and (``--strict``) no
+        runtime was skipped."""
+        if not self.checks or self.failures or self.meta.get("unverified_formats"):
+            return False
+        return not (self.meta.get("strict") and self.skipped)
+
+    def verdict_line(self) -> str:
+        skipped = f"; {len(self.skipped)} artifact x runtime pairs skipped" if self.skipped else ""
+        unverified = self.meta.get("unverified_formats") or []
+        scope = (f"{len(self.rows)} artifact x runtime pairs, {len(self.meta.get('cases', []))} case families"
+                 + ("" if self.meta.get("accuracy_checked") else "; accuracy not checked")
+                 + ("" if self.meta.get("real_texts", True) else "; no real texts: decisions not judged"))
+        if self.failures:
+            return f"FAIL: {len(self.failures)} of {len(self.checks)} checks failed ({scope}){skipped}"
+        if unverified:
+            return (f"NOT VERIFIED: requested format(s) {', '.join(unverified)} ran on no runtime "
+                    f"({len(self.checks)} other checks passed; {scope}){skipped}")
+        if self.meta.get("strict") and self.skipped:
+            return f"FAIL (--strict): {len(self.skipped)} artifact x runtime pairs skipped ({scope})"
+        if not self.checks:
+            return "NOT VERIFIED: no check ran"
+        return f"all {len(self.checks)} checks passed ({scope}){skipped}"
 
     def row_passed(self, artifact, runtime) -> bool:
         return all(c.passed for c in self.checks if c.artifact == artifact and c.runtime == runtime)
@@ -54,16 +75,40 @@ def markdown_table(report: Report) -> str:
     return "\n".join(lines)
 
 
+def bucket_table(report: Report) -> str:
+    """Top-1 agreement with Keras per real-text length bucket (rows: artifact x runtime)."""
+    names = []
+    for r in report.rows:
+        for b in r.get("buckets", {}):
+            if b not in names:
+                names.append(b)
+    if not names:
+        return ""
+    lines = ["| artifact | runtime | " + " | ".join(f"{b} tokens" for b in names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for r in report.rows:
+        if r.get("reference"):
+            continue
+        cells = []
+        for b in names:
+            v = r.get("buckets", {}).get(b)
+            cells.append("-" if v is None else f"{100 * v['top1_agreement']:.2f}% (n={v['rows']})")
+        lines.append(f"| {r['artifact']} | {r['runtime']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def terminal_summary(report: Report) -> str:
-    out = [markdown_table(report), ""] + list(report.meta.get("explanations") or [])
+    out = [markdown_table(report), ""]
+    buckets = bucket_table(report)
+    if buckets:
+        out += ["Top-1 agreement with Keras per length bucket (real texts cut to each length):", buckets, ""]
+    out += list(report.meta.get("explanations") or [])
     if report.failures:
         out.append(f"{len(report.failures)} of {len(report.checks)} checks FAILED:")
         out.extend(f"  FAIL {c.message()}" for c in report.failures[:40])
         if len(report.failures) > 40:
             out.append(f"  ... and {len(report.failures) - 40} more (parity.json lists all)")
-    else:
-        out.append(f"all {len(report.checks)} checks passed ({len(report.rows)} artifact x runtime pairs, "
-                   f"{len(report.meta['cases'])} case families)")
+    out.append(report.verdict_line())
     return "\n".join(out)
 
 
@@ -81,13 +126,16 @@ def json_safe(v):
 
 def write_report(report: Report, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    doc = {"passed": report.passed, "meta": report.meta, "rows": report.rows, "skipped": report.skipped,
+    doc = {"passed": report.passed, "verdict": report.verdict_line(), "meta": report.meta, "rows": report.rows, "skipped": report.skipped,
            "checks": [c.__dict__ for c in report.checks],
            "failures": [c.message() for c in report.failures]}
     (out_dir / "parity.json").write_text(json.dumps(json_safe(doc), indent=1))
     md = ["# Parity report", "", f"Bundle `{report.meta['bundle']}`, data: {report.meta['data']} "
           f"({report.meta['n_texts']} texts), {len(report.checks)} checks: "
-          f"**{'PASS' if report.passed else 'FAIL'}**", "", markdown_table(report), ""]
+          f"**{'PASS' if report.passed else 'FAIL'}**: {report.verdict_line()}", "", markdown_table(report), ""]
+    buckets = bucket_table(report)
+    if buckets:
+        md += ["## Top-1 agreement per length bucket", "", buckets, ""]
     if report.meta.get("explanations"):
         md += ["## Diagnosis", ""] + [f"{l}" for l in report.meta["explanations"]] + [""]
     if report.failures:

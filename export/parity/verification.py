@@ -29,10 +29,11 @@ from .report import Report, write_report
 
 def verify(bundle, data: str | None = None, report_dir=None, formats=None, quiet=False,
            check_hashes: bool = True, text_column: str = "text", label_column: str = "label",
-           encoding: str = "utf-8", custom_objects=None) -> Report:
+           encoding: str = "utf-8", custom_objects=None, strict: bool = False) -> Report:
     """Judge every artifact of ``bundle``; every runtime runs in a child process. A bundle
     exported with ``--custom-objects`` needs the same file again (``custom_objects``), since
-    loading the Keras reference runs it."""
+    loading the Keras reference runs it. ``strict``: a runtime that is not installed, or an
+    artifact that could not be run, fails the verdict instead of being skipped."""
     bundle = Path(bundle).absolute()
     manifest = B.load_manifest(bundle)
     t0 = time.perf_counter()
@@ -51,16 +52,23 @@ def verify(bundle, data: str | None = None, report_dir=None, formats=None, quiet
         if B.load_manifest(bundle)["artifacts"] != manifest["artifacts"]:
             raise UsageError(f"{bundle} was replaced while verify started; run verify again")
         return _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, report_dir,
-                              formats, quiet, t0, custom)
+                              formats, quiet, t0, strict, custom)
 
 
 def _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, report_dir, formats,
-                   quiet, t0, custom=None) -> Report:
+                   quiet, t0, strict, custom=None) -> Report:
     cases = build_cases(tokenizer, manifest, texts, labels)
     vocab = int(manifest["vocab_size"])
+    if source is None:
+        source = "none: generated ids only (no --data and no test split in the bundle)"
     report = Report(meta={"bundle": str(bundle), "data": source, "n_texts": len(texts),
+                          "real_texts": bool(texts), "strict": strict,
                           "versions": versions(), "machine": machine(), "tolerances": T.as_json(),
-                          "cases": [c.name for c in cases]})
+                          "cases": [c.name for c in cases],
+                          "families": {c.name: c.family for c in cases},
+                          "requested_formats": sorted(set(formats) if formats else
+                                                      {a["format"] for a in manifest["artifacts"]} - {"keras"}),
+                          "not_applicable": []})
     say = (lambda *a: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
 
     keras_entry = B.find_artifact(manifest, "keras")
@@ -79,7 +87,13 @@ def _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, re
             runner = IsolatedRunner(cls, paths[entry["path"]], vocab, variant=variant,
                                     input_shape=entry.get("input_shape"), **extra)
             label = f"{entry['path']} on {runner.name}"
-            reason = cls.unavailable() or cls.cannot_run(entry["format"], entry["precision"])
+            # by design (e.g. a microcontroller runtime and a dynamic-shape file) or as measured at export
+            why_not = cls.cannot_run(entry["format"], entry["precision"], entry)
+            if why_not:
+                report.meta["not_applicable"].append({"artifact": entry["path"], "runtime": runner.name,
+                                                      "reason": why_not})
+                continue
+            reason = cls.unavailable()
             if reason:
                 report.skipped.append({"artifact": entry["path"], "runtime": runner.name, "reason": reason})
                 say(f"  - skip {label}: {reason}")
@@ -90,8 +104,9 @@ def _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, re
             try:
                 with runner:
                     for case in cases:
-                        # longer than this artifact's (or the reference's) fixed length
-                        if (not all(runner.accepts_length(b.shape[1]) for b in case.batches + (case.base or []))
+                        # longer than this artifact's (or the reference's) fixed length, or ids the
+                        # runtime cannot be given (MediaPipe rebuilds texts from ids)
+                        if (not all(runner.accepts(b) for b in case.batches + (case.base or []))
                                 or (not is_reference and case.name not in reference)):
                             not_applicable.append(case.name)
                             continue
@@ -129,7 +144,7 @@ def _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, re
                 report.checks.append(Check(entry["path"], runner.name, where, "runtime_crash", 1, 0, "<=", False,
                                            detail=str(e)))
                 say(f"  ✗ {label} crashed: {e}")
-            row = _summary_row(entry, runner.name, per_case, is_reference)
+            row = _summary_row(entry, runner.name, per_case, is_reference, cases)
             row["cases_not_applicable"] = not_applicable
             row["seconds"] = round(time.perf_counter() - t, 2)
             report.rows.append(row)
@@ -140,10 +155,14 @@ def _verify_locked(bundle, manifest, tokenizer, texts, labels, source, paths, re
     report.meta["explanations"] = explanations(report, manifest)
     accuracy_checked = any(c.metric == "accuracy_drop" for c in report.checks)
     report.meta["accuracy_checked"] = accuracy_checked
+    ran = {r["format"] for r in report.rows}
+    report.meta["unverified_formats"] = [f for f in report.meta["requested_formats"] if f not in ran]
     report.meta["seconds"] = round(time.perf_counter() - t0, 1)
     if report_dir is not None:
         write_report(report, Path(report_dir))
-    verdict = {"passed": report.passed, "failures": len(report.failures), "checks": len(report.checks),
+    verdict = {"passed": report.passed, "summary": report.verdict_line(),
+               "failures": len(report.failures), "checks": len(report.checks),
+               "strict": strict, "unverified_formats": report.meta["unverified_formats"],
                "skipped": [f"{s['artifact']} on {s['runtime']}: {s['reason']}" for s in report.skipped],
                "formats": sorted({e["format"] for e in entries}), "data": source,
                "accuracy_checked": accuracy_checked,
@@ -182,15 +201,20 @@ def manifest_reference(manifest: dict) -> str | None:
     return entry["path"] if entry else None
 
 
-def _summary_row(entry, runtime, per_case, reference: bool) -> dict:
+def _summary_row(entry, runtime, per_case, reference: bool, cases) -> dict:
     held = per_case.get("heldout", {})
     if not per_case:  # the runtime crashed before any case finished
         return {"artifact": entry["path"], "format": entry["format"], "precision": entry["precision"],
                 "runtime": runtime, "bytes": entry["bytes"], "reference": reference, "accuracy": None,
                 "accuracy_drop": None, "top1_agreement": None, "max_abs": float("nan"), "mean_abs": None,
-                "max_rel": None, "pad_invariance": None, "pad_attention": None, "nan_inf": 0, "cases": {},
+                "max_rel": None, "pad_invariance": None, "batch_invariance": None, "buckets": {},
+                "min_bucket_top1_agreement": None, "pad_attention": None, "nan_inf": 0, "cases": {},
                 "passed": None}
     pad = [m["pad_invariance"] for m in per_case.values() if "pad_invariance" in m]
+    batch = [m["batch_invariance"] for m in per_case.values() if "batch_invariance" in m]
+    buckets = {c.bucket: {"rows": per_case[c.name]["rows"], "top1_agreement": per_case[c.name]["top1_agreement"],
+                          "max_abs": per_case[c.name]["max_abs"]}
+               for c in cases if c.bucket and c.name in per_case}
     patt = [m["pad_attention"] for m in per_case.values() if "pad_attention" in m]
     return {
         "artifact": entry["path"], "format": entry["format"], "precision": entry["precision"],
@@ -200,6 +224,9 @@ def _summary_row(entry, runtime, per_case, reference: bool) -> dict:
         "max_abs": max(m["max_abs"] for m in per_case.values()),
         "mean_abs": held.get("mean_abs"), "max_rel": held.get("max_rel"),
         "pad_invariance": max(pad) if pad else None,
+        "batch_invariance": max(batch) if batch else None,
+        "buckets": buckets,
+        "min_bucket_top1_agreement": min((b["top1_agreement"] for b in buckets.values()), default=None),
         "pad_attention": max(patt) if patt else None,
         "nan_inf": sum(m["nan_inf"] for m in per_case.values()),
         "cases": per_case, "passed": None,

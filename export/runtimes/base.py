@@ -132,9 +132,10 @@ class Runner:
         return None
 
     @classmethod
-    def cannot_run(cls, fmt: str, precision: str) -> str | None:
+    def cannot_run(cls, fmt: str, precision: str, entry: dict | None = None) -> str | None:
         """None when this runtime runs artifacts of ``fmt`` in ``precision``; otherwise why
-        not (a documented limit of the runtime, reported as a skip)."""
+        not (a documented limit of the runtime, reported as a skip). ``entry``: the
+        artifact's manifest entry, whose ``target_checks`` say what the export measured."""
         return None if fmt in cls.formats else f"{cls.runtime} does not run {fmt} files"
 
     def activate(self):
@@ -171,6 +172,12 @@ class Runner:
 
     def accepts_length(self, length: int) -> bool:
         return self.fixed_length is None or length <= self.fixed_length
+
+    def accepts(self, ids) -> bool:
+        """Whether this runner can run the batch ``ids`` as it is (verify reports a case it
+        cannot run as not applicable): not longer than a fixed length, and, for runtimes that
+        rebuild texts from ids, ids a text could have produced."""
+        return self.accepts_length(np.shape(ids)[1])
 
     def _infer_fixed(self, ids) -> dict:
         length = ids.shape[1]

@@ -255,6 +255,15 @@ class IsolatedRunner:
         self.worker.what = f"running {self.local.path.name} on {self.local.name}"
         return self.worker.request("infer", ids, check_inputs, seconds=self.limits.call_seconds)
 
+    def accepts(self, ids) -> bool:
+        """``Runner.accepts``: answered here when it needs only the manifest (lengths), in
+        the child when the runner's own check needs the loaded file (MediaPipe's vocabulary)."""
+        from .base import Runner
+
+        if type(self.local).accepts is Runner.accepts:
+            return self.local.accepts(ids)
+        return bool(self.call("accepts", ids))
+
     def call(self, method: str, *args, **kwargs):
         """Call another public method of the runner in the child (e.g. a diagnosis)."""
         self.activate()

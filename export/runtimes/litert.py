@@ -1,5 +1,9 @@
 """LiteRT (``ai_edge_litert``) on two kernel families: ``xnnpack`` (the default delegate)
-and ``reference`` (``BUILTIN_REF``: the kernels microcontroller builds run)."""
+and ``reference`` (``BUILTIN_REF``: the kernels microcontroller builds run).
+
+It runs the dynamic ``tflite`` files (what ``predict --runtime litert`` picks) and, in
+verify and bench, the fixed-shape ``tflite-fixed`` and ``mediapipe`` files at their
+stored shape. int8 outputs are dequantized with their own scale and zero point."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,7 +17,7 @@ from .base import Runner
 @register
 class LiteRTRunner(Runner):
     runtime = "litert"
-    formats = ("tflite",)
+    formats = ("tflite", "tflite-fixed", "mediapipe")  # the first is what predict runs
     variants = ("xnnpack", "reference")
     requires = ("ai_edge_litert",)
     package = "ai-edge-litert"
@@ -38,8 +42,20 @@ class LiteRTRunner(Runner):
             if SIGNATURE_KEY not in sigs:
                 raise UsageError(f"{self.path.name} has no '{SIGNATURE_KEY}' signature (found {list(sigs)})")
             self.runner = self.interp.get_signature_runner(SIGNATURE_KEY)
+            shape = [int(d) for d in self.runner.get_input_details()[INPUT]["shape_signature"]]
+            if len(shape) == 2 and min(shape) >= 1:  # a fixed-shape file: run only that shape
+                if (self.fixed_batch, self.fixed_length) not in ((None, None), tuple(shape)):
+                    raise UsageError(f"{self.path.name}: the manifest says input [{self.fixed_batch}, "
+                                     f"{self.fixed_length}], the file stores {shape}")
+                self.fixed_batch, self.fixed_length = shape
             with quiet_stderr():  # the delegate is created, and announces itself, on first use
-                self.runner(**{INPUT: np.zeros((1, self.fixed_length or 1), np.int32)})
+                self.runner(**{INPUT: np.zeros([max(1, d) for d in shape] if len(shape) == 2 else (1, 1), np.int32)})
+            # int8 outputs (a device artifact) come back as float32: (q - zero_point) * scale
+            self._quantized = {}
+            for name, d in self.runner.get_output_details().items():
+                q = d["quantization_parameters"]
+                if np.issubdtype(d["dtype"], np.integer) and len(q["scales"]):
+                    self._quantized[name] = (np.float32(q["scales"][0]), np.float32(q["zero_points"][0]))
         except UsageError:
             raise
         except Exception as e:
@@ -47,7 +63,10 @@ class LiteRTRunner(Runner):
         self._input = INPUT
 
     def _infer(self, ids):
-        return self.runner(**{self._input: ids})
+        out = self.runner(**{self._input: ids})
+        for name, (scale, zero_point) in self._quantized.items():
+            out[name] = (out[name].astype(np.float32) - zero_point) * scale
+        return out
 
     def _close(self):
         self.runner = self.interp = None

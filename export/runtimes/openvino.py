@@ -55,33 +55,17 @@ class OpenVINORunner(Runner):
 
 
 def _output_names(compiled, path) -> list:
-    """The contract name of every output. ONNX keeps the names; a TFLite flatbuffer may
-    carry only converter tensor names, mapped here through its signature."""
+    """The contract name of every output. ONNX and TFLite files carry the contract's names
+    as their tensor names (the TFLite exporter rewrites the flatbuffer's raw names): the
+    heads (``probabilities``, ``probabilities_<name>``) and ``attention_weights``. A file
+    whose outputs are named otherwise was not made by probattn's exporter."""
     from ..contract import ATTENTION, OUTPUT_ORDER, is_head
 
     names = []
     for out in compiled.outputs:
         known = [n for n in out.get_names() if is_head(n) or n == ATTENTION]
         names.append(known[0] if known else None)
-    if None in names and path.suffix == ".tflite":
-        mapping = _tflite_signature_names(path)
-        names = [n or next((mapping[t] for t in out.get_names() if t in mapping), None)
-                 for n, out in zip(names, compiled.outputs)]
     if None in names:
-        raise UsageError(f"{path.name}: cannot tell which output is which "
-                         f"({[sorted(o.get_names()) for o in compiled.outputs]}); expected {', '.join(OUTPUT_ORDER)}")
+        raise UsageError(f"{path.name}: output names {[sorted(o.get_names()) for o in compiled.outputs]} are not "
+                         f"the contract's ({', '.join(OUTPUT_ORDER)}); re-export it with this probattn")
     return names
-
-
-def _tflite_signature_names(path) -> dict:
-    """tensor name -> signature output name, read with the LiteRT interpreter."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        return {}
-    from ..contract import SIGNATURE_KEY
-
-    interp = Interpreter(model_path=str(path))
-    details = interp.get_signature_runner(SIGNATURE_KEY).get_output_details()
-    by_index = {t["index"]: t["name"] for t in interp.get_tensor_details()}
-    return {by_index[d["index"]]: name for name, d in details.items()}
