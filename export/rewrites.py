@@ -15,6 +15,11 @@ patched model still computes what it computed before (``apply``), else it is und
   ``tensor_scatter_nd_update``: LiteRT ``WHILE`` + ``SCATTER_ND``, ONNX ``Loop`` +
   ``ScatterND``, any batch and length. (Not the fused-LSTM + ``reverse_sequence`` route:
   tf2onnx drops ``sequence_lens`` there and the ONNX file is silently wrong.)
+* ``embedding_gather`` (Keras 3): ``Embedding.call`` is ``ops.take``, which wraps negative
+  ids (``where(ids < 0, ids + n, ids)``): LiteRT ``LESS``/``ADD``/``SELECT``, and TFLite
+  Micro has no ``SELECT`` kernel, so the fixed-shape device files would not run there. The
+  patched call is the plain ``tf.gather`` of the same table. Identical for every id an
+  artifact takes: token ids are in ``[0, vocab)`` (runners refuse others).
 """
 from __future__ import annotations
 
@@ -203,4 +208,23 @@ def lstm_loop(model, keras, flavour):
     for layer in walk(model):
         if isinstance(layer, keras.layers.LSTM) and id(layer) not in wrapped and _supported_lstm(layer):
             undos.append(_patch(layer, "call", types.MethodType(_lstm_call, layer)))
+    return _undo_all(undos)
+
+
+# ---------------------------------------------------------------- Embedding (Keras 3)
+
+def _embedding_gather_call(self, inputs):
+    """Keras 3 ``Embedding.call`` without the negative-index wrap of ``ops.take``."""
+    ids = inputs if inputs.dtype in (tf.int32, tf.int64) else tf.cast(inputs, tf.int32)
+    return tf.cast(tf.gather(tf.convert_to_tensor(self.embeddings), ids), self.compute_dtype)
+
+
+@_rewrite("embedding_gather")
+def embedding_gather(model, keras, flavour):
+    if flavour != "3":
+        return None
+    undos = [_patch(layer, "call", types.MethodType(_embedding_gather_call, layer))
+             for layer in walk(model)
+             if type(layer) is keras.layers.Embedding and getattr(layer, "quantization_mode", None) is None
+             and not getattr(layer, "lora_enabled", False)]
     return _undo_all(undos)
