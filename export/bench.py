@@ -97,9 +97,10 @@ def _worker(bun, threads, quick, runtime_names, with_accuracy, with_scaling, uns
     results = []
     for n, (entry, cls) in enumerate(jobs, 1):
         path = bun.check_entry(entry)
-        common = dict(n_classes=len(manifest["labels"]), unsafe=unsafe, input_shape=entry.get("input_shape"))
+        common = dict(n_classes=B.output_units(manifest), unsafe=unsafe, input_shape=entry.get("input_shape"))
         if entry["format"] == "keras":  # the user's model as they would call it: probabilities only
-            runner = cls(path, vocab, threads, attention=False, **common)
+            runner = cls(path, vocab, threads, attention=False,
+                         custom_objects=os.environ.get("PROBATTN_BENCH_CUSTOM_OBJECTS") or None, **common)
         elif entry["format"] == "savedmodel":
             runner = cls(path, vocab, threads, **common)
         else:  # the runtime's default variant, on the hash-checked and audited bytes
@@ -122,11 +123,13 @@ def _worker(bun, threads, quick, runtime_names, with_accuracy, with_scaling, uns
                "runtime": rt, "threads": threads, "bytes": entry["bytes"], "load_ms": round(load_ms, 1),
                "latency": {}}
         for b, s in shapes:
-            if not runner.accepts_length(s):
+            if not runner.accepts_length(s):  # a fixed-length model: longer rows do not exist for it
+                row["latency"][f"{b}x{s}"] = None
                 continue
             ids = rng.integers(2, vocab, (b, s), dtype=np.int32)
             row["latency"][f"{b}x{s}"] = _time_calls(call, ids, **timing)
-        ids = rng.integers(2, vocab, THROUGHPUT_SHAPE, dtype=np.int32)
+        ids = rng.integers(2, vocab, (THROUGHPUT_SHAPE[0], min(THROUGHPUT_SHAPE[1], runner.fixed_length or 10**9)),
+                           dtype=np.int32)
         tp = _time_calls(call, ids, min_seconds=0.2 if quick else 1.0, min_reps=3 if quick else 10,
                          max_reps=500, warmup=2)
         row["throughput_texts_per_s"] = round(THROUGHPUT_SHAPE[0] / (tp["median_us"] / 1e6), 1)
@@ -198,7 +201,8 @@ def parse_threads(threads) -> list:
     return list(dict.fromkeys(settings))
 
 
-def run(bundle, out_dir=None, threads="1,all", quick=False, runtime_names=None, unsafe=False) -> dict:
+def run(bundle, out_dir=None, threads="1,all", quick=False, runtime_names=None, unsafe=False,
+        custom_objects=None) -> dict:
     from probattn.models.fsutil import check_output_dir_usable, open_output_dir, write_file_at
 
     bundle = Path(bundle)
@@ -207,6 +211,11 @@ def run(bundle, out_dir=None, threads="1,all", quick=False, runtime_names=None, 
     for r in runtime_names:
         runtimes.get(r)  # one-line error naming the allowed runtimes
     with B.Bundle(bundle) as b:  # shared lock for the whole run: an export cannot replace it meanwhile
+        custom = None
+        if "keras" in runtime_names:  # only the Keras reference runs the user's code
+            from .loading import check_custom_objects_for_bundle
+
+            custom = check_custom_objects_for_bundle(b.manifest, custom_objects)
         b.check_all(strict_tree=True)
         where = dict(path=out_dir, what="--out") if out_dir else \
             dict(path=B.BENCH_DIR, dir_fd=b.dir.fd, what=f"bench directory {bundle}/bench")
@@ -220,7 +229,8 @@ def run(bundle, out_dir=None, threads="1,all", quick=False, runtime_names=None, 
             cmd = [sys.executable, "-m", "probattn.export.bench", "--worker", str(bundle), str(t),
                    "1" if quick else "0", ",".join(runtime_names), "1" if i == 0 else "0", "1" if i == 0 else "0",
                    "1" if unsafe else "0"]
-            env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS=str(t))
+            env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS=str(t),
+                       PROBATTN_BENCH_CUSTOM_OBJECTS=str(Path(custom).resolve()) if custom else "")
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
             last = (proc.stdout.strip().splitlines() or ["{}"])[-1]
             result = json.loads(last) if last.startswith("{") else {}
@@ -282,8 +292,8 @@ def markdown(doc) -> str:
             parity = {True: "PASS", False: "FAIL", None: "-"}[r.get("parity")]
             acc = "-" if r.get("accuracy") is None else f"{r['accuracy']:.4f}"
             cells = [r["artifact"], r["runtime"], str(r["threads"]), f"{r['bytes'] / 1e6:.2f} MB",
-                     f"{r['load_ms']:.0f} ms", acc, parity] + [_us(lat.get(s, {}).get("median_us")) for s in shapes] + \
-                    [_us(lat.get("1x64", {}).get("p90_us")), f"{r['throughput_texts_per_s']:,.0f}"]
+                     f"{r['load_ms']:.0f} ms", acc, parity] + [_us((lat.get(s) or {}).get("median_us")) for s in shapes] + \
+                    [_us((lat.get("1x64") or {}).get("p90_us")), f"{r['throughput_texts_per_s']:,.0f}"]
             lines.append("| " + " | ".join(cells) + " |")
         for r in run_["rows"]:
             if "skipped" in r:
@@ -292,7 +302,7 @@ def markdown(doc) -> str:
     # headline ratios at 1x64, one thread
     one = next((run_ for run_ in doc["runs"] if run_["threads"] == 1), None)
     if one:
-        lat = {(r["artifact"], r["runtime"]): r["latency"].get("1x64", {}).get("median_us")
+        lat = {(r["artifact"], r["runtime"]): (r["latency"].get("1x64") or {}).get("median_us")
                for r in one["rows"] if "skipped" not in r}
         keras = next((v for k, v in lat.items() if k[1] == "keras"), None)
         if keras:
@@ -391,7 +401,8 @@ def run_cli(args) -> int:
     if getattr(args, "lengths", None):
         raise UsageError(f"--lengths is for --attention-scaling; received --lengths {args.lengths} with a BUNDLE")
     names = tuple(x.strip() for x in args.runtimes.split(",")) if args.runtimes else None
-    doc = run(args.bundle, args.out, args.threads, args.quick, names, unsafe=args.unsafe)
+    doc = run(args.bundle, args.out, args.threads, args.quick, names, unsafe=args.unsafe,
+              custom_objects=args.custom_objects)
     print(markdown(doc))
     print(f"wrote {Path(args.out) if args.out else Path(args.bundle) / 'bench'}/bench.json, bench.md, "
           "bench_scaling.png, bench_size_accuracy.png")

@@ -84,6 +84,36 @@ def _dims(shape, what, where):
     return shape
 
 
+def output_units(manifest: dict) -> int:
+    """The width of the first output (``probabilities``): one per label, or one unit for a
+    binary sigmoid / logit head between two labels."""
+    heads = manifest.get("heads") or []
+    if heads and isinstance(heads[0], dict) and isinstance(heads[0].get("units"), int):
+        return heads[0]["units"]
+    return len(manifest["labels"])
+
+
+#: the kinds of score output ``signature.py`` tells apart
+HEAD_KINDS = ("softmax", "sigmoid", "scores", "logit")
+
+
+def _heads(m, names, where) -> None:
+    """``heads``: one entry per score output of the signature, in its order, each with its
+    kind and width; the first is ``probabilities``."""
+    heads = m.get("heads")
+    if heads is None:
+        return
+    score_outputs = [n for n in names if n != C.ATTENTION]
+    if not isinstance(heads, list) or [h.get("output") if isinstance(h, dict) else None for h in heads] \
+            != score_outputs:
+        raise UsageError(f"{where}: 'heads' must list the signature's score outputs {score_outputs!r} in order")
+    for h in heads:
+        if h.get("kind") not in HEAD_KINDS or isinstance(h.get("units"), bool) or not isinstance(h.get("units"), int) \
+                or not 1 <= h["units"] <= MAX_LABELS:
+            raise UsageError(f"{where}: head {h.get('output')!r} needs a kind ({', '.join(HEAD_KINDS)}) and 1 to "
+                             f"{MAX_LABELS:,} units; found {str(h)[:120]}")
+
+
 def _output_name_ok(name) -> bool:
     return isinstance(name, str) and (name in C.OUTPUT_ORDER or name.startswith(C.PROBABILITIES + "_"))
 
@@ -250,7 +280,10 @@ def validate_manifest(m, where: str = MANIFEST) -> dict:
             raise UsageError(f"{where}: output '{o['name']}' must be {C.OUTPUT_DTYPE}; found {o.get('dtype')!r}")
         _dims(o.get("shape"), f"output '{o['name']}'", where)
     classes = next(o for o in outs if o["name"] == C.PROBABILITIES)["shape"][1]
-    if classes != len(labels):
+    _heads(m, names, where)
+    binary = classes == 1 and len(labels) == 2 and output_units(m) == 1 \
+        and (m.get("heads") or [{}])[0].get("kind") in ("sigmoid", "logit")
+    if classes != len(labels) and not binary:
         raise UsageError(f"{where}: output '{C.PROBABILITIES}' has {classes!r} classes but there are {len(labels)} "
                          "labels; they must agree")
 
@@ -329,7 +362,16 @@ def validate_manifest(m, where: str = MANIFEST) -> dict:
 
     # every file the bundle holds must be one the schema knows: an artifact (a file, or a file
     # of its directory), the tokenizer, the test split, labels.txt, vocab.txt or a C source
-    claimed = {tok["path"]} | ({tok_config["path"]} if tok_config else set()) | ({test} if test else set()) | _files(m, contents, covered, where)
+    custom = (m.get("source") or {}).get("custom_objects") if isinstance(m.get("source"), dict) else None
+    if custom is not None:  # the user's --custom-objects file, kept for verify and bench
+        if not isinstance(custom, dict) or not isinstance(custom.get("path"), str) \
+                or not custom["path"].startswith(C.CUSTOM_OBJECTS_DIR + "/") or custom["path"].count("/") != 1:
+            raise UsageError(f"{where}: source.custom_objects must name a file in {C.CUSTOM_OBJECTS_DIR}/; found "
+                             f"{str(custom)[:120]}")
+        safe_relpath(custom["path"], f"{where}: custom objects path")
+        _sha(custom.get("sha256"), "the sha256 of the custom objects file", where)
+        covered(custom["path"], custom["sha256"], "source.custom_objects")
+    claimed = {tok["path"]} | ({custom["path"]} if custom else set()) | ({tok_config["path"]} if tok_config else set()) | ({test} if test else set()) | _files(m, contents, covered, where)
     unknown = sorted(rel for rel in contents if rel not in claimed and rel not in paths
                      and not any(rel.startswith(p + "/") for p in paths))
     if unknown:

@@ -71,9 +71,21 @@ def calibration_rows(texts, tokenizer, max_length: int, seed: int = 0) -> list:
     return groups
 
 
-def calibration_batches(texts, tokenizer, max_length: int, seed: int = 0) -> list:
-    """int32 id batches for full-int8 calibration (see the module docstring)."""
-    return [b for group in calibration_rows(texts, tokenizer, max_length, seed) for b in _batches(group)]
+def calibration_batches(texts, tokenizer, max_length: int, seed: int = 0, fixed_length: int | None = None) -> list:
+    """int32 id batches for full-int8 calibration (see the module docstring).
+    ``fixed_length``: the model's own input length (``Input(shape=(n,))``, then also
+    ``max_length``): every batch is padded to it and rows longer than it, which such a
+    model never sees, are left out (as in ``calibration_fixed``)."""
+    groups = calibration_rows(texts, tokenizer, max_length, seed)
+    if not fixed_length:
+        return [b for group in groups for b in _batches(group)]
+    out = []
+    for group in groups:
+        for b in _batches([r for r in group if len(r) <= fixed_length]):
+            a = np.full((b.shape[0], fixed_length), PAD_ID, np.int32)
+            a[:, :b.shape[1]] = b
+            out.append(a)
+    return out
 
 
 def calibration_fixed(texts, tokenizer, length: int, max_length: int | None = None, seed: int = 0) -> list:

@@ -60,7 +60,8 @@ def _add_data_file_args(parser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="probattn", description="Train, export, verify and run a ProbAttention text classifier.")
+    p = _Parser(prog="probattn", description="Train, export, verify and run a ProbAttention text classifier "
+                "(or your own Keras text model).")
     sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train the classifier on a dataset; writes RUN_DIR")
@@ -79,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--limit", type=_int_range(0, 2**31 - 1), default=0,
                    help="use only N examples, drawn from every class in proportion (0 = all)")
     t.add_argument("--model", default="probattn",
-                   help="probattn (default: Embedding -> ProbAttention pooling) or probsparse (Embedding -> "
-                        "ProbSparse self-attention encoder block -> ProbAttention pooling)")
+                   help="architecture: probattn (default), dot, additive, mha, bilstm, probsparse (see README)")
+    t.add_argument("--keras", default=None,
+                   help="3 (Keras 3, what tf.keras is on TensorFlow 2.16+) or 2 (tf_keras); "
+                   "default: the one a TensorFlow 2.21 user gets")
     t.add_argument("--tokenizer", default=DEFAULT_TOKENIZER_KIND,
                    help="portable (default: the same ids in Python, tokenizers.js and transformers.js; "
                    "tokenizer_config.json for JavaScript clients), wordlevel (the earlier default: NFKC, "
@@ -95,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="bundle directory to write (atomically)")
     e.add_argument("--formats", default=None,
                    help=f"comma list of {', '.join(C.EXPORT_FORMATS)} (default: {','.join(C.DEFAULT_EXPORT_FORMATS)}, "
-                   "plus mediapipe when the run was trained with --tokenizer regex)")
-    e.add_argument("--precisions", default=",".join(C.PRECISIONS),
+                   "plus mediapipe when the run was trained with --tokenizer regex; what cannot be built is left "
+                   "out and reported; named formats must all build)")
+    e.add_argument("--precisions", default=None,
                    help="comma list of " + ", ".join(C.PRECISIONS) + " (default: all; "
                    + "; ".join(f"{f} has {'/'.join(C.SUPPORTED[f])}" for f in C.EXPORT_FORMATS) + ")")
     e.add_argument("--opset", default="17", help="ONNX opset, 13 to 18 (default 17)")
@@ -113,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"also write {C.C_ARRAY_DIR}/: the fixed-shape int8 model, vocabulary and labels as C99 "
                    "const arrays (model 16-byte aligned) for a microcontroller build")
     e.add_argument("--unsafe", action="store_true", help="allow Lambda layers (runs code from the model file)")
+    e.add_argument("--custom-objects", metavar="FILE.py",
+                   help="your classes and functions the model uses (runs that file; recorded in the manifest)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
 
     v = sub.add_parser("verify", help="check every artifact of a bundle against Keras")
@@ -125,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail when a runtime is not installed or an artifact could not be run (for CI)")
     v.add_argument("--unsafe", action="store_true",
                    help="run what the safety checks refuse (Lambda layers, SavedModel ops outside the allow-list)")
+    v.add_argument("--custom-objects", metavar="FILE.py",
+                   help="the file the bundle was exported with, when it was (its SHA-256 is checked)")
+
+    d = sub.add_parser("doctor", help="what a Keras model does with padding, layer by layer (no export)")
+    d.add_argument("model", help="a .keras/.h5 file, a SavedModel directory or a RUN_DIR")
+    d.add_argument("--custom-objects", metavar="FILE.py", help="your classes and functions the model uses")
+    d.add_argument("--tokenizer", help="tokenizer.json: probe with real texts from --data instead of random ids")
+    d.add_argument("--data", help="texts to probe with (.csv/.jsonl/.txt or a dataset name; needs --tokenizer)")
+    d.add_argument("--unsafe", action="store_true", help="allow Lambda layers (runs code from the model file)")
+    d.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
 
     free = runtimes.names(tensorflow_free=True)
     pr = sub.add_parser("predict", help=f"label texts with {', '.join(free)} (no TensorFlow)")
@@ -172,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--runtimes", help=f"only these runtimes (comma list of {', '.join(runtimes.names())})")
     b.add_argument("--unsafe", action="store_true",
                    help="run what the safety checks refuse (Lambda layers, SavedModel ops outside the allow-list)")
+    b.add_argument("--custom-objects", metavar="FILE.py",
+                   help="the file the bundle was exported with, when it was (its SHA-256 is checked)")
     return p
 
 
@@ -260,6 +278,8 @@ def _dispatch(args) -> int:
         return _verify(args)
     if args.verb == "package":
         return _package(args)
+    if args.verb == "doctor":
+        return _doctor(args)
     if args.verb == "bench":
         from .bench import run_cli
 
@@ -274,11 +294,12 @@ def _train(args) -> int:
                       encoding=args.encoding, seed=args.seed, epochs=args.epochs, max_length=args.max_length,
                       vocab_size=args.vocab_size, embedding_dim=args.embedding_dim,
                       batch_size=args.batch_size, limit=args.limit, model=args.model,
-                      tokenizer=args.tokenizer)
+                      tokenizer=args.tokenizer, keras=args.keras)
     cfg.validate()
     m = train(cfg, args.out, overwrite=args.overwrite)
     t = m["test"]
-    print(f"trained on {m['sizes']['train']} texts in {m['train_seconds']} s ({m['epochs_run']} epochs); "
+    print(f"{m['model']} model, Keras flavour {m['keras']}: "
+          f"trained on {m['sizes']['train']} texts in {m['train_seconds']} s ({m['epochs_run']} epochs); "
           f"test accuracy {t['accuracy']:.4f}, macro F1 {t['macro_f1']:.4f} on {t['n']} texts -> {args.out}")
     return 0
 
@@ -290,6 +311,7 @@ def _export(args) -> int:
                          calibration_data=args.calibration_data, tokenizer=args.tokenizer, labels=args.labels,
                          max_length=args.max_length, attention_weights=not args.no_attention_weights,
                          onnx_int64=not args.no_onnx_int64, unsafe=args.unsafe, overwrite=args.overwrite,
+                         custom_objects=args.custom_objects,
                          c_array=args.c_array)
     manifest = export(args.source, args.out, opts)
     print(summary_table(manifest))
@@ -319,10 +341,20 @@ def _verify(args) -> int:
     report_dir = Path(args.report_dir) if args.report_dir else Path(args.bundle) / "report"
     report = verify(args.bundle, data=args.data, report_dir=report_dir, formats=formats,
                     text_column=args.text_column, label_column=args.label_column, encoding=args.encoding,
-                    strict=args.strict, unsafe=args.unsafe, default_report_dir=not args.report_dir)
+                    strict=args.strict, unsafe=args.unsafe, default_report_dir=not args.report_dir,
+                    custom_objects=args.custom_objects)
     print(terminal_summary(report))
     print(f"report: {report_dir}/parity.md, parity.json, parity.png")
     return 0 if report.passed else 1
+
+
+def _doctor(args) -> int:
+    from .doctor import doctor, render
+
+    result = doctor(args.model, custom_objects=args.custom_objects, tokenizer=args.tokenizer, data=args.data,
+                    unsafe=args.unsafe)
+    print(json.dumps(result, indent=1, default=str) if args.json else render(result))
+    return 1 if result["breaks_masking"] else 0
 
 
 def _predict(args) -> int:
@@ -523,8 +555,10 @@ class _Output:
             elif bad:
                 lines.append(f"ERROR\t{bad}\t{_shown(text)}")
             else:
-                probs = ", ".join(f"{k}={v:.3f}" for k, v in r["probabilities"].items())
-                lines.append(f"{r['label']}\t{probs}\t{_shown(text)}")
+                values = r.get("probabilities") or r.get("scores") or {}
+                probs = ", ".join(f"{k}={v:.3f}" for k, v in values.items())
+                label = ",".join(r["label"]) if isinstance(r["label"], list) else r["label"]
+                lines.append(f"{label}\t{probs}\t{_shown(text)}")
         if lines:
             sys.stdout.write("\n".join(lines) + "\n")
             sys.stdout.flush()

@@ -30,30 +30,48 @@ OUTPUT_DTYPE = "float32"
 SIGNATURE_KEY = "serving_default"
 
 
-def output_dims(name: str, n_classes: int | None = None) -> list:
+def is_head(name: str) -> bool:
+    """A per-example score output: ``probabilities`` or a further head ``probabilities_<name>``."""
+    return name == PROBABILITIES or name.startswith(PROBABILITIES + "_")
+
+
+def input_dims(fixed_length: int | None = None) -> list:
+    """``[batch, sequence]``; a model with a fixed input length has that length instead."""
+    return [BATCH_DIM, int(fixed_length) if fixed_length else SEQUENCE_DIM]
+
+
+def output_dims(name: str, n_classes: int | None = None, fixed_length: int | None = None) -> list:
     """The dims of an output, with named dynamic dims."""
-    if name == PROBABILITIES:
+    if is_head(name):
         return [BATCH_DIM, n_classes]
     if name == ATTENTION:
-        return [BATCH_DIM, SEQUENCE_DIM]
+        return input_dims(fixed_length)
     raise KeyError(name)
 
 
-def signature(n_classes: int, attention: bool) -> dict:
-    """The I/O description written into ``manifest.json``."""
-    outputs = [PROBABILITIES] + ([ATTENTION] if attention else [])
+def signature(n_classes: int, attention: bool, fixed_length: int | None = None, heads=None) -> dict:
+    """The I/O description written into ``manifest.json``. ``heads``: ``[{"output", "units",
+    "kind"}, ...]`` for every score output (default: one ``probabilities`` head)."""
+    heads = heads or [{"output": PROBABILITIES, "units": n_classes, "kind": "softmax"}]
+    outputs = [{"name": h["output"], "dtype": OUTPUT_DTYPE, "shape": output_dims(h["output"], h["units"]),
+                "kind": h["kind"]} for h in heads]
+    if attention:
+        outputs.append({"name": ATTENTION, "dtype": OUTPUT_DTYPE, "shape": output_dims(ATTENTION, None, fixed_length)})
     return {
-        "inputs": [{"name": INPUT, "dtype": INPUT_DTYPE, "shape": [BATCH_DIM, SEQUENCE_DIM]}],
-        "outputs": [{"name": n, "dtype": OUTPUT_DTYPE, "shape": output_dims(n, n_classes)} for n in outputs],
+        "inputs": [{"name": INPUT, "dtype": INPUT_DTYPE, "shape": input_dims(fixed_length)}],
+        "outputs": outputs,
         "savedmodel_signature": SIGNATURE_KEY,
     }
 
 
 def ordered_outputs(names) -> list:
-    """Output names in contract order (unknown names last, alphabetically)."""
+    """Output names in contract order: ``probabilities`` first, further heads by name, then
+    ``attention_weights``; anything else last, alphabetically."""
     names = list(names)
-    known = [n for n in OUTPUT_ORDER if n in names]
-    return known + sorted(n for n in names if n not in OUTPUT_ORDER)
+    heads = sorted(n for n in names if is_head(n) and n != PROBABILITIES)
+    first = [PROBABILITIES] if PROBABILITIES in names else []
+    last = [ATTENTION] if ATTENTION in names else []
+    return first + heads + last + sorted(n for n in names if not is_head(n) and n != ATTENTION)
 
 
 # ------------------------------------------------------------------ formats and precisions
@@ -100,6 +118,13 @@ OUTPUT_VARIANTS = {("tflite-fixed", "int8"): ("float32", "int8")}
 INT8_PROBABILITIES_SCALE, INT8_PROBABILITIES_ZERO_POINT = 1 / 256, -128
 
 
+#: where the Keras reference lives in a bundle, by the kind of file the user gave (their
+#: own file, copied as is; a SavedModel without a Keras model is its own reference)
+REFERENCE_FILES = {"keras": "model.keras", "h5": "model.h5", "savedmodel": "reference_saved_model"}
+#: the user's --custom-objects file is kept here in a bundle
+CUSTOM_OBJECTS_DIR = "custom_objects"
+
+
 def output_dtypes(fmt: str, precision: str) -> tuple:
     return OUTPUT_VARIANTS.get((fmt, precision), ("float32",))
 
@@ -107,6 +132,20 @@ def output_dtypes(fmt: str, precision: str) -> tuple:
 def fixed_input_shape(max_length: int) -> list:
     """The stored input shape of the fixed-shape formats: one text of ``max_length`` ids."""
     return [1, int(max_length)]
+
+
+def artifact_input_shape(fmt: str, fixed_length: int | None = None, device_length: int | None = None):
+    """The ``input_shape`` a manifest entry records, the one place it is decided (runners
+    read it with ``runtimes.base.fixed_dims``: an int fixes a dim, a name leaves it dynamic):
+
+    * the fixed-shape formats: ``[1, device_length]``, one text per call (``device_length``
+      is the model's own input length when it has one, else the training max length);
+    * every other format of a model with a fixed input length (``Input(shape=(n,))``):
+      ``["batch", n]``;
+    * otherwise None: ``[batch, sequence]``, both dynamic."""
+    if fmt in FIXED_SHAPE_FORMATS:
+        return fixed_input_shape(device_length)
+    return input_dims(fixed_length) if fixed_length else None
 
 
 # ------------------------------------------------------------------ targets

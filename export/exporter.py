@@ -26,9 +26,11 @@ from .versions import versions
 
 @dataclass
 class ExportOptions:
-    #: None: ``contract.DEFAULT_EXPORT_FORMATS``, plus ``mediapipe`` for a regex tokenizer
+    #: None: ``contract.DEFAULT_EXPORT_FORMATS`` (plus ``mediapipe`` for a regex tokenizer),
+    #: and one that cannot be built is left out and reported; a selection (``--formats``) is
+    #: a request: an artifact of it that cannot be built fails
     formats: tuple | None = None
-    precisions: tuple = C.PRECISIONS
+    precisions: tuple | None = None  # as ``formats``, for ``--precisions``
     opset: int = DEFAULT_OPSET
     calibration_data: str | None = None
     tokenizer: str | None = None
@@ -40,6 +42,7 @@ class ExportOptions:
     onnx_int64: bool = True
     unsafe: bool = False
     overwrite: bool = False
+    custom_objects: str | None = None  # the user's FILE.py with their classes (runs their code)
     #: also write C sources (model, vocabulary, labels) of the fixed-shape int8 model
     c_array: bool = False
 
@@ -47,7 +50,7 @@ class ExportOptions:
 @dataclass
 class Source:
     model_path: Path
-    tokenizer_path: Path
+    tokenizer_path: Path | None
     labels: list | None
     max_length: int | None
     test_data: Path | None = None
@@ -74,13 +77,11 @@ def resolve_source(source, opts: ExportOptions) -> Source:
                       opts.max_length or cfg.get("max_length"),
                       source / "test.jsonl" if (source / "test.jsonl").is_file() else None,
                       source / "calibration.jsonl" if (source / "calibration.jsonl").is_file() else None,
-                      {"dataset": cfg.get("dataset"), "seed": cfg.get("seed")})
+                      {"dataset": cfg.get("dataset"), "seed": cfg.get("seed"), "architecture": cfg.get("model")})
     if source.is_dir() and (source / "metrics.json").is_file():
         raise UsageError(f"run directory {source} has no model.keras (incomplete or damaged run)")
-    if not opts.tokenizer:
-        raise UsageError(f"{source} is a model, not a run directory: pass --tokenizer tokenizer.json")
-    return Source(source, Path(opts.tokenizer), _read_labels(opts.labels) if opts.labels else None,
-                  opts.max_length)
+    return Source(source, Path(opts.tokenizer) if opts.tokenizer else None,
+                  _read_labels(opts.labels) if opts.labels else None, opts.max_length)
 
 
 def _read_labels(path) -> list:
@@ -148,71 +149,127 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
+def label_count(head) -> int:
+    """How many label names a head has: a single-unit head decides between two."""
+    return 2 if head.units == 1 else head.units
+
+
+def _labels_for(serving, given) -> list:
+    primary = serving.heads[0]
+    n = label_count(primary)
+    labels = given or [str(i) for i in range(n)]
+    if len(labels) != n:
+        what = (f"a single {primary.kind} unit (two labels: negative, positive)" if primary.units == 1
+                else f"{n} {primary.kind} outputs")
+        raise UsageError(f"{len(labels)} labels given but the model's first output has {what}")
+    for h in serving.heads:
+        h.labels = labels if h is primary else [str(i) for i in range(label_count(h))]
+    return labels
+
+
 def export(source, out, opts: ExportOptions | None = None) -> dict:
     opts = opts or ExportOptions()
     t_start = time.perf_counter()
-    if opts.formats is not None:
-        C.parse_list(opts.formats, C.EXPORT_FORMATS, "format")
-    precisions = C.parse_list(opts.precisions, C.PRECISIONS, "precision")
+    # the formats a selection can hold at most (the default adds mediapipe only for a regex
+    # tokenizer, known once the tokenizer is): checked before the slow part
+    possible = C.parse_list(opts.formats if opts.formats is not None else C.EXPORT_FORMATS, C.EXPORT_FORMATS,
+                            "format")
+    precisions = C.parse_list(opts.precisions or C.PRECISIONS, C.PRECISIONS, "precision")
     opset = check_opset(opts.opset)
+    if C.selection_is_empty(possible, precisions):
+        raise UsageError(f"--formats {','.join(possible)} with --precisions {','.join(precisions)} selects no "
+                         "artifact (" + "; ".join(f"{f} has {', '.join(C.SUPPORTED[f])}" for f in C.EXPORT_FORMATS) + ")")
+    if opts.c_array and not ("tflite-fixed" in possible and "int8" in precisions):
+        raise UsageError("--c-array embeds the fixed-shape int8 model: keep tflite-fixed in --formats and int8 "
+                         "in --precisions")
     check_output_dir(out, opts.overwrite, "bundle")  # before the slow part, not after it
     check_not_in_use(out)
     src = resolve_source(source, opts)
     notes = []
-    tokenizer = load_tokenizer(src.tokenizer_path, notes=notes)  # padding off, the file's own truncation
+    if src.tokenizer_path is not None:  # a bad tokenizer file fails before the model loads
+        from probattn.models.text.tokenizer_guard import MAX_TOKENIZER_BYTES
+
+        tokenizer_json = read_regular(src.tokenizer_path, MAX_TOKENIZER_BYTES, what="tokenizer file")
+        load_tokenizer(tokenizer_json, notes=notes)  # padding off, the file's own truncation
+    cal_texts = None
+    if any(f in possible for f in C.TFLITE_FORMATS) and "int8" in precisions:
+        cal_texts = _calibration_texts(src, opts)  # bad calibration data fails before the model loads
+
+    from .adapt import adapt
+    from .loading import load_model, vocab_size_of
+    from .signature import apply_rewrites, probe_ids, serving_for, trace
+
+    loaded = load_model(src.model_path, unsafe=opts.unsafe, custom_objects=opts.custom_objects)
+    log(f"loaded {src.model_path} ({loaded.info.describe()})")  # after: a failed load gives one error line
+    adapted = None
+    if loaded.keras_model is not None:
+        adapted = _adapt(loaded, adapt, probe_ids)
+        loaded.keras_model = adapted.model
+        for note in adapted.notes:
+            log(f"  adapted: {note['what']}")
+    if adapted is not None and adapted.tokenizer is not None:
+        if src.tokenizer_path is not None:
+            raise UsageError("the model carries its own TextVectorization vocabulary, which becomes tokenizer.json; "
+                             "drop --tokenizer")
+        tokenizer_json = adapted.tokenizer.to_str().encode("utf-8")
+    elif src.tokenizer_path is None:
+        raise UsageError(f"{src.model_path} is a model, not a run directory: pass --tokenizer tokenizer.json")
+    tokenizer = load_tokenizer(tokenizer_json, notes=notes)  # checked by the tokenizer guard
     selected = selected_formats(opts, tokenizer)
-    if C.selection_is_empty(selected, precisions):
-        raise UsageError(f"--formats {','.join(selected)} with --precisions {','.join(precisions)} selects no "
-                         "artifact (" + "; ".join(f"{f} has {', '.join(C.SUPPORTED[f])}" for f in C.EXPORT_FORMATS) + ")")
     if "mediapipe" in selected:
         from .formats.mediapipe import require_regex_tokenizer
 
         require_regex_tokenizer(tokenizer)
-    if opts.c_array and not ("tflite-fixed" in selected and "int8" in precisions):
-        raise UsageError("--c-array embeds the fixed-shape int8 model: keep tflite-fixed in --formats and int8 "
-                         "in --precisions")
-    max_length = src.max_length or (tokenizer.truncation or {}).get("max_length") or 64
-    from probattn.models.text.tokenizer import MAX_LENGTH_LIMIT
-
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= MAX_LENGTH_LIMIT:
-        raise UsageError(f"max length {max_length!r} is out of range; allowed: 1 to {MAX_LENGTH_LIMIT:,}")
-    tokenizer = load_tokenizer(src.tokenizer_path, max_length=max_length, notes=notes)
-    for note in dict.fromkeys(notes):
-        log(f"note: {note}")
-    cal_texts = None
-    if any(f in selected for f in C.TFLITE_FORMATS) and "int8" in precisions:
-        cal_texts = _calibration_texts(src, opts)
-        if not cal_texts:
-            raise UsageError("full-integer int8 needs calibration texts: pass --calibration-data "
-                             "FILE (.csv/.jsonl/.txt) or drop int8 from --precisions")
-
-    from .loading import load_keras_model, vocab_size_of
-
-    model = load_keras_model(src.model_path, unsafe=opts.unsafe)
-    log(f"loaded {src.model_path}")  # after: a model that fails to load gives one error line
-    from .signature import serving_module, with_attention_output
-
-    attention = opts.attention_weights and with_attention_output(model) is not None
-    module, concrete = serving_module(model, attention=attention)
-    # the fixed-shape formats hold one text of max_length ids, or of the model's own length
-    # when its input has one (Input(shape=(n,)))
-    model_length = model.inputs[0].shape[1] if model.inputs and len(model.inputs[0].shape) == 2 else None
-    fixed_length = int(model_length) if isinstance(model_length, int) else int(max_length)
-    fixed = (1, fixed_length)
-    traces = {  # the same serving function, traced again for the fixed-shape formats
-        "fixed": lambda: serving_module(model, attention=attention, shape=fixed),
-        "fixed-probabilities": lambda: serving_module(model, attention=False, shape=fixed),
-    }
-    out_names = C.ordered_outputs(concrete.structured_outputs.keys())
-    n_classes = int(concrete.structured_outputs[C.PROBABILITIES].shape[-1])
-    labels = src.labels or [str(i) for i in range(n_classes)]
-    if len(labels) != n_classes:
-        raise UsageError(f"{len(labels)} labels given but the model has {n_classes} outputs")
-    vocab_size = vocab_size_of(model) or tokenizer.get_vocab_size()
+    requested = _requested(opts, selected, precisions)
+    model = loaded.keras_model
+    vocab_size = (vocab_size_of(model) if model is not None else None) or tokenizer.get_vocab_size()
     if tokenizer.get_vocab_size() > vocab_size:
         raise UsageError(f"the tokenizer has {tokenizer.get_vocab_size()} ids but the model's embedding has "
                          f"{vocab_size} rows: ids the tokenizer makes would be out of range; "
                          "pass the tokenizer the model was trained with")
+    serving = serving_for(loaded, opts.attention_weights, vocab_size)
+    labels = _labels_for(serving, src.labels)
+    fixed = serving.fixed_length
+    max_length = fixed or src.max_length or (tokenizer.truncation or {}).get("max_length") or 64
+    if fixed and src.max_length and src.max_length != fixed:
+        log(f"  note: the model's input has a fixed length of {fixed}; texts are cut to {fixed} tokens")
+    if fixed:
+        log(f"  fixed input length {fixed}: every artifact takes token_ids [batch, {fixed}]")
+    from probattn.models.text.tokenizer import MAX_LENGTH_LIMIT
+
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= MAX_LENGTH_LIMIT:
+        raise UsageError(f"max length {max_length!r} is out of range; allowed: 1 to {MAX_LENGTH_LIMIT:,}")
+    tokenizer = load_tokenizer(tokenizer_json, max_length=max_length, notes=notes)
+    for note in dict.fromkeys(notes):
+        log(f"note: {note}")
+    #: the first output's width: what the readers check each artifact's output against
+    n_classes = serving.heads[0].units
+    diagnosis = _diagnose(loaded, serving, tokenizer, src)
+    rewrites = apply_rewrites(serving)
+    for r in rewrites:
+        log(f"  rewrite for builtin ops: {r}")
+    module, concrete = trace(serving)
+    out_names = C.ordered_outputs(concrete.structured_outputs.keys())
+    # the fixed-shape formats hold one text of the model's own length when its input has one
+    # (then max_length is that length), else of the training max length; the one rule for
+    # every artifact's input_shape is contract.artifact_input_shape
+    device_length = int(max_length)
+    traces = {  # the same serving function, traced again for the fixed-shape formats
+        "fixed": lambda: trace(serving, batch=1, length=device_length),
+        "fixed-probabilities": lambda: trace(serving, batch=1, length=device_length, outputs=C.MEDIAPIPE_OUTPUTS),
+    }
+
+    left_out = []
+    wanted = {f: [p for p in precisions if p in C.SUPPORTED[f]] for f in selected}
+    for f in C.TFLITE_FORMATS:
+        if "int8" in wanted.get(f, []) and not cal_texts:
+            wanted[f].remove("int8")
+            left_out.append({"format": f, "precision": "int8",
+                             "reason": "full-integer int8 needs calibration texts: pass --calibration-data "
+                                       "FILE (.csv/.jsonl/.txt) or drop int8 from --precisions"})
+
+    def input_shape(fmt):
+        return C.artifact_input_shape(fmt, fixed, device_length)
 
     artifacts = []
     with atomic_directory(out, overwrite=opts.overwrite, kind="bundle") as tmp:
@@ -221,6 +278,9 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
             entry = {"path": built.path, "format": built.format, "precision": built.precision,
                      "bytes": B.size_of(path), "sha256": B.sha256_path(path),
                      "seconds": round(built.seconds, 2), **built.extra}
+            shape = input_shape(built.format)
+            if shape is not None and entry.setdefault("input_shape", shape) != shape:
+                raise UsageError(f"{built.path}: input shape {entry['input_shape']}, expected {shape}")
             if any(C.artifact_key(a) == C.artifact_key(entry) for a in artifacts):
                 raise UsageError(f"two artifacts are {C.artifact_key(entry)}; manifest entries must be unique")
             entry.update(audit_built(path, built, vocab_size, n_classes, max_length, opts.unsafe, entry, labels, tokenizer))
@@ -230,17 +290,21 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
                 f"{built.seconds:6.1f} s  {built.path}{targets}")
 
         t = time.perf_counter()
-        keras_rel = C.artifact_filename("keras", "fp32")
-        if src.model_path.suffix == ".keras":
-            shutil.copyfile(src.model_path, tmp / keras_rel)
-        else:
-            model.save(tmp / keras_rel)
-        record(formats.Built("keras", "fp32", keras_rel, time.perf_counter() - t))
-        from probattn.models.text.tokenizer_guard import MAX_TOKENIZER_BYTES, sanitize
+        keras_rel = _write_reference(loaded, adapted, tmp)
+        record(formats.Built("keras", "fp32", keras_rel, time.perf_counter() - t,
+                             {"source_kind": loaded.info.savedmodel_kind or loaded.info.kind,
+                              "flavour": loaded.flavour}))
+        custom_record = None
+        if loaded.custom is not None:
+            custom_record = loaded.custom.record()
+            (tmp / C.CUSTOM_OBJECTS_DIR).mkdir()
+            shutil.copyfile(loaded.custom.path, tmp / C.CUSTOM_OBJECTS_DIR / loaded.custom.path.name)
+            custom_record["path"] = f"{C.CUSTOM_OBJECTS_DIR}/{loaded.custom.path.name}"
+            custom_record["sha256"] = B.sha256_path(tmp / custom_record["path"])
+        from probattn.models.text.tokenizer_guard import sanitize
 
         # the bundle's tokenizer: the user's, with padding off and truncation at max_length
-        safe, _ = sanitize(read_regular(src.tokenizer_path, MAX_TOKENIZER_BYTES, what="tokenizer file"),
-                           max_length=max_length, vocab_size=vocab_size)
+        safe, _ = sanitize(tokenizer_json, max_length=max_length, vocab_size=vocab_size)
         (tmp / TOKENIZER_FILE).write_text(safe, encoding="utf-8")
         tok_entry = {"path": TOKENIZER_FILE, "sha256": B.sha256_path(tmp / TOKENIZER_FILE),
                      "kind": kind_of(tokenizer)}
@@ -255,22 +319,51 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
         ctx = formats.ExportContext(
             out=tmp, module=module, concrete=concrete, output_names=out_names, opset=opset,
             onnx_int64=opts.onnx_int64,
-            calibration=calibration_batches(cal_texts, tokenizer, max_length) if cal_texts else None,
-            calibration_fixed=calibration_fixed(cal_texts, tokenizer, fixed_length, int(max_length)) if cal_texts else None,
-            max_length=fixed_length, labels=labels, tokenizer=tokenizer, log=log)
-        for built in _run_formats(ctx, selected, precisions, traces):
-            record(built)
+            calibration=calibration_batches(cal_texts, tokenizer, int(max_length), fixed_length=fixed)
+            if cal_texts else None,
+            calibration_fixed=calibration_fixed(cal_texts, tokenizer, device_length, int(max_length))
+            if cal_texts else None,
+            max_length=device_length, labels=labels, tokenizer=tokenizer,
+            log=log, fixed_length=fixed, input_dtype=serving.input_dtype,
+            head_units={h.output: h.units for h in serving.heads})
+        built, failed = _run_formats(ctx, {f: ps for f, ps in wanted.items() if ps}, traces)
+        left_out.extend(failed)
+        from .runcheck import check_artifacts
+
+        t = time.perf_counter()
+        entries = [{"path": b.path, "format": b.format, "precision": b.precision, **b.extra,
+                    **({"input_shape": input_shape(b.format)} if input_shape(b.format) else {})} for b in built]
+        broken = check_artifacts(tmp, entries, vocab_size, out_names, log=log)
+        run_check_seconds = time.perf_counter() - t
+        for b in built:
+            if b.path in broken:
+                left_out.append({"format": b.format, "precision": b.precision, "reason": broken[b.path]})
+                target = tmp / b.path
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+            else:
+                record(b)
+        _refuse_requested(left_out, requested)
+        if not [a for a in artifacts if a["format"] != "keras"]:
+            raise UsageError("no artifact could be built: " + "; ".join(
+                f"{x['format']} {x['precision']}: {x['reason']}" for x in left_out))
+        for x in left_out:
+            log(f"  left out {x['format']} {x['precision']}: {x['reason']}")
         artifacts.sort(key=C.entry_sort_key)
         if opts.c_array:
             from .c_array import write_c_sources
 
-            files["c_array"] = write_c_sources(tmp, B.find_artifact({"artifacts": artifacts}, "tflite-fixed", "int8"),
-                                               tokenizer, labels)
+            fixed_int8 = B.find_artifact({"artifacts": artifacts}, "tflite-fixed", "int8")
+            if fixed_int8 is None:
+                raise UsageError("--c-array embeds the fixed-shape int8 model, which was left out: " + "; ".join(
+                    x["reason"] for x in left_out if (x["format"], x["precision"]) == ("tflite-fixed", "int8")))
+            files["c_array"] = write_c_sources(tmp, fixed_int8, tokenizer, labels)
         manifest = {
             "schema_version": B.SCHEMA_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": versions(),
-            "signature": C.signature(n_classes, attention),
+            "signature": C.signature(serving.heads[0].units, serving.attention, fixed,
+                                     [h.as_dict() for h in serving.heads]),
+            "heads": [h.as_dict() for h in serving.heads],
             "labels": labels,
             "pad_id": PAD_ID,
             "unk_id": UNK_ID,
@@ -279,8 +372,17 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
             "tokenizer": tok_entry,
             "files": files,
             "test_data": "test.jsonl" if src.test_data else None,
-            "source": {"model": str(src.model_path), **src.extra},
+            "source": {"model": str(src.model_path), "kind": loaded.info.savedmodel_kind or loaded.info.kind,
+                       "keras": loaded.flavour, "keras_version": loaded.info.keras_version,
+                       "custom_objects": custom_record, **src.extra},
+            "model_input": {"dtype": serving.input_dtype, "fixed_length": fixed,
+                            "cast": serving.input_dtype != "int32"},
+            "adaptations": adapted.notes if adapted is not None else [],
+            "rewrites": rewrites,
+            "diagnosis": diagnosis,
+            "left_out": left_out,
             "artifacts": artifacts,
+            "run_check_seconds": round(run_check_seconds, 1),
             # every file of the bundle and its hash (SavedModel variables included)
             "contents": hash_tree(tmp, what="bundle", skip=B.OWN_ENTRIES),
             "export_seconds": round(time.perf_counter() - t_start, 1),
@@ -327,23 +429,99 @@ def audit_built(path: Path, built, vocab_size: int, n_classes: int, max_length: 
             "largest_static_values": biggest}
 
 
+def _requested(opts: ExportOptions, selected, precisions) -> set:
+    """The (format, precision) pairs the user asked for by name: a selection given with
+    ``--formats`` or ``--precisions`` (the defaults ask for nothing in particular), and the
+    fixed-shape int8 model that ``--c-array`` embeds."""
+    asked = {("tflite-fixed", "int8")} if opts.c_array else set()
+    if opts.formats is None and opts.precisions is None:
+        return asked
+    return asked | {(f, p) for f in selected for p in precisions if p in C.SUPPORTED[f]}
+
+
+
+def _refuse_requested(left_out, requested) -> None:
+    asked = [x for x in left_out if (x["format"], x["precision"]) in requested]
+    if asked:
+        raise UsageError("; ".join(f"{x['format']} {x['precision']} was asked for but {x['reason']}"
+                                   for x in asked) + _way_out(asked))
+
+
+def _way_out(asked) -> str:
+    formats = sorted({x["format"] for x in asked})
+    others = [f for f in C.EXPORT_FORMATS if f not in formats]
+    return (f". Without --formats/--precisions probattn leaves out what cannot be built and ships the rest "
+            f"(or pass --formats {','.join(others)})" if others else "")
+
+
+def _adapt(loaded, adapt, probe_ids):
+    from probattn.models.keras_compat import get_keras
+
+    keras = get_keras(loaded.flavour)
+    objects = loaded.custom.objects if loaded.custom is not None else {}
+    with keras.utils.custom_object_scope(objects):
+        return adapt(loaded.keras_model, probe_ids)
+
+
+def _write_reference(loaded, adapted, tmp: Path) -> str:
+    """The bundle's reference: the user's own file, copied as is, or the adapted model."""
+    if adapted is not None and adapted.changed:
+        rel = C.REFERENCE_FILES["keras"]
+        adapted.model.save(tmp / rel)
+        return rel
+    kind = loaded.info.kind
+    rel = C.REFERENCE_FILES[kind]
+    if loaded.path.is_dir():
+        shutil.copytree(loaded.path, tmp / rel)
+    else:
+        shutil.copyfile(loaded.path, tmp / rel)
+    return rel
+
+
+def _diagnose(loaded, serving, tokenizer, src) -> dict | None:
+    """What the Keras model itself does with padding (``probattn.export.diagnosis``)."""
+    try:
+        from .diagnosis import diagnose_serving
+    except ImportError:
+        return None
+    texts = None
+    if src.test_data is not None:
+        from probattn.models.text.data import load_text_file
+
+        texts = load_text_file(src.test_data).texts[:64]
+    result = diagnose_serving(serving, tokenizer=tokenizer, texts=texts)
+    for line in result.get("findings_text", []):
+        log(f"  model diagnosis: {line}")
+    return result
 
 
 #: the traces of the serving function a format can convert from (``SAVED_MODEL``)
 SAVED_MODEL_KINDS = ("dynamic", "fixed", "fixed-probabilities")
 
 
-def _run_formats(ctx: formats.ExportContext, selected, precisions, traces) -> list:
-    """Run each selected format's exporter. The SavedModels the converters need are written
-    first (the dynamic one in the bundle when ``savedmodel`` was asked for, the rest in
-    scratch folders); every TFLite conversion then runs in one converter child, in a
-    thread beside the in-process formats (ONNX), and each TFLite-family format finishes
-    its files (metadata, measured targets) once the child is done."""
-    modules = {f: formats.get(f) for f in selected}
-    wanted = {f: [p for p in precisions if p in C.SUPPORTED[f]] for f in selected}
-    wanted = {f: ps for f, ps in wanted.items() if ps}
+def _run_formats(ctx: formats.ExportContext, wanted: dict, traces: dict):
+    """Run each format's exporter for its wanted precisions; returns ``(built, failed)``. A
+    format or precision that cannot be built is reported in ``failed`` (with the reason)
+    without stopping the others. The SavedModels the converters need are written first (the
+    dynamic one in the bundle when ``savedmodel`` was asked for, the rest in scratch
+    folders); every TFLite conversion then runs in one converter child, in a thread beside
+    the in-process formats (ONNX), and each TFLite-family format finishes its files
+    (metadata, measured targets) once the child is done."""
+    modules = {f: formats.get(f) for f in wanted}
     from .formats import savedmodel, tflite
 
+    failed = []
+    lock = threading.Lock()
+
+    def fail(fmt, precision, reason):
+        with lock:
+            failed.append({"format": fmt, "precision": precision, "reason": reason})
+
+    def fail_format(f, reason):
+        for p in wanted[f]:
+            fail(f, p, reason)
+
+    ctx.failed = fail
     scratch = []
     kinds = {getattr(modules[f], "SAVED_MODEL", "dynamic") for f in wanted if modules[f].NEEDS_SAVED_MODEL}
     for kind in (k for k in SAVED_MODEL_KINDS if k in kinds):
@@ -352,15 +530,30 @@ def _run_formats(ctx: formats.ExportContext, selected, precisions, traces) -> li
         else:
             path = ctx.out / f".saved_model_{kind.replace('-', '_')}_for_conversion"
             scratch.append(path)
-        if kind == "dynamic":
-            ctx.saved_model_dir = path
-            ctx.saved_model_seconds = savedmodel.save(ctx, path)
-        else:
-            savedmodel.save(ctx, path, *traces[kind]())
+        users = [f for f in wanted if modules[f].NEEDS_SAVED_MODEL and getattr(modules[f], "SAVED_MODEL", "dynamic") == kind]
+        try:
+            if kind == "dynamic":
+                ctx.saved_model_dir = path
+                ctx.saved_model_seconds = savedmodel.save(ctx, path)
+            else:
+                savedmodel.save(ctx, path, *traces[kind]())
+        except UsageError as e:  # the formats converting from this trace fail; the others go on
+            for f in users + (["savedmodel"] if kind == "dynamic" and "savedmodel" in wanted else []):
+                fail_format(f, str(e))
+            wanted = {f: ps for f, ps in wanted.items()
+                      if f not in users and not (kind == "dynamic" and f == "savedmodel")}
+            continue
         ctx.saved_models[kind] = path
 
-    child = {f: ps for f, ps in wanted.items() if modules[f].IN_CHILD}
-    jobs = [j for f, ps in child.items() for j in modules[f].conversions(ctx, ps)]
+    child = {}
+    jobs = []
+    for f, ps in wanted.items():
+        if modules[f].IN_CHILD:
+            try:
+                jobs.extend(modules[f].conversions(ctx, ps))
+                child[f] = ps
+            except UsageError as e:
+                fail_format(f, str(e))
     built, errors, procs, results = [], [], [], []
     cancel = threading.Event()
 
@@ -369,12 +562,26 @@ def _run_formats(ctx: formats.ExportContext, selected, precisions, traces) -> li
         if cancel.is_set():  # the export failed or was interrupted while it started
             proc.kill()
 
+    def run(f, ps):
+        try:
+            got = modules[f].export(ctx, ps)
+        except UsageError as e:  # the whole format failed
+            for p in ps:
+                if not any(b.precision == p for b in built if b.format == f):
+                    fail(f, p, str(e))
+            return
+        with lock:
+            built.extend(got)
+
     ctx.started = started
     threads = []
     if jobs:
         def work():
             try:
                 results.extend(tflite.convert_in_child(ctx, jobs))
+            except UsageError as e:  # the converter child itself failed: every job of it did
+                for f in child:
+                    fail_format(f, str(e))
             except BaseException as e:  # re-raised in the main thread
                 errors.append(e)
 
@@ -384,7 +591,7 @@ def _run_formats(ctx: formats.ExportContext, selected, precisions, traces) -> li
     try:
         for f, ps in wanted.items():
             if not modules[f].IN_CHILD:
-                built.extend(modules[f].export(ctx, ps))
+                run(f, ps)
     except BaseException:  # failed or interrupted: stop the converters rather than wait for them
         _stop(cancel, procs)
         raise
@@ -394,10 +601,19 @@ def _run_formats(ctx: formats.ExportContext, selected, precisions, traces) -> li
     if errors:
         raise errors[0]
     for f in child:
-        built.extend(modules[f].finish(ctx, [r for r in results if r["format"] == f]))
+        mine = [r for r in results if r["format"] == f]
+        try:
+            built.extend(modules[f].finish(ctx, mine))
+        except UsageError as e:  # the files of this format are not what they must be
+            for r in mine:
+                fail(f, r["precision"], str(e))
+                target = ctx.out / r["path"]
+                if target.exists():
+                    target.unlink()
     for path in scratch:
-        shutil.rmtree(path)
-    return built
+        if path.exists():
+            shutil.rmtree(path)
+    return built, failed
 
 
 def _stop(cancel, procs):

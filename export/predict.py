@@ -31,6 +31,7 @@ from . import bundle as B
 from . import limits, runtimes
 from .contract import PRECISIONS, PROBABILITIES
 from .runtimes import check_token_ids
+from .runtimes.base import fixed_dims
 
 #: the message of a row whose probabilities are not finite numbers
 NOT_FINITE = "the model's output holds NaN or inf; no label"
@@ -102,10 +103,16 @@ class Predictor:
             self.labels = list(m["labels"])
             self.vocab_size = int(m["vocab_size"])
             self.max_length = min(max_length or m["max_length"], m["max_length"])
+            fixed = fixed_dims(entry.get("input_shape"))[1]
+            if fixed:  # an artifact with a fixed input length (the model's own, or a device file's): texts are cut to it
+                self.max_length = min(int(self.max_length), int(fixed))
+            #: the model's outputs and how each decides (``export/signature.py``); one softmax head by default
+            self.heads = m.get("heads") or [
+                {"output": PROBABILITIES, "kind": "softmax", "units": len(self.labels), "labels": self.labels}]
             self.runtime, self.precision, self.entry = runtime, precision, entry
             self.runner = cls(self.bundle / entry["path"], self.vocab_size, threads, variant=variant,
                               input_shape=entry.get("input_shape"), content=content,
-                              n_classes=len(self.labels)).activate()
+                              n_classes=B.output_units(m)).activate()
         problem = self.runner.precision_problem(precision)
         if problem:
             raise UsageError(f"{entry['path']} is listed as {precision} but {problem}; refusing it")
@@ -123,9 +130,13 @@ class Predictor:
         return [e.ids for e in self._hf.encode_batch(list(texts))]
 
     def predict_ids(self, token_ids) -> np.ndarray:
-        """Probabilities ``[batch, classes]`` for int token ids ``[batch, sequence]``."""
+        """Probabilities ``[batch, classes]`` (the first head) for int token ids ``[batch, sequence]``."""
+        return self.predict_outputs(token_ids)[PROBABILITIES]
+
+    def predict_outputs(self, token_ids) -> dict:
+        """Every output (each head and, when exported, ``attention_weights``) for int token ids."""
         ids = check_token_ids(token_ids, self.vocab_size)
-        return self.runner.infer(ids, check_inputs=False)[PROBABILITIES]
+        return self.runner.infer(ids, check_inputs=False)
 
     def encode(self, texts) -> np.ndarray:
         """Token ids ``int32 [batch, longest]``, cut at the bundle's max length, right-padded."""
@@ -174,7 +185,21 @@ class Predictor:
 
     def predict_batch(self, texts, batch_size: int | None = None) -> list:
         """Results of ``texts`` (already in memory), batched by ``batch_plan``."""
-        return [self.result(row) for row in self.probabilities(texts, batch_size or max(1, len(texts)))]
+        batch_size = batch_size or max(1, len(texts))
+        if len(self.heads) == 1 and self.heads[0]["kind"] == "softmax":
+            return [self.result(row) for row in self.probabilities(texts, batch_size)]
+        outs = self.outputs(texts, batch_size)
+        results = []
+        for j in range(len(texts)):
+            first = outs[self.heads[0]["output"]][j]
+            if not np.isfinite(first).all():
+                results.append(self.result(first))
+                continue
+            result = _decide(first, self.heads[0])
+            if len(self.heads) > 1:
+                result["heads"] = {h["keras_output"]: _decide(outs[h["output"]][j], h) for h in self.heads[1:]}
+            results.append(result)
+        return results
 
     def result(self, row) -> dict:
         """One text's ``{"label", "probabilities"}`` from its probability row (formatted here,
@@ -213,8 +238,32 @@ def predict_texts(bundle, texts, runtime: str = "onnxruntime", precision: str = 
         raise UsageError(f"unknown engine '{engine}'; allowed: {', '.join(ENGINES)}")
     texts = check_texts(texts, batch_size)
     predictor = Predictor(bundle, runtime=runtime, precision=precision)
+    if engine == "ray" and (len(predictor.heads) > 1 or predictor.heads[0]["kind"] != "softmax"):
+        raise UsageError("--engine ray labels bundles with one softmax output; this bundle has "
+                         f"{', '.join(h['kind'] for h in predictor.heads)} outputs: use --engine local")
     if engine == "local":
         return predictor, predictor.probabilities(texts, batch_size)
     from .ray_engine import ray_probabilities
 
     return predictor, ray_probabilities(predictor, texts, batch_size, workers)
+
+
+def _decide(row, head) -> dict:
+    """One example's answer from one head, by its kind (see ``export/signature.py``):
+    ``label`` is the decision (a list of labels for a multi-label head); ``probabilities``
+    (or ``scores`` for unbounded outputs) per label."""
+    from .parity.compare import decisions
+
+    labels = head.get("labels") or [str(i) for i in range(max(2, len(row)))]
+    kind = head["kind"]
+    d = decisions(np.asarray(row, np.float64)[None, :], kind)[0]
+    if kind in ("softmax", "scores"):
+        key = "probabilities" if kind == "softmax" else "scores"
+        return {"label": labels[int(d)], key: {l: round(float(p), 6) for l, p in zip(labels, row)}}
+    if len(row) == 1:  # binary: one sigmoid (or logit) decides between two labels
+        v = float(row[0])
+        if kind == "sigmoid":
+            return {"label": labels[int(d)], "probabilities": {labels[0]: round(1.0 - v, 6), labels[1]: round(v, 6)}}
+        return {"label": labels[int(d)], "scores": {labels[1]: round(v, 6)}}
+    return {"label": [l for l, yes in zip(labels, d) if yes],
+            "probabilities": {l: round(float(p), 6) for l, p in zip(labels, row)}}

@@ -8,7 +8,7 @@ Two flavours are supported:
 * ``"2"``: tf_keras (Keras 2), the ``tf-keras`` package.
 
 A flavour name is what ``--keras`` takes. Models, layers and saved files are told apart by
-``flavour_of`` (a live object) and by ``probattn.export.loading`` (a file).
+``flavour_of`` (a live object) and by ``probattn.export.flavour`` (a file).
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from .quiet import import_tensorflow, quiet_stderr
 #: flavour -> the module that provides it
 MODULES = {"3": "keras", "2": "tf_keras"}
 FLAVOURS = tuple(MODULES)
-#: what a TensorFlow 2.21 user gets from ``tf.keras``
-DEFAULT_FLAVOUR = "2"
+#: what a TensorFlow 2.21 user gets from ``tf.keras`` (Keras 3, unless TF_USE_LEGACY_KERAS=1)
+DEFAULT_FLAVOUR = "3"
 DESCRIPTIONS = {"3": "Keras 3 (keras, TensorFlow backend)", "2": "tf_keras (Keras 2)"}
 
 

@@ -142,6 +142,17 @@ def _make_prob_attention(keras, flavour):
             out = (shape[0], shape[-1])
             return out if flavour == "3" else tf.TensorShape(out)
 
+        if flavour == "3":
+            # Keras 3 builds the symbolic output from compute_output_shape, which knows
+            # nothing of return_attention_scores: without this a call asking for the
+            # weights silently returns one tensor.
+            def compute_output_spec(self, inputs, mask=None, return_attention_scores=False):
+                b, t, f = inputs.shape
+                pooled = keras.KerasTensor((b, f), dtype=self.compute_dtype)
+                if return_attention_scores:
+                    return pooled, keras.KerasTensor((b, t), dtype=self.compute_dtype)
+                return pooled
+
         def get_config(self):
             config = super().get_config()
             config["kernel_initializer"] = keras.initializers.serialize(self.kernel_initializer)
@@ -150,6 +161,38 @@ def _make_prob_attention(keras, flavour):
     ProbAttention.__qualname__ = "ProbAttention"
     ProbAttention.__module__ = __name__
     return ProbAttention
+
+
+def _make_attention_view(keras, flavour):
+    class AttentionWeightsView(keras.layers.Layer):
+        """The ``(batch, time)`` weights of an existing ProbAttention layer, computed with
+        that layer's own kernel (no variables of its own; built for export, never saved).
+
+        Keras 3 cannot call the original layer a second time with
+        ``return_attention_scores=True`` inside a functional model ("Output ... is not
+        connected to inputs": a layer's outputs are sized from its first call), so the
+        weights come from this view, which works in both flavours.
+        """
+
+        def __init__(self, attention, **kwargs):
+            super().__init__(**kwargs)
+            self.attention = attention
+            self.supports_masking = True
+
+        def call(self, inputs, mask=None):
+            kernel = tf.cast(self.attention.kernel, inputs.dtype)
+            return prob_attention_pool(inputs, kernel, mask)[1]
+
+        def compute_mask(self, inputs, mask=None):
+            return None
+
+        def compute_output_shape(self, input_shape):
+            shape = tuple(tf.TensorShape(input_shape).as_list())
+            return (shape[0], shape[1]) if flavour == "3" else tf.TensorShape(shape[:2])
+
+    AttentionWeightsView.__qualname__ = "AttentionWeightsView"
+    AttentionWeightsView.__module__ = __name__
+    return AttentionWeightsView
 
 
 _CLASSES: dict = {}
@@ -168,6 +211,7 @@ def layer_classes(flavour=None) -> types.SimpleNamespace:
             ProbAttention=_make_prob_attention(keras, flavour),
             NaiveProbAttention=make_naive_prob_attention(keras),
             ProbSparseAttention=make_prob_sparse_attention(keras, flavour),
+            AttentionWeightsView=_make_attention_view(keras, flavour),
         )
     return _CLASSES[flavour]
 
@@ -176,3 +220,18 @@ def __getattr__(name):  # ``from probattn.models.layers import ProbAttention``: 
     if name in ("ProbAttention", "NaiveProbAttention"):
         return getattr(layer_classes(), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def layer_call_input(layer):
+    """``(inputs, mask or None)`` of a layer's first call in a functional graph.
+
+    tf_keras: ``layer.input`` is the tensor and its mask rides on it (``_keras_mask``).
+    Keras 3 records an automatically filled ``mask`` as a node input, so ``layer.input`` is
+    ``[x, mask]``; the node's ``arguments`` keep args and kwargs apart (``Node.arguments``
+    is not public API in Keras 3.15: this is the one place that reads it).
+    """
+    nodes = getattr(layer, "_inbound_nodes", None)
+    if nodes and hasattr(nodes[0], "arguments"):  # Keras 3 Node
+        args = nodes[0].arguments
+        return args.args[0], args.kwargs.get("mask")
+    return layer.input, None

@@ -11,6 +11,7 @@ import numpy as np
 
 from .errors import UsageError
 from .fsutil import atomic_directory, check_not_in_use, check_output_dir
+from .keras_compat import DEFAULT_FLAVOUR
 from .metrics import classification_report
 from .text import data as data_mod
 from .text.tokenizer import (DEFAULT_TOKENIZER_KIND, MAX_LENGTH_LIMIT, TOKENIZER_KINDS, encode_fixed, save_tokenizer,
@@ -29,9 +30,6 @@ MAX_EPOCHS = 10_000
 MAX_TRAIN_BATCH = 65_536
 #: Training texts kept in a run as ``calibration.jsonl`` (full-int8 calibration at export).
 CALIBRATION_MAX_TEXTS = 400
-#: ``--model``: the seed page's classifier, or the same with a ProbSparse self-attention
-#: encoder in front of its pooling (``probattn.models.probsparse``)
-MODELS = ("probattn", "probsparse")
 
 
 @dataclass
@@ -50,10 +48,11 @@ class TrainConfig:
     batch_size: int = 32
     learning_rate: float = 2e-3
     limit: int = 0  # use only N examples, drawn per class in proportion (quick runs); 0 = all
-    model: str = "probattn"  # one of MODELS
+    model: str = "probattn"  # architecture: probattn.models.zoo.ARCHITECTURES
     #: "portable" (default), "wordlevel" (the earlier default), "regex" / "regex-start"
     #: (MediaPipe's regex tokenizer)
     tokenizer: str = DEFAULT_TOKENIZER_KIND
+    keras: str | None = DEFAULT_FLAVOUR  # "3" (Keras 3) or "2" (tf_keras); None: the default
 
     def validate(self):
         for name in ("max_length", "vocab_size", "embedding_dim", "hidden_units", "epochs",
@@ -81,10 +80,13 @@ class TrainConfig:
             raise UsageError(f"--seed must be an integer from 0 to 2**32-1; received {self.seed!r}")
         if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 0:
             raise UsageError(f"--limit must be >= 0; received {self.limit}")
-        if self.model not in MODELS:
-            raise UsageError(f"unknown --model {self.model!r}; allowed: {', '.join(MODELS)}")
         if self.tokenizer not in TOKENIZER_KINDS:
             raise UsageError(f"--tokenizer must be one of {', '.join(TOKENIZER_KINDS)}; received {self.tokenizer!r}")
+        from .keras_compat import check_flavour
+        from .zoo import check_architecture
+
+        check_architecture(self.model)
+        self.keras = check_flavour(self.keras)
 
 
 #: --max-length bounds (a user file's default is derived from its texts, within these)
@@ -133,8 +135,9 @@ def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None
                          "each class needs at least 3")
     from .classifier import build_classifier
     from .keras_compat import get_keras
+    from .zoo import build_model
 
-    keras = get_keras()
+    keras = get_keras(config.keras)
     import tensorflow as tf  # already imported, quietly, by get_keras
 
     keras.utils.set_random_seed(config.seed)
@@ -153,15 +156,13 @@ def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None
     x_train, y_train = xy(split.train)
     x_val, y_val = xy(split.validation)
     x_test, y_test = xy(split.test)
-    if config.model == "probsparse":
-        from .probsparse import build_probsparse_classifier
-
-        model = build_probsparse_classifier(vocab, len(split.label_names), config.embedding_dim,
-                                            config.hidden_units, config.dropout)
-    else:
+    if attention_layer is not None:  # a comparison layer in the seed page's model
         model = build_classifier(vocab, len(split.label_names), config.embedding_dim,
                                  config.hidden_units, config.dropout,
-                                 attention_layer=attention_layer() if attention_layer else None)
+                                 attention_layer=attention_layer(), flavour=config.keras)
+    else:
+        model = build_model(config.model, vocab, len(split.label_names), config.embedding_dim,
+                            config.hidden_units, config.dropout, flavour=config.keras)
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     if verbose is None:
@@ -184,6 +185,7 @@ def train(config: TrainConfig, out, overwrite: bool = False, verbose: int | None
                   "test": len(split.test.texts)},
         "vocab_size": vocab,
         "model": config.model,
+        "keras": config.keras,
     }
     with atomic_directory(out, overwrite=overwrite, kind=RUN_KIND) as tmp:
         # an uncompiled twin (same layers and weights): the .keras file carries no optimizer state

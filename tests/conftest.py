@@ -64,15 +64,18 @@ def cli():
     return run_cli
 
 
-def tiny_classifier(vocab_size=50, num_classes=3, embedding_dim=8, seed=0, masking_layer=False):
-    """A small untrained classifier, deterministic for a seed (weights drawn, not trained)."""
-    from probattn.models import ProbAttention, build_classifier
+def tiny_classifier(vocab_size=50, num_classes=3, embedding_dim=8, seed=0, masking_layer=False, flavour=None):
+    """A small untrained classifier, deterministic for a seed (weights drawn, not trained), in
+    Keras flavour ``flavour`` ("3" Keras 3, "2" tf_keras; default: probattn's default)."""
+    from probattn.models import build_classifier
     from probattn.models.keras_compat import get_keras
+    from probattn.models.layers import layer_classes
 
-    keras = get_keras()
+    keras = get_keras(flavour)
+    ProbAttention = layer_classes(flavour).ProbAttention
     keras.utils.set_random_seed(seed)
     if not masking_layer:
-        model = build_classifier(vocab_size, num_classes, embedding_dim, hidden_units=16)
+        model = build_classifier(vocab_size, num_classes, embedding_dim, hidden_units=16, flavour=flavour)
     else:  # the seed page's way: Masking() recomputes the mask and turns it off
         inputs = keras.Input(shape=(None,), dtype="int32", name="token_ids")
         x = keras.layers.Embedding(vocab_size, embedding_dim, mask_zero=True)(inputs)

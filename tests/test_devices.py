@@ -32,15 +32,16 @@ def _texts(bundle, n=None):
 
 
 def _keras(bundle):
-    from probattn.export.loading import load_keras_model
-    from probattn.export.signature import with_attention_output
+    """The bundle's Keras reference called the way verify calls it: the exported output
+    names (probabilities, attention_weights), no export rewrites."""
+    from probattn.export.loading import load_model
+    from probattn.export.signature import serving_for
 
-    model = load_keras_model(bundle / "model.keras")
-    explained = with_attention_output(model) or model
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    serving = serving_for(load_model(bundle / "model.keras"), True, int(manifest["vocab_size"]))
 
     def run(ids):
-        out = explained(ids, training=False)
-        return {k: v.numpy() for k, v in out.items()} if isinstance(out, dict) else {C.PROBABILITIES: out.numpy()}
+        return {k: v.numpy() for k, v in serving(ids).items()}
 
     return run
 

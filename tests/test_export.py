@@ -40,12 +40,13 @@ def _user_facing_clean(names):
 
 @pytest.fixture(scope="module")
 def keras_reference(bundle_dir):
-    """The bundle's model.keras with the attention output, called directly."""
-    from probattn.export.loading import load_keras_model
-    from probattn.export.signature import with_attention_output
+    """The bundle's model.keras with the attention output, called directly (the way verify
+    calls the reference: the exported output names, no export rewrites)."""
+    from probattn.export.loading import load_model
+    from probattn.export.signature import serving_for
 
-    model = with_attention_output(load_keras_model(bundle_dir / "model.keras"))
-    return lambda ids: {k: v.numpy() for k, v in model(ids, training=False).items()}
+    serving = serving_for(load_model(bundle_dir / "model.keras"), True, 100)
+    return lambda ids: {k: v.numpy() for k, v in serving(ids).items()}
 
 
 @pytest.fixture(scope="module")
@@ -220,9 +221,10 @@ def user_files(tmp_path_factory):
     and a model that needs a Select TF op."""
     import tf_keras as keras
 
+    from probattn.models.layers import layer_classes
     from probattn.models.text.tokenizer import train_tokenizer
-    from probattn.models import ProbAttention
 
+    ProbAttention = layer_classes("2").ProbAttention  # the flex model below is a tf_keras model
     d = tmp_path_factory.mktemp("user")
     tok = train_tokenizer(TINY_TEXTS, vocab_size=50)
     assert tok.get_vocab_size() <= 50

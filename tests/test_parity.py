@@ -231,30 +231,43 @@ def test_one_nan_fails_even_when_everything_else_is_close(precision, where):
     assert clean and all(c.passed for c in clean), [c.message() for c in clean if not c.passed]
 
 
+_MISSING_REASON = "onnxruntime graph-optimization-off build not installed (test)"
+
+
+def _onnx_runner():
+    from probattn.export.runtimes.onnxruntime import OnnxRuntimeRunner
+
+    return OnnxRuntimeRunner
+
+
+class NaNOnnx(_onnx_runner()):
+    """onnxruntime with one NaN written into model_fp32.onnx's output. Verify runs every
+    runtime in a child process, which imports this class from this module by name."""
+
+    def _infer(self, ids):
+        out = dict(super()._infer(ids))
+        if self.path.name == "model_fp32.onnx":
+            p = np.array(out["probabilities"], np.float32, copy=True)
+            p[0, 0] = np.nan
+            out["probabilities"] = p
+        return out
+
+
+class Missing(_onnx_runner()):
+    @classmethod
+    def unavailable(cls):
+        return _MISSING_REASON
+
+    def _load(self):
+        raise AssertionError("a skipped runtime must not be loaded")
+
+
 def test_nan_runner_fails_and_unavailable_runtime_is_skipped(bundle_dir, tmp_path, monkeypatch):
     from probattn.export import runtimes
-    from probattn.export.runtimes.onnxruntime import OnnxRuntimeRunner
 
     bundle = tmp_path / "bundle"
     shutil.copytree(bundle_dir, bundle)
-    reason = "onnxruntime graph-optimization-off build not installed (test)"
-
-    class NaNOnnx(OnnxRuntimeRunner):
-        def _infer(self, ids):
-            out = dict(super()._infer(ids))
-            if self.path.name == "model_fp32.onnx":
-                p = np.array(out["probabilities"], np.float32, copy=True)
-                p[0, 0] = np.nan
-                out["probabilities"] = p
-            return out
-
-    class Missing(OnnxRuntimeRunner):
-        @classmethod
-        def unavailable(cls):
-            return reason
-
-        def _load(self):
-            raise AssertionError("a skipped runtime must not be loaded")
+    reason = _MISSING_REASON
 
     real = runtimes.pairs_for
 

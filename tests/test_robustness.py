@@ -369,7 +369,7 @@ def test_bad_input_table_is_broad():
 def _lambda_model():
     import tf_keras as keras
 
-    base = tiny_classifier()
+    base = tiny_classifier(flavour="2")
     out = keras.layers.Lambda(lambda p: p * 1.0, name="rescale")(base.output)
     return keras.Model(base.inputs, out)
 
@@ -423,7 +423,7 @@ def test_unregistered_custom_class_named_in_the_error(lambda_files, tmp_path):
     proc = run_cli("export", path, "--tokenizer", lambda_files / "tokenizer.json", "--out", out,
                    "--formats", "onnx", "--precisions", "fp32")
     line = assert_one_error_line(proc, "export")
-    assert "elsewhere>Doubler" in line and "not registered" in line, line
+    assert "elsewhere>Doubler" in line and "nor registered" in line and "--custom-objects" in line, line
     assert not out.exists()
 
 
@@ -448,9 +448,9 @@ def test_lambda_model_exports_with_unsafe(lambda_files, tmp_path, name):
 
 
 def test_keras_config_naming_a_foreign_module_is_refused(tmp_path, shared, monkeypatch):
-    """Keras' safe mode stops only lambdas: config.json may name any module as the model's
-    "module", and Keras imports it (running its top-level code) even in safe mode. Refused
-    unless --unsafe."""
+    """tf_keras' safe mode stops only lambdas: config.json may name any module as the model's
+    "module", and tf_keras imports it (running its top-level code) even in safe mode. Refused
+    unless --unsafe. (Keras 3 does not import such modules: its files fail as unresolved.)"""
     import zipfile
 
     from probattn.export.loading import load_keras_model
@@ -459,7 +459,8 @@ def test_keras_config_naming_a_foreign_module_is_refused(tmp_path, shared, monke
     (tmp_path / "probattn_robust_side_effect.py").write_text(
         f"open({str(marker)!r}, 'w').close()\nfrom tf_keras import Model as Classifier\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    src = zipfile.ZipFile(shared["keras"])
+    tiny_classifier(flavour="2").save(tmp_path / "tf_keras_model.keras")
+    src = zipfile.ZipFile(tmp_path / "tf_keras_model.keras")
     config = json.loads(src.read("config.json"))
     # the model's own class, looked up in a module of the file's choosing
     config.update(module="probattn_robust_side_effect", class_name="Classifier", registered_name="Classifier")

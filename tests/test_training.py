@@ -80,9 +80,7 @@ def test_run_config_and_jsonl_files(run_dir, run_metrics):
 
 def test_saved_run_reproduces_its_metrics(run_dir, run_metrics):
     """model.keras + tokenizer.json + test.jsonl give back exactly the reported test metrics."""
-    import tf_keras as keras
-
-    import probattn.models  # noqa: F401 - registers ProbAttention
+    from probattn.export.loading import load_keras_model
 
     labels = json.loads((run_dir / "labels.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
@@ -90,7 +88,7 @@ def test_saved_run_reproduces_its_metrics(run_dir, run_metrics):
     rows = _jsonl(run_dir / "test.jsonl")
     ids = encode_fixed(tok, [r["text"] for r in rows], config["max_length"])
     y = np.array([labels.index(r["label"]) for r in rows])
-    model = keras.models.load_model(run_dir / "model.keras")
+    model = load_keras_model(run_dir / "model.keras")  # with the Keras that wrote it
     probs = model.predict(ids, batch_size=256, verbose=0)
     report = classification_report(y, probs.argmax(-1), labels)
     assert report == run_metrics["test"], "the saved run does not reproduce metrics.json"
@@ -137,11 +135,9 @@ def tiny_runs(tiny_csv, tmp_path_factory):
 
 
 def _predict(run, ids):
-    import tf_keras as keras
+    from probattn.export.loading import load_keras_model
 
-    import probattn.models  # noqa: F401
-
-    return keras.models.load_model(run / "model.keras").predict(ids, verbose=0)
+    return load_keras_model(run / "model.keras").predict(ids, verbose=0)
 
 
 def _probe_ids(run):

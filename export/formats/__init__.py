@@ -50,6 +50,11 @@ class ExportContext:
     tokenizer: object = None  # the bundle's tokenizers.Tokenizer
     log: Callable = print
     started: Callable | None = None  # called with a child process once it runs (to stop it)
+    fixed_length: int | None = None  # the model's own input length, or None (dynamic)
+    input_dtype: str = "int32"  # the dtype the model takes (the ids are cast to it in the graph)
+    head_units: dict = field(default_factory=dict)  # score output name -> units
+    #: ``failed(format, precision, reason)``: one precision could not be built; the others go on
+    failed: Callable | None = None
 
 
 @dataclass

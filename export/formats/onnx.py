@@ -23,8 +23,8 @@ from pathlib import Path
 
 from probattn.models.errors import UsageError, one_line
 
-from ..contract import (ATTENTION, BATCH_DIM, INPUT, PROBABILITIES, SEQUENCE_DIM, SUPPORTED,
-                        INPUT_DTYPES, artifact_filename, ordered_outputs, output_dims)
+from ..contract import (BATCH_DIM, INPUT, INPUT_DTYPES, SEQUENCE_DIM, SUPPORTED, artifact_filename, input_dims,
+                        ordered_outputs, output_dims)
 from . import Built, ExportContext
 
 FORMAT = "onnx"
@@ -41,7 +41,8 @@ ONNX_PRECISIONS = SUPPORTED[FORMAT]
 #: on every CPU.
 INT8_RECIPE = {"method": "onnxruntime quantize_dynamic", "weights": "int8 (QInt8), reduce_range (7 bit)",
                "activations": "uint8, quantized at run time", "ops": "MatMul, Gather"}
-FP16_RECIPE = {"method": "onnxruntime.transformers.float16", "io": "int32 in, float32 out"}
+FP16_RECIPE = {"method": "onnxruntime.transformers.float16", "io": "int32 in, float32 out",
+               "ids": "never float16: a model's own float cast of the ids is bypassed for the embedding lookup"}
 
 
 def check_opset(opset) -> int:
@@ -55,12 +56,17 @@ def check_opset(opset) -> int:
     return value
 
 
-def _name_dims(model, output_dims: dict) -> None:
-    """Name the input's dims batch/sequence, carry the names through, drop tf2onnx's unk__N."""
+def _name_dims(model, output_dims: dict, input_dims=(BATCH_DIM, SEQUENCE_DIM)) -> None:
+    """Name the input's dims batch/sequence (a fixed length stays a number), carry the names
+    through, drop tf2onnx's unk__N."""
     inp = model.graph.input[0]
     dims = inp.type.tensor_type.shape.dim
     rename = {}
-    for d, new in zip(dims, (BATCH_DIM, SEQUENCE_DIM)):
+    for d, new in zip(dims, input_dims):
+        if isinstance(new, int):
+            d.ClearField("dim_param")
+            d.dim_value = new
+            continue
         if d.dim_param:
             rename[d.dim_param] = new
         d.ClearField("dim_value")
@@ -103,11 +109,12 @@ def _order_outputs(model, order: list) -> None:
     model.graph.output.extend(copies)
 
 
-def convert_fp32(module, opset: int, output_names: list):
+def convert_fp32(module, opset: int, output_names: list, fixed_length: int | None = None,
+                 head_units: dict | None = None):
     import tensorflow as tf
     import tf2onnx
 
-    spec = (tf.TensorSpec([None, None], tf.int32, name=INPUT),)
+    spec = (tf.TensorSpec([None, fixed_length], tf.int32, name=INPUT),)
     try:
         model, _ = tf2onnx.convert.from_function(module.serve, input_signature=spec, opset=opset)
     except Exception as e:
@@ -122,16 +129,56 @@ def convert_fp32(module, opset: int, output_names: list):
     if sorted(got) != sorted(output_names):
         raise UsageError(f"ONNX outputs came out as {got}, expected {output_names}")
     _order_outputs(model, ordered_outputs(got))
-    _name_dims(model, {PROBABILITIES: output_dims(PROBABILITIES), ATTENTION: output_dims(ATTENTION)})
-    model.doc_string = "probattn ProbAttention classifier"
+    dims = {n: output_dims(n, (head_units or {}).get(n), fixed_length) for n in got}
+    _name_dims(model, dims, input_dims(fixed_length))
+    model.doc_string = "probattn classifier"
     return model
 
 
+def bypass_float_id_casts(model) -> int:
+    """Rewire ``Cast(to=int)`` nodes that read ``Cast(to=float)(token_ids)`` to read the int
+    ids directly; returns how many were rewired.
+
+    A model that takes float ids (the seed page's ``Input(shape=(maxlen,))``) gets the
+    serving graph's int32 -> float cast and the Embedding's float -> int cast.
+    ``convert_float_to_float16`` turns every float tensor into float16 (also between two
+    nodes it is told to keep), so ids above 2048 would round. With no float tensor on the
+    way to the Gather nothing can round. Float consumers (the mask's comparison with 0) keep
+    the float cast: in float16 an id >= 1 never rounds to 0, so the mask is unchanged."""
+    from onnx import TensorProto
+
+    ints = {TensorProto.INT32, TensorProto.INT64}
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
+
+    def to(n):
+        return next((a.i for a in n.attribute if a.name == "to"), None)
+
+    float_casts = {n.output[0]: n for n in model.graph.node
+                   if n.op_type == "Cast" and n.input[0] == INPUT and to(n) in floats}
+    rewired = 0
+    for n in model.graph.node:
+        if n.op_type == "Cast" and n.input[0] in float_casts and to(n) in ints:
+            n.input[0] = INPUT
+            if to(n) == TensorProto.INT32:  # Cast int32 -> int32: an identity
+                n.op_type = "Identity"
+                del n.attribute[:]
+            rewired += 1
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    for out, n in float_casts.items():
+        if out not in used:
+            model.graph.node.remove(n)
+    return rewired
+
+
 def convert_fp16(model_fp32):
+    import copy
+
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    model = copy.deepcopy(model_fp32)
+    bypass_float_id_casts(model)
     try:
-        model = convert_float_to_float16(model_fp32, keep_io_types=True)
+        model = convert_float_to_float16(model, keep_io_types=True)
     except Exception as e:
         raise UsageError(f"ONNX fp16 conversion failed: {one_line(e)}") from None
     # ops the converter keeps in float32 (Min, Max, ...) get cast nodes that it appends after
@@ -247,11 +294,21 @@ def check(path: Path) -> None:
 
 
 def export(ctx: ExportContext, precisions) -> list:
-    """fp32 from the traced function, then fp16 and int8 derived from it."""
+    """fp32 from the traced function, then fp16 and int8 derived from it. A derived
+    precision that fails goes to ``ctx.failed`` (when set) and the others go on."""
     opset = check_opset(ctx.opset)
     built = []
+
+    def attempt(precision, make):
+        try:
+            make()
+        except UsageError as e:
+            if ctx.failed is None:
+                raise
+            ctx.failed(FORMAT, precision, str(e))
+
     t = time.perf_counter()
-    fp32 = convert_fp32(ctx.module, opset, ctx.output_names)
+    fp32 = convert_fp32(ctx.module, opset, ctx.output_names, ctx.fixed_length, ctx.head_units)
     fp32_path = ctx.out / artifact_filename(FORMAT, "fp32")
     save_checked(fp32, fp32_path)
     base_seconds = time.perf_counter() - t
@@ -261,23 +318,29 @@ def export(ctx: ExportContext, precisions) -> list:
         if twins:
             built.append(_write_twin(ctx, fp32, "fp32", {"opset": opset}))
     if "fp16" in precisions:
-        t = time.perf_counter()
-        path = ctx.out / artifact_filename(FORMAT, "fp16")
-        fp16 = convert_fp16(fp32)
-        save_checked(fp16, path)
-        extra = {"opset": opset, "recipe": FP16_RECIPE}
-        built.append(Built(FORMAT, "fp16", path.name, time.perf_counter() - t, extra))
-        if twins:
-            built.append(_write_twin(ctx, fp16, "fp16", extra))
+        def fp16():
+            t = time.perf_counter()
+            path = ctx.out / artifact_filename(FORMAT, "fp16")
+            half = convert_fp16(fp32)
+            save_checked(half, path)
+            extra = {"opset": opset, "recipe": FP16_RECIPE}
+            built.append(Built(FORMAT, "fp16", path.name, time.perf_counter() - t, extra))
+            if twins:
+                built.append(_write_twin(ctx, half, "fp16", extra))
+
+        attempt("fp16", fp16)
     if "int8" in precisions:
-        t = time.perf_counter()
-        path = ctx.out / artifact_filename(FORMAT, "int8")
-        convert_int8(fp32_path, path)
-        check(path)
-        extra = {"opset": opset, "recipe": INT8_RECIPE, "quantization": "dynamic"}
-        built.append(Built(FORMAT, "int8", path.name, time.perf_counter() - t, extra))
-        if twins:
-            built.append(_write_twin(ctx, path, "int8", extra))
+        def int8():
+            t = time.perf_counter()
+            path = ctx.out / artifact_filename(FORMAT, "int8")
+            convert_int8(fp32_path, path)
+            check(path)
+            extra = {"opset": opset, "recipe": INT8_RECIPE, "quantization": "dynamic"}
+            built.append(Built(FORMAT, "int8", path.name, time.perf_counter() - t, extra))
+            if twins:
+                built.append(_write_twin(ctx, path, "int8", extra))
+
+        attempt("int8", int8)
     if "fp32" not in precisions:
         fp32_path.unlink()
     return built

@@ -16,9 +16,14 @@ def save(ctx: ExportContext, directory, module=None, concrete=None) -> float:
     another trace of it) to ``directory``; returns the seconds it took."""
     import tensorflow as tf
 
+    from probattn.models.errors import UsageError, one_line
+
     t = time.perf_counter()
-    tf.saved_model.save(module or ctx.module, str(directory),
-                        signatures={SIGNATURE_KEY: concrete or ctx.concrete})
+    try:  # the module tracks raw tf.Variables, never a Keras 3 model (see export/signature.py)
+        tf.saved_model.save(module or ctx.module, str(directory),
+                            signatures={SIGNATURE_KEY: concrete or ctx.concrete})
+    except Exception as e:
+        raise UsageError(f"the SavedModel could not be written: {type(e).__name__}: {one_line(e, 300)}") from None
     return time.perf_counter() - t
 
 

@@ -53,17 +53,24 @@ INT8_RECIPE = {
 
 
 def _flex_ops(message: str) -> list:
-    # the converter lists them itself ("TF Select ops: StridedSlice, ..."); prefer that over
-    # scraping, which also picked up MLIR noise (tf.entry_function, tf.__operators__, 0)
+    """The op names the converter lists itself ("TF Select ops: StridedSlice, ..."); nothing
+    is scraped from the rest of its message (MLIR noise such as tf.entry_function)."""
     listed = re.findall(r"(?:TF Select|Custom) ops:\s*([A-Za-z0-9_, ]+)", message)
-    if listed:
-        return sorted({x.strip() for group in listed for x in group.split(",") if x.strip()})
-    ops = set(re.findall(r"Flex[A-Za-z0-9_]+|tf\.[A-Za-z0-9_]+", message))
-    m = re.search(r"ops?[^:]*:\s*([A-Za-z0-9_, ]+)", message)
-    if "Select TF" in message or "Flex" in message or "custom" in message.lower():
-        if m:
-            ops.update(x.strip() for x in m.group(1).split(",") if x.strip())
-    return sorted(ops)
+    return sorted({x.strip() for group in listed for x in group.split(",") if x.strip()})
+
+
+def _saved_model_ops(saved_model_dir, prefix: str) -> list:
+    """Op types starting with ``prefix`` in a SavedModel's graph and function library."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    sm = saved_model_pb2.SavedModel()
+    sm.ParseFromString((Path(saved_model_dir) / "saved_model.pb").read_bytes())
+    ops = set()
+    for mg in sm.meta_graphs:
+        ops.update(n.op for n in mg.graph_def.node)
+        for fn in mg.graph_def.library.function:
+            ops.update(n.op for n in fn.node_def)
+    return sorted(o for o in ops if o.startswith(prefix))
 
 
 def convert(saved_model_dir: str, precision: str, calibration: list | None = None,
@@ -103,12 +110,16 @@ def convert(saved_model_dir: str, precision: str, calibration: list | None = Non
     except Exception as e:  # ConverterError and friends: report what the converter said
         msg = str(e)
         ops = _flex_ops(msg)
-        if "Select TF" in msg or "Flex" in msg or "custom op" in msg.lower() or ops:
+        how = "Rewrite those ops with builtins (e.g. tf.expand_dims instead of x[..., None])"
+        if not ops and "tensor list" in msg.lower():  # the converter does not name them
+            ops = _saved_model_ops(saved_model_dir, "TensorList") or ["TensorList ops"]
+            how = ("They come from a recurrent layer traced with a dynamic shape: rewrite it as a loop "
+                   "of builtin ops (probattn does so for LSTM and Bidirectional(LSTM))")
+        if ops or "Select TF" in msg or "Flex" in msg or "custom op" in msg.lower():
             raise UsageError(
                 f"TFLite {precision}: the model needs ops that are not LiteRT builtins "
-                f"({', '.join(ops) or 'see converter output'}); Select TF (Flex) and custom ops "
-                "cannot be run by the Python LiteRT interpreter, so probattn refuses them. "
-                "Rewrite those ops with builtins (e.g. tf.expand_dims instead of x[..., None])"
+                f"({', '.join(ops) or 'the converter did not name them'}); Select TF (Flex) and custom ops "
+                f"cannot be run by the Python LiteRT interpreter, so probattn refuses them. {how}"
             ) from None
         raise UsageError(f"TFLite {precision} conversion failed: {one_line(msg)}") from None
 
@@ -167,7 +178,9 @@ def export(ctx: ExportContext, precisions) -> list:
 
 def convert_in_child(ctx: ExportContext, jobs, progress=None) -> list:
     """Run ``jobs`` (from ``conversion``) in one child process; returns their results
-    (``path``, ``precision``, ``seconds``, ...) in order."""
+    (``path``, ``precision``, ``seconds``, ...) in order. A job that fails goes to
+    ``ctx.failed(format, precision, reason)`` when it is set and the others go on;
+    without it the first failure raises."""
     out_dir = Path(ctx.out)
     sets = {"dynamic": ctx.calibration, "fixed": ctx.calibration_fixed}
     spec = {"out": str(out_dir), "jobs": list(jobs), "calibration": {}}
@@ -195,8 +208,12 @@ def convert_in_child(ctx: ExportContext, jobs, progress=None) -> list:
                 continue
             res = json.loads(line)
             if "error" in res:
-                proc.wait()
-                raise UsageError(res["error"])
+                job = res.get("job")
+                if ctx.failed is None or job is None:
+                    proc.wait()
+                    raise UsageError(res["error"])
+                ctx.failed(job["format"], job["precision"], res["error"])  # the other jobs go on
+                continue
             results.append(res)
             if progress:
                 progress(res)
@@ -243,7 +260,7 @@ def _child_main(argv):
 
     from probattn.models.quiet import import_tensorflow
 
-    from ..contract import OUTPUT_ORDER
+    from ..contract import ordered_outputs
     from .tflite_flatbuffer import rewrite_io
 
     warnings.filterwarnings("ignore")
@@ -253,13 +270,14 @@ def _child_main(argv):
         try:
             blob = convert(job["saved_model"], job["precision"], calibration.get(job["calibration"]),
                            int8_output=job["int8_output"], float_ops=job.get("float_ops", ()))
-            blob = rewrite_io(blob, OUTPUT_ORDER)  # raw names and order = the contract's
-        except UsageError as e:
-            print(json.dumps({"error": str(e)}), flush=True)
-            return 2
+            blob = rewrite_io(blob, ordered_outputs)  # raw names and order = the contract's
+        except UsageError as e:  # this job fails; the next ones are still tried
+            print(json.dumps({"error": str(e), "job": job}), flush=True)
+            continue
         except ValueError as e:
-            print(json.dumps({"error": f"{job['path']}: cannot name its tensors ({one_line(e)})"}), flush=True)
-            return 2
+            print(json.dumps({"error": f"{job['path']}: cannot name its tensors ({one_line(e)})", "job": job}),
+                  flush=True)
+            continue
         path = Path(spec["out"]) / job["path"]
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(blob)

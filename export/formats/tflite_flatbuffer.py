@@ -61,6 +61,10 @@ def _aligned_buffer_class(s):
 
 
 def _ordered(maps, order) -> list:
+    """``maps`` sorted by ``order``: a sequence of names, or a function that orders names
+    (``contract.ordered_outputs``: further heads between probabilities and attention)."""
+    if callable(order):
+        order = order([_text(m.name) for m in maps])
     rank = {n: i for i, n in enumerate(order)}
     return sorted(maps, key=lambda m: (rank.get(_text(m.name), len(rank)), maps.index(m)))
 

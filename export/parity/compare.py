@@ -24,11 +24,13 @@ class Check:
     bound: float
     op: str  # "<=" or ">="
     passed: bool
+    detail: str = ""  # e.g. how a runtime crashed
 
     def message(self) -> str:
         rel = "within" if self.passed else "outside"
         return (f"{self.artifact} on {self.runtime}, case {self.case}: {self.metric} "
-                f"{fmt(self.value)} {rel} bound {self.op} {fmt(self.bound)}")
+                f"{fmt(self.value)} {rel} bound {self.op} {fmt(self.bound)}"
+                + (f" ({self.detail})" if self.detail else ""))
 
 
 def fmt(v) -> str:
@@ -57,15 +59,47 @@ def _concat(arrs):
     return np.concatenate(arrs)
 
 
-def decisions(probs: np.ndarray) -> np.ndarray:
-    """The decision each row's probabilities stand for: the top-1 class."""
+def decisions(probs: np.ndarray, kind: str = "softmax") -> np.ndarray:
+    """The decision each row's outputs stand for, by head kind (``export/signature.py``):
+    the top class (softmax, scores), one yes/no per unit at 0.5 (sigmoid; a single unit is
+    a binary head: class 1 when >= 0.5), or positive when >= 0 (a single logit)."""
+    if kind == "sigmoid":
+        return (probs[:, 0] >= 0.5).astype(np.int64) if probs.shape[1] == 1 else probs >= 0.5
+    if kind == "logit":
+        return (probs[:, 0] >= 0.0).astype(np.int64)
     return probs.argmax(-1)
 
 
-def metrics(out, ref, case: Case, base, keras_acc):
+def decision_margin(values: np.ndarray, kind: str = "softmax") -> float:
+    """How far the closest row is from changing its decision: the gap between the top two
+    classes (softmax, scores), or the distance to the threshold (0.5 for sigmoid units, 0
+    for a logit); inf when there is no second class to flip to."""
+    v = np.asarray(values, np.float64)
+    if kind == "sigmoid":
+        return float(np.min(np.abs(v - 0.5)))
+    if kind == "logit":
+        return float(np.min(np.abs(v)))
+    if v.shape[-1] < 2:
+        return float("inf")
+    top2 = np.sort(v, axis=-1)[:, -2:]
+    return float(np.min(top2[:, 1] - top2[:, 0]))
+
+
+def _agreement(a: dict, b: dict, heads, rows=None) -> float:
+    """Share of decisions two runs agree on (per label for multi-label heads); the worst
+    head. ``rows``: a boolean row selection."""
+    sel = (lambda x: x) if rows is None else (lambda x: x[rows])
+    return min(float(np.mean(decisions(sel(a[h]), k) == decisions(sel(b[h]), k))) for h, k in heads)
+
+
+def metrics(out, ref, case: Case, base, keras_acc, heads=None):
     """Every figure of one artifact x runtime x case against the reference outputs (and, for
-    an invariance family, against the same rows computed another way on this runtime)."""
-    p, r = out[PROBABILITIES], ref[PROBABILITIES]
+    an invariance family, against the same rows computed another way on this runtime).
+    ``heads``: ``[(output name, kind), ...]``, every score output (default: one softmax
+    ``probabilities``); values are compared over all of them, decisions per head."""
+    heads = heads or [(PROBABILITIES, "softmax")]
+    p = np.concatenate([out[h] for h, _ in heads], axis=1)
+    r = np.concatenate([ref[h] for h, _ in heads], axis=1)
     m = {"rows": int(p.shape[0])}
     m["nan_inf"] = int(sum(np.count_nonzero(~np.isfinite(v)) for v in out.values()))
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -76,25 +110,25 @@ def metrics(out, ref, case: Case, base, keras_acc):
         m["max_rel"] = float(np.nanmax(diff[big] / np.abs(r[big]))) if big.any() and np.isfinite(diff).any() else float("nan")
     if m["nan_inf"]:
         m["max_abs"] = float("inf")
-    m["top1_agreement"] = float(np.mean(decisions(p) == decisions(r)))
+    m["top1_agreement"] = _agreement(out, ref, heads)
     ids_rows = np.concatenate([b.max(axis=1) for b in case.batches])
     allpad = ids_rows == PAD_ID
     if allpad.any():
         m["all_pad_abs"] = float(np.max(diff[allpad])) if np.isfinite(p[allpad]).all() else float("inf")
-        top2 = np.sort(r[allpad], axis=-1)[:, -2:] if r.shape[-1] > 1 else None
-        m["all_pad_margin"] = float(np.min(top2[:, 1] - top2[:, 0])) if top2 is not None else float("inf")
-        m["all_pad_top1_agreement"] = float(np.mean(decisions(p[allpad]) == decisions(r[allpad])))
-    if case.labels is not None:
-        acc = float(np.mean(decisions(p) == case.labels))
+        m["all_pad_margin"] = min(decision_margin(ref[h][allpad], k) for h, k in heads)
+        m["all_pad_top1_agreement"] = _agreement(out, ref, heads, allpad)
+    primary = decisions(out[heads[0][0]], heads[0][1])
+    if case.labels is not None and primary.ndim == 1:  # a multi-label head has no single label
+        acc = float(np.mean(primary == case.labels))
         m["accuracy"] = acc
         if keras_acc is not None:
             m["accuracy_drop"] = keras_acc - acc
     if base is not None:
-        bp = base[PROBABILITIES]
+        bp = np.concatenate([base[h] for h, _ in heads], axis=1)
         kind = case.invariance
         m[f"{kind}_invariance"] = (float(np.max(np.abs(p.astype(np.float64) - bp))) if np.isfinite(p).all()
                                    else float("inf"))
-        m[f"{kind}_top1_agreement"] = float(np.mean(decisions(p) == decisions(bp)))
+        m[f"{kind}_top1_agreement"] = _agreement(out, base, heads)
     if ATTENTION in out:
         ids = np.concatenate([np.pad(b, ((0, 0), (0, out[ATTENTION].shape[1] - b.shape[1])))
                               for b in case.batches])

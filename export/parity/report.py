@@ -101,6 +101,7 @@ def terminal_summary(report: Report) -> str:
     buckets = bucket_table(report)
     if buckets:
         out += ["Top-1 agreement with Keras per length bucket (real texts cut to each length):", buckets, ""]
+    out += list(report.meta.get("explanations") or [])
     if report.failures:
         out.append(f"{len(report.failures)} of {len(report.checks)} checks FAILED:")
         out.extend(f"  FAIL {c.message()}" for c in report.failures[:40])
@@ -142,6 +143,8 @@ def write_report(report: Report, out_dir) -> None:
         buckets = bucket_table(report)
         if buckets:
             md += ["## Top-1 agreement per length bucket", "", buckets, ""]
+        if report.meta.get("explanations"):
+            md += ["## Diagnosis", ""] + [f"{l}" for l in report.meta["explanations"]] + [""]
         if report.failures:
             md += ["## Failures", ""] + [f"- {c.message()}" for c in report.failures] + [""]
         md += ["## Tolerances", "", "```", json.dumps(T.as_json(), indent=1), "```", ""]

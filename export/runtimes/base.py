@@ -108,6 +108,10 @@ class Runner:
     package = ""
     #: True when loading and running never import TensorFlow (allowed in ``predict``)
     tensorflow_free = True
+    #: True for a runtime that reads files made for other runtimes (OpenVINO reads ONNX and
+    #: TFLite): a file it cannot read (an op its importer lacks) is its limit, reported as a
+    #: skip, and the exporter checks files only on the runtimes they are made for
+    secondary = False
     #: position in listings and in the verify matrix
     order = 100
     description = ""

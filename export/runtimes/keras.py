@@ -27,26 +27,30 @@ class KerasRunner(Runner):
     description = "the Keras model called directly: the reference"
 
     def __init__(self, path, vocab_size=None, threads=None, variant=None, input_shape=None, unsafe=False,
-                 attention=True, **kw):
+                 attention=True, custom_objects=None, **kw):
         super().__init__(path, vocab_size, threads, variant, input_shape, unsafe=unsafe, **kw)
         self.attention = attention
+        self.custom_objects = custom_objects
 
     def _load(self):
-        from ..contract import PROBABILITIES
-        from ..loading import load_keras_model
-        from ..signature import with_attention_output
+        from ..loading import load_model
+        from ..signature import serving_for
 
         if self.threads:
             tf_threads(self.threads)
-        model = load_keras_model(self.path, unsafe=self.unsafe)
-        self.model = (with_attention_output(model) if self.attention else None) or model
-        self._single = PROBABILITIES
+        loaded = load_model(self.path, unsafe=self.unsafe, custom_objects=self.custom_objects)
+        # the same outputs, names and id cast as the exported serving function, without rewrites
+        self.serving = serving_for(loaded, self.attention, self.vocab_size or 100)
+        self.loaded = loaded
 
     def _infer(self, ids):
-        out = self.model(ids, training=False)
-        if isinstance(out, dict):
-            return {k: v.numpy() for k, v in out.items()}
-        return {self._single: out.numpy()}
+        return {k: v.numpy() for k, v in self.serving(ids).items()}
+
+    def diagnose(self, batches=None) -> dict:
+        """What the model itself does with padding (``probattn.export.diagnosis``)."""
+        from ..diagnosis import diagnose_serving
+
+        return diagnose_serving(self.serving, batches=batches)
 
     def _close(self):
-        self.model = None
+        self.serving = self.loaded = None

@@ -21,6 +21,7 @@ class OpenVINORunner(Runner):
     requires = ("openvino",)
     package = "openvino"
     order = 40
+    secondary = True
     description = "OpenVINO CPU plugin, reading .onnx and .tflite directly, f32 inference"
 
     def _load(self):
@@ -64,13 +65,14 @@ class OpenVINORunner(Runner):
 
 def _output_names(compiled, path) -> list:
     """The contract name of every output. ONNX and TFLite files carry the contract's names
-    as their tensor names (the TFLite exporter rewrites the flatbuffer's raw names), so a
-    file whose outputs are named otherwise was not made by probattn's exporter."""
-    from ..contract import OUTPUT_ORDER
+    as their tensor names (the TFLite exporter rewrites the flatbuffer's raw names): the
+    heads (``probabilities``, ``probabilities_<name>``) and ``attention_weights``. A file
+    whose outputs are named otherwise was not made by probattn's exporter."""
+    from ..contract import ATTENTION, OUTPUT_ORDER, is_head
 
     names = []
     for out in compiled.outputs:
-        known = [n for n in out.get_names() if n in OUTPUT_ORDER]
+        known = [n for n in out.get_names() if is_head(n) or n == ATTENTION]
         names.append(known[0] if known else None)
     if None in names:
         raise UsageError(f"{path.name}: output names {[sorted(o.get_names()) for o in compiled.outputs]} are not "
