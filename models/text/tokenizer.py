@@ -116,7 +116,7 @@ REGEX_WORD_CHARS = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmn
 SPECIAL_TOKENS = ((PAD_TOKEN, UNK_TOKEN), (REGEX_PAD, REGEX_UNK))
 #: regexes of the project's own tokenizers (``Split`` / ``Replace`` patterns): the only ones
 #: a tokenizer.json may use, besides a single character class (see ``tokenizer_guard``)
-SPLIT_PATTERNS = frozenset({REGEX_DELIMITER})
+SPLIT_PATTERNS = frozenset({REGEX_DELIMITER, SPLIT_PATTERN})
 
 
 def _merge(cps) -> list:
