@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from probattn.models.errors import UsageError
 
-from ..contract import ATTENTION, INPUT, PROBABILITIES
+from ..contract import ATTENTION, INPUT, PROBABILITIES, is_head
 
 #: values per tensor at most: 2**27 = 134 M values, 512 MB in float32 (an fp32 embedding of
 #: 2 M words x 64 dims is 128 M values)
@@ -461,12 +461,15 @@ def _check_external(name, info, nbytes, what, model_dir):
 def _expected_signature(g: Graph, what, n_classes):
     inits = {t.name for t in g.initializers}
     ins = [i for i in g.inputs if i[0] not in inits]
-    if [(n, t, None if d is None else len(d)) for n, t, d in ins] != [(INPUT, "int32", 2)]:
+    # int64: the twins of ``--onnx-int64`` (ids widened exactly by the runner)
+    if [(n, t in ("int32", "int64"), None if d is None else len(d)) for n, t, d in ins] != [(INPUT, True, 2)]:
         got = ", ".join(f"{n} {t} rank {None if d is None else len(d)}" for n, t, d in ins) or "none"
-        _refuse(what, f"inputs are [{got}]; expected exactly one: {INPUT} int32 rank 2 [batch, sequence]")
+        _refuse(what, f"inputs are [{got}]; expected exactly one: {INPUT} int32 (or int64) rank 2 [batch, sequence]")
     outs = {n: (t, d) for n, t, d in g.outputs}
-    if len(outs) != len(g.outputs) or PROBABILITIES not in outs or set(outs) - {PROBABILITIES, ATTENTION}:
-        _refuse(what, f"outputs are {[o[0] for o in g.outputs]}; expected {PROBABILITIES} (and optionally {ATTENTION})")
+    if len(outs) != len(g.outputs) or PROBABILITIES not in outs \
+            or any(n != ATTENTION and not is_head(n) for n in outs):
+        _refuse(what, f"outputs are {[o[0] for o in g.outputs]}; expected {PROBABILITIES}, further heads "
+                      f"{PROBABILITIES}_NAME and optionally {ATTENTION}")
     for name, (t, d) in outs.items():
         if t != "float" or d is None or len(d) != 2:
             _refuse(what, f"output {name} is {t} rank {None if d is None else len(d)}; expected float rank 2")

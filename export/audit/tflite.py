@@ -170,12 +170,14 @@ def audit(blob: bytes, entry: dict, *, labels, vocabulary=None, what: str | None
     names = [o["name"] for o in outs]
     allowed = list(C.MEDIAPIPE_OUTPUTS) if fmt == "mediapipe" else list(C.OUTPUT_ORDER)
     dtype = entry.get("output_dtype", C.OUTPUT_DTYPE)
-    if not names or names[0] != C.PROBABILITIES or len(set(names)) != len(names) or not set(names) <= set(allowed) \
+    known = set(allowed) | ({n for n in names if C.is_head(n)} if fmt != "mediapipe" else set())
+    if not names or names[0] != C.PROBABILITIES or len(set(names)) != len(names) or not set(names) <= known \
             or any(o["dtype"] != dtype or len(o["shape_signature"]) != 2 for o in outs):
         raise UsageError(f"{what}: outputs are {[(o['name'], o['dtype'], o['shape_signature']) for o in outs]}; "
                          f"expected {' and '.join(allowed)} ({C.PROBABILITIES} first), rank 2, {dtype}")
     classes = outs[0]["shape_signature"][1]
-    if classes != len(labels):
+    # one unit between two labels: a binary sigmoid / logit head (the manifest's heads say which)
+    if classes != len(labels) and not (classes == 1 and len(labels) == 2):
         raise UsageError(f"{what}: output {C.PROBABILITIES} has {classes} classes; the bundle has {len(labels)} labels")
     if fmt == "mediapipe":
         if not info["has_metadata"]:

@@ -6,7 +6,7 @@ Families (``Case.family``):
 * ``heldout``: every held-out text, in batches of 64 padded to the longest (accuracy).
 * ``bucket``: the held-out texts cut to each length bucket (1, 2, 3-4, 5-8, 9-16,
   17-max_length, and longer than the training length), so short texts are judged on their
-  own and not averaged away by long ones.
+  own and not averaged away by long ones; each distinct row once (cut texts repeat).
 * ``padding``: the first 64 texts with padding appended on the right (``pad+k``), padded on
   the left (``left_padding``, what Keras's ``pad_sequences`` does by default), and a batch
   mixing both (``mixed_padding``); each compared with the same rows padded only to their
@@ -170,7 +170,9 @@ def build_cases(tokenizer, manifest: dict, texts, labels, seed: int = 0) -> list
                 picked = joined
         else:
             picked = [r[:hi] for r in full if len(r) >= lo]
-        picked = picked[:BUCKET_MAX_TEXTS]
+        # distinct rows only: texts cut to a few tokens repeat (most open with the same word),
+        # and one input counted 70 times would weigh one decision 70 times
+        picked = [list(r) for r in dict.fromkeys(tuple(r) for r in picked)][:BUCKET_MAX_TEXTS]
         if picked:
             cases.append(Case(f"bucket:{bname}", _batched(picked), "bucket", real=real, bucket=bname))
 
