@@ -1,11 +1,17 @@
 """Shared, session-scoped artifacts: one small real training run and one full bundle.
 
 Everything expensive (dataset download, training, export, verify) happens once per
-test session; tests that need their own model build a tiny one in-process.
+test session, also when pytest-xdist runs the suite in several worker processes: the
+first worker to need an artifact builds it in the session's shared temporary folder under
+a file lock, the others wait for it and reuse it (``shared``). Tests never modify these
+artifacts (a test that tampers copies first). Tests that need their own model build a
+tiny one in-process.
 """
 from __future__ import annotations
 
+import fcntl
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -17,15 +23,35 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def shared(tmp_path_factory, name: str, build):
+    """``build(folder)`` once per test session across xdist workers; returns its result
+    (pickled beside the folder). Without xdist the base folder is the session's own."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the folder every worker of this session shares
+    folder = base / f"shared-{name}"
+    done = base / f"shared-{name}.pickle"
+    with open(base / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            result = build(folder)
+            done.write_bytes(pickle.dumps(result))
+        return pickle.loads(done.read_bytes())
+
+
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory):
     """A real run: Rotten Tomatoes, 2 epochs, the default architecture."""
-    from probattn.models.train import TrainConfig, train
+    def build(folder):
+        from probattn.models.train import TrainConfig, train
 
-    out = tmp_path_factory.mktemp("run") / "run"
-    train(TrainConfig(epochs=2, seed=0), out, verbose=0)
-    assert (out / "model.keras").is_file()
-    return out
+        out = folder / "run"
+        train(TrainConfig(epochs=2, seed=0), out, verbose=0)
+        assert (out / "model.keras").is_file()
+        return out
+
+    return shared(tmp_path_factory, "run", build)
 
 
 @pytest.fixture(scope="session")
@@ -38,11 +64,14 @@ def run_metrics(run_dir):
 @pytest.fixture(scope="session")
 def bundle_dir(run_dir, tmp_path_factory):
     """Every format and precision exported from ``run_dir``."""
-    from probattn.export.exporter import export
+    def build(folder):
+        from probattn.export.exporter import export
 
-    out = tmp_path_factory.mktemp("bundle") / "bundle"
-    export(run_dir, out)
-    return out
+        out = folder / "bundle"
+        export(run_dir, out)
+        return out
+
+    return shared(tmp_path_factory, "bundle", build)
 
 
 @pytest.fixture(scope="session")
@@ -54,9 +83,12 @@ def manifest(bundle_dir):
 
 @pytest.fixture(scope="session")
 def parity_report(bundle_dir, tmp_path_factory):
-    from probattn.export.parity import verify
+    def build(folder):
+        from probattn.export.parity import verify
 
-    return verify(bundle_dir, report_dir=tmp_path_factory.mktemp("report"), quiet=True)
+        return verify(bundle_dir, report_dir=folder / "report", quiet=True)
+
+    return shared(tmp_path_factory, "report", build)
 
 
 @pytest.fixture(scope="session")
