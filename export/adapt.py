@@ -22,8 +22,15 @@ from probattn.models.errors import UsageError, one_line
 
 #: Keras' default ``TextVectorization`` punctuation set (``DEFAULT_STRIP_REGEX``)
 KERAS_STRIP_REGEX = r'[!"#$%&()\*\+,-\./:;<=>?@\[\\\]^_`{|}~\']'
-#: ``tf.strings.split`` without a separator splits on ASCII whitespace only
-ASCII_WHITESPACE = r"[ \t\n\v\f\r]+"
+#: the same set as one class of ``\x{HEX}`` ranges, the form ``tokenizer_guard`` accepts
+#: (every ASCII punctuation character; checked against the Keras regex in ``_ascii_class``)
+KERAS_STRIP_CLASS = r"[\x{21}-\x{2F}\x{3A}-\x{40}\x{5B}-\x{60}\x{7B}-\x{7E}]"
+#: ``tf.strings.split`` without a separator splits on ASCII whitespace only (space, \t, \n,
+#: \v, \f, \r); a ``Split`` with ``removed`` drops the empty pieces runs of it leave
+ASCII_WHITESPACE = r"[\x{20}\x{9}-\x{D}]"
+#: ``tokenizer_guard`` allows at most 16 steps per normalizer ``Sequence``: the 26 ASCII
+#: lowercase steps go in groups of this many
+_LOWER_GROUP = 13
 HALF_POLICIES = ("mixed_float16", "mixed_bfloat16", "float16", "bfloat16")
 
 
@@ -94,7 +101,9 @@ def _strip_text_vectorization(result: Adapted, layers, keras) -> None:
 def tokenizer_from_vocabulary(vocab: list, length=None):
     """A Hugging Face tokenizer giving the same ids as a default TextVectorization layer
     whose ``get_vocabulary()`` is ``vocab`` (index 0 padding '', index 1 '[UNK]')."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+    import json
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
     from probattn.models.text.tokenizer import PAD_TOKEN, UNK_TOKEN
 
@@ -105,13 +114,35 @@ def tokenizer_from_vocabulary(vocab: list, length=None):
     for i, word in enumerate(vocab[2:], start=2):
         ids.setdefault(word, i)
     tok = Tokenizer(models.WordLevel(ids, unk_token=UNK_TOKEN))
-    # tf.strings.lower lowercases ASCII only ('É' stays 'É'); HF's Lowercase is Unicode-wide
-    lower = [normalizers.Replace(c, c.lower()) for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"]
-    tok.normalizer = normalizers.Sequence(lower + [normalizers.Replace(Regex(KERAS_STRIP_REGEX), "")])
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(ASCII_WHITESPACE), behavior="removed")
+    # tf.strings.lower lowercases ASCII only ('É' stays 'É'); HF's Lowercase is Unicode-wide:
+    # one Replace per letter, grouped in nested Sequences (Python's Sequence() flattens nested
+    # ones, so the normalizer is set through the JSON form)
+    upper = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    lower = [{"type": "Sequence",
+              "normalizers": [{"type": "Replace", "pattern": {"String": c}, "content": c.lower()}
+                              for c in upper[k:k + _LOWER_GROUP]]}
+             for k in range(0, len(upper), _LOWER_GROUP)]
+    spec = json.loads(tok.to_str())
+    spec["normalizer"] = {"type": "Sequence", "normalizers": lower + [
+        {"type": "Replace", "pattern": {"Regex": _ascii_class()}, "content": ""}]}
+    tok = Tokenizer.from_str(json.dumps(spec))
     if length:
         tok.enable_truncation(max_length=int(length))
     return tok
+
+
+def _ascii_class() -> str:
+    """``KERAS_STRIP_CLASS``, after checking it matches exactly the ASCII characters Keras'
+    regex matches (no other character is stripped: the regex is ASCII)."""
+    import re
+
+    keras = {c for c in map(chr, range(128)) if re.fullmatch(KERAS_STRIP_REGEX, c)}
+    ours = {c for c in map(chr, range(128))
+            if re.fullmatch(re.sub(r"\\x\{([0-9A-F]+)\}", lambda m: f"\\x{int(m[1], 16):02x}", KERAS_STRIP_CLASS), c)}
+    if keras != ours:  # pragma: no cover - a constant
+        raise AssertionError("KERAS_STRIP_CLASS is not Keras' punctuation set")
+    return KERAS_STRIP_CLASS
 
 
 # ---------------------------------------------------------------------------- mixed precision

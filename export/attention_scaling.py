@@ -140,7 +140,7 @@ def worker(paths: dict, threads: int, lengths, runtime_names, quick: bool) -> di
         if reason:
             rows.append({"runtime": rt, "skipped": reason})
             continue
-        runners = {g: cls(paths[g][FORMAT_OF[rt]], VOCAB, threads, variant=RUNTIMES[rt]).activate() for g in GRAPHS}
+        runners = {g: _BareLayer(rt, paths[g][FORMAT_OF[rt]], threads) for g in GRAPHS}
         for length in lengths:
             ids = rng.integers(1, VOCAB, (1, length), dtype=np.int32)
             calls = {g: (lambda r=r: r.infer(ids, check_inputs=False)) for g, r in runners.items()}
@@ -165,9 +165,36 @@ def worker(paths: dict, threads: int, lengths, runtime_names, quick: bool) -> di
             print(f"  threads={threads} {rt} L={length}: " + ", ".join(
                 f"{g} {rows[-len(GRAPHS) + i]['median_us'] / 1e3:.3f} ms" for i, g in enumerate(GRAPHS)),
                 file=sys.stderr, flush=True)
-        for r in runners.values():
-            r.deactivate()
     return {"threads": threads, "rows": rows}
+
+
+class _BareLayer:
+    """One attention graph on a runtime, called as a user of the runtime would: these files
+    are a layer (``output`` of ``(1, L, features)``), not a classifier, so the registry's
+    runners (which hold a file to the classifier's contract) do not take them."""
+
+    def __init__(self, runtime: str, path, threads: int):
+        if runtime == "litert":
+            from ai_edge_litert.interpreter import Interpreter
+
+            from probattn.models.quiet import quiet_stderr
+
+            with quiet_stderr():
+                interp = Interpreter(model_path=str(path), num_threads=threads)
+                self._run = interp.get_signature_runner(SIGNATURE_KEY)
+                self._run(**{INPUT: np.ones((1, 1), np.int32)})  # the delegate is made on first use
+            self.call = lambda ids: self._run(**{INPUT: ids})
+        else:
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+            sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            self.call = lambda ids: sess.run(None, {INPUT: ids})
+
+    def infer(self, ids, check_inputs: bool = False):
+        return self.call(ids)
 
 
 def _parse_lengths(text, quick):

@@ -206,7 +206,7 @@ def main(argv=None) -> int:
 
     verb = args.verb
     try:
-        with graceful_termination():  # SIGTERM and SIGHUP clean up like Ctrl-C
+        with graceful_termination(verb=verb):  # SIGTERM and SIGHUP clean up like Ctrl-C
             return _dispatch(args)
     except ProbattnError as e:
         print(f"probattn {verb}: error: {one_line(e, 600)}", file=sys.stderr)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from probattn.models.errors import UsageError
+from probattn.models.termination import checkpoint
 from probattn.models.fsutil import atomic_directory, check_not_in_use, check_output_dir, hash_tree, read_regular
 from probattn.models.text.tokenizer import (KIND_PORTABLE, PAD_ID, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, UNK_ID,
                                             kind_of, load_tokenizer, regex_spec, write_tokenizer_config)
@@ -168,6 +169,17 @@ def _labels_for(serving, given) -> list:
 
 
 def export(source, out, opts: ExportOptions | None = None) -> dict:
+    """Export ``source`` into the bundle folder ``out`` (atomically). A termination signal
+    (Ctrl-C, SIGTERM) during the TensorFlow work is raised at the next checkpoint, not in
+    the middle of a graph being built (``termination.deferred``): before each artifact is
+    recorded and before the bundle is committed; nothing is written then."""
+    from probattn.models.termination import deferred
+
+    with deferred(raise_at_end=False):  # once committed, the bundle stands
+        return _export(source, out, opts)
+
+
+def _export(source, out, opts: ExportOptions | None = None) -> dict:
     opts = opts or ExportOptions()
     t_start = time.perf_counter()
     # the formats a selection can hold at most (the default adds mediapipe only for a regex
@@ -274,6 +286,7 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
     artifacts = []
     with atomic_directory(out, overwrite=opts.overwrite, kind="bundle") as tmp:
         def record(built: formats.Built):
+            checkpoint()  # a termination signal that arrived meanwhile: stop here, nothing is written
             path = tmp / built.path
             entry = {"path": built.path, "format": built.format, "precision": built.precision,
                      "bytes": B.size_of(path), "sha256": B.sha256_path(path),
@@ -390,6 +403,7 @@ def export(source, out, opts: ExportOptions | None = None) -> dict:
         }
         B.validate_manifest(manifest, "the manifest being written")
         B.write_manifest(tmp, manifest)
+        checkpoint()  # the last moment a termination signal leaves nothing written
     return manifest
 
 
@@ -627,7 +641,9 @@ def _join(thread, cancel, procs):
     """Wait for a converter thread; Ctrl-C while waiting stops its child first, so the
     temporary bundle is removed only after nothing writes into it any more."""
     try:
-        thread.join()
+        while thread.is_alive():  # no TensorFlow work here: a recorded signal is raised at once
+            thread.join(0.2)
+            checkpoint()
     except KeyboardInterrupt:
         _stop(cancel, procs)
         thread.join()

@@ -138,6 +138,19 @@ class Predictor:
         ids = check_token_ids(token_ids, self.vocab_size)
         return self.runner.infer(ids, check_inputs=False)
 
+    def outputs(self, texts, batch_size: int = 64) -> dict:
+        """Every head's output ``[len(texts), units]`` in input order, batched by ``batch_plan``."""
+        texts = check_texts(texts, batch_size)
+        out = {h["output"]: np.zeros((len(texts), h["units"]), np.float32) for h in self.heads}
+        for rows in batch_plan(texts, batch_size):
+            ids = self.encode([texts[i] for i in rows])
+            step = max(1, limits.MAX_TOKENS_PER_CALL // ids.shape[1])
+            for start in range(0, ids.shape[0], step):
+                got = self.predict_outputs(ids[start:start + step])
+                for name, arr in out.items():
+                    arr[rows[start:start + step]] = got[name]
+        return out
+
     def encode(self, texts) -> np.ndarray:
         """Token ids ``int32 [batch, longest]``, cut at the bundle's max length, right-padded."""
         if self.fast is not None:
@@ -151,7 +164,7 @@ class Predictor:
         """float32 ``[len(texts), classes]`` in input order, batched by ``batch_plan`` (a
         batch's runtime calls hold at most ``limits.MAX_TOKENS_PER_CALL`` ids)."""
         texts = check_texts(texts, batch_size)
-        out = np.zeros((len(texts), len(self.labels)), np.float32)
+        out = np.zeros((len(texts), self.heads[0]["units"]), np.float32)
         for rows in batch_plan(texts, batch_size):
             ids = self.encode([texts[i] for i in rows])
             step = max(1, limits.MAX_TOKENS_PER_CALL // ids.shape[1])

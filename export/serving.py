@@ -50,8 +50,10 @@ from . import bundle as B
 from . import contract as C
 
 SERVING_TARGETS = ("triton", "tfserving")
-#: marks a directory written by ``probattn package`` (``--overwrite`` replaces only those)
+#: the summary of a ``probattn package`` run, written at the top of its output
 SERVING_MANIFEST = "serving.json"
+#: the output marker's kind (``fsutil.OUTPUT_MARKER``): what ``package --overwrite`` may replace
+SERVING_KIND = "serving"
 DEFAULT_NAME = "probattn"
 #: Triton's ONNX model file name inside a version folder
 TRITON_MODEL_FILE = "model.onnx"
@@ -74,7 +76,11 @@ def package(bundle, out, targets=SERVING_TARGETS, name: str = DEFAULT_NAME, prec
             input_dtype: str = C.INPUT_DTYPE, version: int = 1, max_batch_size: int = 64,
             queue_delay_us: int = 1000, overwrite: bool = False, log=print) -> dict:
     """Write the serving layouts of ``bundle`` into ``out`` (atomically) and check them.
-    Returns the summary also written to ``out/serving.json``."""
+    Returns the summary also written to ``out/serving.json``.
+
+    The bundle is read through ``bundle.Bundle``: one shared lock for the whole run (a
+    concurrent ``export --overwrite`` waits) and every byte copied out of it hash-checked
+    against the manifest first, so a tampered bundle fails before ``out`` is touched."""
     targets = C.parse_list(targets, SERVING_TARGETS, "serving target")
     name = check_name(name)
     for what, v in (("--version", version), ("--max-batch-size", max_batch_size)):
@@ -83,65 +89,87 @@ def package(bundle, out, targets=SERVING_TARGETS, name: str = DEFAULT_NAME, prec
     if input_dtype not in C.INPUT_DTYPES:
         raise UsageError(f"unknown input dtype '{input_dtype}'; allowed: {', '.join(C.INPUT_DTYPES)}")
     bundle = Path(bundle)
-    manifest = B.load_manifest(bundle)
-    check_output_dir(out, overwrite, SERVING_MANIFEST)
-    inputs = {}
-    if "triton" in targets:
-        entry = B.find_artifact(manifest, "onnx", precision, input_dtype=input_dtype)
-        if entry is None:
-            have = sorted(f"{a['precision']} ({C.input_dtype_of(a)})" for a in manifest["artifacts"] if a["format"] == "onnx")
-            raise UsageError(f"bundle has no onnx {precision} artifact with {input_dtype} input; it has onnx: "
-                             f"{', '.join(have) or 'none'}")
-        inputs["triton"] = (entry, B.verified_path(bundle, entry))
-    if "tfserving" in targets:
-        entry = B.find_artifact(manifest, "savedmodel", "fp32")
-        if entry is None:
-            raise UsageError("bundle has no savedmodel artifact (export it with --formats including savedmodel)")
-        if input_dtype != C.INPUT_DTYPE:
-            raise UsageError(f"the SavedModel takes {C.INPUT_DTYPE} ids; --input-dtype {input_dtype} is for triton only")
-        inputs["tfserving"] = (entry, B.verified_path(bundle, entry))
-    tok = manifest["tokenizer"]
-    tok_files = [B.verified_path(bundle, tok)]
-    if tok.get("config"):
-        tok_files.append(B.verified_path(bundle, tok["config"]))
-    plain = plain_files(bundle, manifest)
-
-    summary = {"bundle": str(bundle.absolute()), "name": name, "version": version,
-               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "targets": {}}
-    with atomic_directory(out, overwrite=overwrite, marker=SERVING_MANIFEST) as tmp:
+    with B.Bundle(bundle) as b:
+        manifest = b.manifest
+        check_out_not_in_bundle(out, bundle)
+        check_output_dir(out, overwrite, SERVING_KIND)  # before the slow part, not after it
+        entries = {}
         if "triton" in targets:
-            entry, src = inputs["triton"]
-            summary["targets"]["triton"] = write_triton(tmp / "triton", name, version, src, manifest,
-                                                         entry, max_batch_size, queue_delay_us,
-                                                         labels_src=plain.get("labels"))
-            log(f"  ✓ triton     {summary['targets']['triton']['model_dir']}  ({summary['targets']['triton']['check']})")
+            entry = B.find_artifact(manifest, "onnx", precision, input_dtype=input_dtype)
+            if entry is None:
+                have = sorted(f"{a['precision']} ({C.input_dtype_of(a)})" for a in manifest["artifacts"]
+                              if a["format"] == "onnx")
+                raise UsageError(f"bundle has no onnx {precision} artifact with {input_dtype} input; it has onnx: "
+                                 f"{', '.join(have) or 'none'}")
+            entries["triton"] = entry
         if "tfserving" in targets:
-            entry, src = inputs["tfserving"]
-            summary["targets"]["tfserving"] = write_tfserving(tmp / "tfserving", name, version, src,
-                                                               manifest, tok_files, plain)
-            log(f"  ✓ tfserving  {summary['targets']['tfserving']['model_dir']}  "
-                f"({summary['targets']['tfserving']['check']})")
-        (tmp / SERVING_MANIFEST).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+            entry = B.find_artifact(manifest, "savedmodel", "fp32")
+            if entry is None:
+                raise UsageError("bundle has no savedmodel artifact (export it with --formats including savedmodel)")
+            if input_dtype != C.INPUT_DTYPE:
+                raise UsageError(f"the SavedModel takes {C.INPUT_DTYPE} ids; --input-dtype {input_dtype} is for "
+                                 "triton only")
+            entries["tfserving"] = entry
+        # every input hash-checked before anything is written
+        onnx_bytes = b.artifact_bytes(entries["triton"]) if "triton" in entries else None
+        saved_model = b.check_entry(entries["tfserving"]) if "tfserving" in entries else None
+        assets = bundle_assets(b)
+
+        summary = {"bundle": str(bundle.absolute()), "name": name, "version": version,
+                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "targets": {}}
+        with atomic_directory(out, overwrite=overwrite, kind=SERVING_KIND) as tmp:
+            if "triton" in targets:
+                info = write_triton(tmp / "triton", name, version, onnx_bytes, manifest, entries["triton"],
+                                    max_batch_size, queue_delay_us, labels=assets.get(C.LABELS_FILE))
+                summary["targets"]["triton"] = info
+                log(f"  ✓ triton     {info['model_dir']}  ({info['check']})")
+            if "tfserving" in targets:
+                info = write_tfserving(tmp / "tfserving", name, version, saved_model, manifest, assets)
+                summary["targets"]["tfserving"] = info
+                log(f"  ✓ tfserving  {info['model_dir']}  ({info['check']})")
+            (tmp / SERVING_MANIFEST).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return summary
 
 
-def plain_files(bundle: Path, manifest: dict) -> dict:
-    """``{"labels": path, "vocabulary": path}``: the bundle's ``labels.txt`` and ``vocab.txt``
-    (hash-checked), those it has (bundles exported before them have neither)."""
-    files = manifest.get("files") or {}
-    return {key: B.verified_path(bundle, files[key]) for key in ("labels", "vocabulary")
-            if isinstance(files.get(key), dict)}
+def check_out_not_in_bundle(out, bundle: Path) -> None:
+    """A bundle holds only what its manifest hashes: ``--out`` inside it is refused."""
+    out_abs, bundle_abs = Path(out).absolute().resolve(), bundle.absolute().resolve()
+    if out_abs == bundle_abs or bundle_abs in out_abs.parents:
+        raise UsageError(f"--out {out} is inside the bundle {bundle}; a bundle holds only the files its manifest "
+                         "hashes: choose a directory outside it")
 
 
-def write_labels(dest: Path, manifest: dict, src: Path | None = None) -> Path:
-    """``labels.txt`` at ``dest``: a copy of the bundle's, or written from the manifest's
-    labels the way ``export`` writes it (one per line, in output order)."""
-    if src is not None:
-        shutil.copyfile(src, dest)
-    else:
-        dest.write_text("".join(f"{l}\n" for l in manifest["labels"]), encoding="utf-8")
-    if dest.read_text(encoding="utf-8").splitlines() != [str(l) for l in manifest["labels"]]:
+def bundle_assets(b: B.Bundle) -> dict:
+    """``{file name: bytes}`` of the bundle files a serving layout carries, each read under
+    the bundle's lock after its hash matched: ``tokenizer.json``, ``tokenizer_config.json``
+    (when the manifest lists it), ``labels.txt`` and ``vocab.txt`` (bundles exported before
+    them have neither; ``labels.txt`` is then written from the manifest's labels)."""
+    from probattn.models.text.tokenizer_guard import MAX_TOKENIZER_BYTES
+
+    m = b.manifest
+    tok = m["tokenizer"]
+    out = {C.TOKENIZER_FILE: b.read(tok["path"], MAX_TOKENIZER_BYTES, "tokenizer")}
+    if tok.get("config"):
+        out[C.TOKENIZER_CONFIG_FILE] = b.read(tok["config"]["path"], MAX_TOKENIZER_BYTES, "tokenizer config")
+    files = m.get("files") or {}
+    for key, fname in B.PLAIN_FILES.items():
+        if isinstance(files.get(key), dict):
+            out[fname] = b.read(files[key]["path"], MAX_TOKENIZER_BYTES, fname)
+    return out
+
+
+def write_labels(dest: Path, manifest: dict, data: bytes | None = None) -> Path:
+    """``labels.txt`` at ``dest``: the bundle's (hash-checked bytes), or written from the
+    manifest's labels the way ``export`` writes it (one per line, in output order)."""
+    if data is None:
+        data = "".join(f"{l}\n" for l in manifest["labels"]).encode("utf-8")
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        lines = None
+    if lines != [str(l) for l in manifest["labels"]]:
         raise UsageError(f"{C.LABELS_FILE} does not list the manifest's labels in order")
+    dest.write_bytes(data)
     return dest
 
 
@@ -192,12 +220,14 @@ def triton_config(name: str, manifest: dict, input_dtype: str, max_batch_size: i
     return "\n".join(lines) + "\n"
 
 
-def write_triton(root: Path, name: str, version: int, onnx_path: Path, manifest: dict, entry: dict,
-                 max_batch_size: int, queue_delay_us: int, labels_src: Path | None = None) -> dict:
+def write_triton(root: Path, name: str, version: int, onnx_bytes: bytes, manifest: dict, entry: dict,
+                 max_batch_size: int, queue_delay_us: int, labels: bytes | None = None) -> dict:
+    """``root/name``: ``onnx_bytes`` (the bundle's file, hash-checked) as ``version/model.onnx``,
+    ``labels.txt`` and ``config.pbtxt``, checked against each other."""
     model_dir = root / name
     (model_dir / str(version)).mkdir(parents=True)
-    shutil.copyfile(onnx_path, model_dir / str(version) / TRITON_MODEL_FILE)
-    write_labels(model_dir / C.LABELS_FILE, manifest, labels_src)
+    (model_dir / str(version) / TRITON_MODEL_FILE).write_bytes(onnx_bytes)
+    write_labels(model_dir / C.LABELS_FILE, manifest, labels)
     input_dtype = C.input_dtype_of(entry)
     text = triton_config(name, manifest, input_dtype, max_batch_size, queue_delay_us)
     (model_dir / TRITON_CONFIG).write_text(text, encoding="utf-8")
@@ -307,15 +337,21 @@ def _quiet_tf():
         logger.setLevel(level)
 
 
-def write_tfserving(root: Path, name: str, version: int, saved_model: Path, manifest: dict, tok_files,
-                    plain: dict | None = None) -> dict:
+def write_tfserving(root: Path, name: str, version: int, saved_model, manifest: dict, assets: dict) -> dict:
+    """``root/name/version``: the bundle's SavedModel (``saved_model``: a path to it, already
+    hash-checked) re-saved with ``assets`` (``{file name: bytes}``, hash-checked) and
+    ``labels.txt`` as tracked assets."""
     tf = _tensorflow()
-    plain = plain or {}
     version_dir = root / name / str(version)
     scratch = root / ".assets"
     scratch.mkdir(parents=True)
-    labels = write_labels(scratch / C.LABELS_FILE, manifest, plain.get("labels"))
-    extra = [plain["vocabulary"]] if "vocabulary" in plain else []
+    files = []
+    for fname, data in assets.items():
+        if fname == C.LABELS_FILE:
+            continue
+        (scratch / fname).write_bytes(data)
+        files.append(scratch / fname)
+    files.append(write_labels(scratch / C.LABELS_FILE, manifest, assets.get(C.LABELS_FILE)))
     loaded = tf.saved_model.load(str(saved_model))
     signature = loaded.signatures.get(C.SIGNATURE_KEY)
     if signature is None:
@@ -323,7 +359,7 @@ def write_tfserving(root: Path, name: str, version: int, saved_model: Path, mani
     holder = tf.Module()
     holder.model = loaded
     # tracked assets: listed in the MetaGraph, copied into assets/ and kept with the model
-    holder.assets = [tf.saved_model.Asset(str(p)) for p in list(tok_files) + [labels] + extra]
+    holder.assets = [tf.saved_model.Asset(str(p)) for p in files]
     with _quiet_tf():
         tf.saved_model.save(holder, str(version_dir), signatures={C.SIGNATURE_KEY: signature})
     shutil.rmtree(scratch)

@@ -40,8 +40,8 @@ from .errors import UsageError
 TMP_PREFIX = ".probattn-tmp-"
 #: written at the top of every directory ``train`` and ``export`` create
 OUTPUT_MARKER = ".probattn-output.json"
-#: output kinds: what ``--overwrite`` may replace with what
-KINDS = ("run", "bundle")
+#: output kinds: what ``--overwrite`` may replace with what (``serving``: ``probattn package``)
+KINDS = ("run", "bundle", "serving")
 #: a marker is a few hundred bytes; anything bigger is not ours
 _MARKER_MAX_BYTES = 4096
 

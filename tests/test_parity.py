@@ -4,6 +4,7 @@ reference kernels, a NaN among otherwise-close numbers) instead of passing them.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -20,15 +21,29 @@ from probattn.export.parity.compare import metrics as _metrics
 from probattn.export.parity.report import markdown_table
 from probattn.export.parity.tolerances import FP32_PAD_INVARIANCE, INT8_MIN_AGREEMENT
 
-ARTIFACT_RUNTIMES = {
-    ("model.keras", "keras"), ("saved_model", "savedmodel"),
-    *{(f"model_{p}.tflite", k) for p in ("fp32", "fp16", "int8_dynamic", "int8")
-      for k in ("litert-xnnpack", "litert-reference", "openvino")},
-    *{(f"model_fixed_{p}.tflite", k) for p in ("fp32", "int8", "int8_int8out")
-      for k in ("litert-xnnpack", "litert-reference", "tflm")},
-    *{(f"model_{p}.onnx", k) for p in ("fp32", "fp16", "int8")
-      for k in ("onnxruntime-all", "onnxruntime-none", "openvino")},
+#: the runtimes verify runs each format on, written out (TFLite Micro runs the fixed-shape
+#: files only: the dynamic-shape ones are not applicable to it, by design)
+RUNTIMES_FOR_FORMAT = {
+    "keras": ("keras",), "savedmodel": ("savedmodel",),
+    "tflite": ("litert-xnnpack", "litert-reference", "openvino"),
+    "tflite-fixed": ("litert-xnnpack", "litert-reference", "tflm"),
+    "onnx": ("onnxruntime-all", "onnxruntime-none", "openvino"),
 }
+
+
+def artifact_runtimes(manifest) -> set:
+    """Every (artifact, runtime) pair verify runs for a bundle: each artifact of the manifest
+    (the int64-input ONNX twins included) on every runtime that runs its format."""
+    return {(a["path"], rt) for a in manifest["artifacts"] for rt in RUNTIMES_FOR_FORMAT[a["format"]]}
+
+
+def _shared_folder(tmp_path_factory, name: str):
+    """Where conftest's ``shared`` builds ``name``: the session's base folder, which under
+    xdist is the parent every worker shares (not this worker's own tmp)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    return base / f"shared-{name}"
 
 
 TINY_TEXTS = ["the film was great fun", "a dull and boring plot", "the acting was fine",
@@ -59,9 +74,13 @@ def test_rows_for_every_artifact_and_runtime(parity_report, bundle_dir, manifest
     # the fixed-shape files take [1, max_length]: longer case families are not applicable to them
     longer = cases_longer_than(bundle_dir, manifest["max_length"])
     assert {"pad+64", "4x_max_length"} <= longer and "heldout" not in longer
+    expected = artifact_runtimes(manifest)
+    # the session bundle: 4 dynamic + 3 fixed-shape TFLite files, 3 ONNX precisions and their int64 twins
+    assert len({a for a, _ in expected}) == 2 + 4 + 3 + 3 * 2, sorted({a for a, _ in expected})
+    assert {(f"model_{p}_int64.onnx", "onnxruntime-none") for p in ("fp32", "fp16", "int8")} <= expected
     rows = {(r["artifact"], r["runtime"]) for r in parity_report.rows}
-    assert rows == ARTIFACT_RUNTIMES
-    assert len(parity_report.rows) == len(ARTIFACT_RUNTIMES), "duplicate rows"
+    assert rows == expected
+    assert len(parity_report.rows) == len(expected), "duplicate rows"
     for r in parity_report.rows:
         assert r["passed"] is True, r["artifact"] + " " + r["runtime"]
         # every row was checked on every case family it can take, not just some
@@ -69,18 +88,16 @@ def test_rows_for_every_artifact_and_runtime(parity_report, bundle_dir, manifest
         assert set(r["cases_not_applicable"]) == skipped, (r["artifact"], r["runtime"], r["cases_not_applicable"])
         assert set(r["cases"]) == set(parity_report.meta["cases"]) - skipped, (r["artifact"], r["runtime"])
     checked = {(c.artifact, c.runtime) for c in parity_report.checks}
-    assert checked == ARTIFACT_RUNTIMES
+    assert checked == expected
 
 
-def test_report_files_and_manifest_verdict(parity_report, bundle_dir, tmp_path_factory):
-    base = tmp_path_factory.getbasetemp()
-    found = [p.parent for p in base.glob("report*/parity.json")
-             if json.loads(p.read_text())["meta"]["bundle"] == str(bundle_dir)]
-    assert found, f"no parity.json for {bundle_dir} under {base}"
-    d = found[0]
+def test_report_files_and_manifest_verdict(parity_report, bundle_dir, manifest, tmp_path_factory):
+    d = _shared_folder(tmp_path_factory, "report") / "report"  # the parity_report fixture's report_dir
+    assert (d / "parity.json").is_file(), f"no parity.json for {bundle_dir} in {d}"
     doc = json.loads((d / "parity.json").read_text())
+    assert doc["meta"]["bundle"] == str(bundle_dir)
     assert doc["passed"] is True and doc["failures"] == []
-    assert len(doc["rows"]) == len(ARTIFACT_RUNTIMES) and len(doc["checks"]) == len(parity_report.checks)
+    assert len(doc["rows"]) == len(artifact_runtimes(manifest)) and len(doc["checks"]) == len(parity_report.checks)
     md = (d / "parity.md").read_text()
     assert "**PASS**" in md and "model_int8.tflite | litert-reference" in md
     assert (d / "parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -128,13 +145,14 @@ def test_seed_masking_fails_padding_invariance_on_keras_itself(seed_masking):
 
 
 def test_seed_masking_fails_on_every_exported_artifact(seed_masking):
-    _, report = seed_masking
+    d, report = seed_masking
+    manifest = json.loads((d / "bundle" / "manifest.json").read_text())
+    assert {a["path"] for a in manifest["artifacts"]} == {
+        "model.keras", "saved_model", "model_fp32.tflite", "model_fixed_fp32.tflite", "model_fp32.onnx",
+        "model_fp32_int64.onnx"}
     rows = {(r["artifact"], r["runtime"]): r for r in report.rows}
-    assert set(rows) == {("model.keras", "keras"), ("saved_model", "savedmodel"),
-                         ("model_fp32.tflite", "litert-xnnpack"), ("model_fp32.tflite", "litert-reference"),
-                         ("model_fp32.tflite", "openvino"), ("model_fp32.onnx", "openvino"),
-                         ("model_fp32.onnx", "onnxruntime-all"), ("model_fp32.onnx", "onnxruntime-none"),
-                         ("model_fixed_fp32.tflite", "litert-xnnpack"), ("model_fixed_fp32.tflite", "litert-reference")}
+    # every pair but TFLite Micro's (not applicable: below)
+    assert set(rows) == artifact_runtimes(manifest) - {("model_fixed_fp32.tflite", "tflm")}
     # Masking() needs REDUCE_ANY, which TFLite Micro lacks: measured at export, not applicable for that reason
     tflm = [s for s in report.meta["not_applicable"] if s["artifact"] == "model_fixed_fp32.tflite"]
     assert len(tflm) == 1 and "REDUCE_ANY" in tflm[0]["reason"], report.skipped
@@ -277,8 +295,12 @@ def test_nan_runner_fails_and_unavailable_runtime_is_skipped(bundle_dir, tmp_pat
     monkeypatch.setattr(runtimes, "pairs_for", fake)
     report = parity.verify(bundle, formats=["onnx"], report_dir=tmp_path / "report", quiet=True)
 
+    # the missing runtime is skipped on every ONNX file of the manifest (int64 twins included), in order
+    onnx_files = [a["path"] for a in json.loads((bundle / "manifest.json").read_text())["artifacts"]
+                  if a["format"] == "onnx"]
+    assert {"model_fp32.onnx", "model_fp32_int64.onnx", "model_int8_int64.onnx"} <= set(onnx_files)
     assert report.skipped == [{"artifact": a, "runtime": "onnxruntime-none", "reason": reason}
-                              for a in ("model_fp32.onnx", "model_fp16.onnx", "model_int8.onnx")]
+                              for a in onnx_files]
     skipped_key = ("model_fp32.onnx", "onnxruntime-none")
     assert skipped_key not in {(r["artifact"], r["runtime"]) for r in report.rows}
     assert not [c for c in report.checks if (c.artifact, c.runtime) == skipped_key], "skipped runtime was checked"

@@ -334,7 +334,9 @@ def test_earlier_bundle_with_wordlevel_tokenizer_predicts_as_before(bundle_dir, 
     (old / T.TOKENIZER_CONFIG_FILE).unlink()
     manifest = json.loads((old / "manifest.json").read_text())
     manifest["tokenizer"] = {"path": T.TOKENIZER_FILE, "sha256": B.sha256_path(old / T.TOKENIZER_FILE)}
-    B.write_manifest(old, manifest)
+    from hostile import rehash
+
+    rehash(old, manifest)  # contents as the earlier exporter would have listed them
     p = Predictor(old)
     assert p.text_path == "fast" and p.fast.kind == T.KIND_WORDLEVEL and p.fast.needs_fallback()
     texts = ["don't miss it !", "naïve clichés", "[PAD]"]

@@ -173,7 +173,10 @@ def test_different_seed_gives_a_different_model(tiny_runs):
 
 def test_tiny_run_writes_every_file(tiny_runs):
     out, metrics = tiny_runs["a"]
-    assert sorted(p.name for p in out.iterdir()) == sorted(RUN_FILES + [OUTPUT_MARKER])
+    from probattn.models.text.tokenizer import TOKENIZER_CONFIG_FILE
+
+    # the default (portable) tokenizer also writes the config JavaScript clients read
+    assert sorted(p.name for p in out.iterdir()) == sorted(RUN_FILES + [OUTPUT_MARKER, TOKENIZER_CONFIG_FILE])
     assert json.loads((out / "labels.json").read_text()) == ["neg", "pos"]
     assert metrics["sizes"] == {"train": 150, "validation": 20, "test": 30}
 

@@ -122,3 +122,85 @@ def test_float_ids_past_2048_survive_fp16(user_builds, user_results):
     ref = U.user_outputs(built, ids)[0]
     np.testing.assert_allclose(fp16, ref, rtol=0, atol=T.FP16_MAX_ABS,
                                err_msg="fp16 ONNX of a float-id model is off: ids rounded?")
+
+
+def test_tflite_audit_allows_only_the_lstm_loop_structure(user_results):
+    """The BiLSTM's LiteRT file (the ``lstm_loop`` rewrite: two WHILE loops, five subgraphs)
+    passes the byte audit; the same file with the structure bent any other way is refused."""
+    import copy
+
+    import flatbuffers
+
+    from probattn.export.audit import tflite as A
+    from probattn.export.formats.tflite_flatbuffer import schema
+    from probattn.models.errors import UsageError
+
+    result, out = user_results("k3_bilstm")
+    entry = next(a for a in result["manifest"]["artifacts"] if a["format"] == "tflite" and a["precision"] == "fp32")
+    blob = (out / entry["path"]).read_bytes()
+    labels = result["manifest"]["labels"]
+    A.audit(blob, entry, labels=labels)
+    s = schema()
+    model = s.ModelT.InitFromPackedBuf(bytearray(blob), 0)
+    names = {v: k for k, v in vars(s.BuiltinOperator).items() if not k.startswith("_")}
+
+    def op_name(op):
+        code = model.operatorCodes[op.opcodeIndex]
+        return names[max(code.builtinCode, code.deprecatedBuiltinCode)]
+
+    whiles = [op for op in model.subgraphs[0].operators if op_name(op) == "WHILE"]
+    assert len(model.subgraphs) == 5 and len(whiles) == 2, (len(model.subgraphs), len(whiles))
+    body = whiles[0].builtinOptions.bodySubgraphIndex
+
+    def refused(change, message):
+        m = copy.deepcopy(model)
+        change(m)
+        b = flatbuffers.Builder(len(blob) + 4096)
+        b.Finish(m.Pack(b), file_identifier=b"TFL3")
+        with pytest.raises(UsageError, match=message):
+            A.audit(bytes(b.Output()), entry, labels=labels)
+
+    def code(m, name):  # the index of a new op code
+        c = s.OperatorCodeT()
+        c.builtinCode = getattr(s.BuiltinOperator, name)
+        c.deprecatedBuiltinCode = min(c.builtinCode, s.BuiltinOperator.PLACEHOLDER_FOR_GREATER_OP_CODES)
+        if name == "CUSTOM":
+            c.customCode = "Evil"
+        m.operatorCodes.append(c)
+        return len(m.operatorCodes) - 1
+
+    def set_op(m, g, name):
+        m.subgraphs[g].operators[0].opcodeIndex = code(m, name)
+
+    def while_ops(m):
+        return [op for op in m.subgraphs[0].operators if op_name(op) == "WHILE"]
+
+    def share_body(m):
+        w = while_ops(m)
+        w[1].builtinOptions.bodySubgraphIndex = w[0].builtinOptions.bodySubgraphIndex
+
+    def nest(m):
+        m.subgraphs[body].operators.append(copy.deepcopy(while_ops(m)[0]))
+
+    def loop_on_model(m):
+        while_ops(m)[0].builtinOptions.condSubgraphIndex = 0
+
+    def cond_not_bool(m):
+        c = m.subgraphs[while_ops(m)[0].builtinOptions.condSubgraphIndex]
+        c.tensors[int(c.outputs[0])].type = s.TensorType.FLOAT32
+
+    def signature_on_body(m):
+        m.signatureDefs[0].subgraphIndex = body
+
+    refused(lambda m: set_op(m, body, "CUSTOM"), f"subgraph {body} uses CUSTOM:Evil")
+    refused(lambda m: set_op(m, body, "VAR_HANDLE"), f"subgraph {body} uses VAR_HANDLE")
+    refused(lambda m: set_op(m, body, "IF"), f"subgraph {body} uses IF")
+    refused(lambda m: set_op(m, 0, "CALL_ONCE"), "subgraph 0.* uses CALL_ONCE")
+    refused(share_body, "each loop has its own subgraphs")
+    refused(nest, "loops inside a loop's condition or body are refused")
+    refused(loop_on_model, "condition is subgraph 0")
+    refused(cond_not_bool, "must have one bool output")
+    refused(signature_on_body, f"runs subgraph {body}")
+    refused(lambda m: m.subgraphs.append(copy.deepcopy(m.subgraphs[body])), "subgraph 5 is neither")
+    refused(lambda m: m.subgraphs.extend(copy.deepcopy(m.subgraphs[body]) for _ in range(A.MAX_SUBGRAPHS)),
+            f"at most {A.MAX_SUBGRAPHS} allowed")

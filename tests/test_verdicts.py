@@ -64,7 +64,21 @@ def test_cases_cut_real_texts_to_each_bucket(tiny_bundle):
     cases = {c.name: c for c in build_cases(tok, manifest, TEXTS * 8, [LABELS[i % 3] for i in range(64)])}
     one = cases["bucket:1"]
     assert one.real and all((b != 0).sum(axis=1).max() == 1 for b in one.batches)
-    assert cases["bucket:3-4"].rows == sum(1 for t in TEXTS * 8 if len(t.split()) >= 3)
+    # each bucket holds every text long enough, cut to the bucket's top, each distinct row once
+    # (TEXTS * 8 repeats every text 8 times: a row counted 8 times would weigh its decision 8 times)
+    ids = [tok.encode(t).ids for t in TEXTS * 8]
+    for bname, lo, hi in length_buckets(manifest["max_length"]):
+        if hi is None:
+            continue
+        expected = {tuple(r[:hi]) for r in ids if len(r) >= lo}
+        case = cases.get(f"bucket:{bname}")
+        if not expected:
+            assert case is None, bname
+            continue
+        got = [tuple(int(i) for i in row if i != 0) for b in case.batches for row in b]
+        assert len(got) == len(set(got)), f"bucket {bname} repeats a row"
+        assert set(got) == expected and case.rows == len(expected), bname
+    assert 0 < cases["bucket:3-4"].rows < sum(1 for r in ids if len(r) >= 3)  # repeats were dropped
     left = cases["left_padding"].batches[0]
     assert (left[:, -1] != 0).all(), "left padding puts every text at the end"
     assert {f"batch_{n}" for n in BATCH_SIZES} <= set(cases)
@@ -138,10 +152,17 @@ def test_skipped_runtime_passes_only_without_strict(tiny_bundle, tmp_path, monke
 
     bundle = _copy(tiny_bundle / "bundle", tmp_path / "bundle")
     monkeypatch.setattr(OpenVINORunner, "unavailable", classmethod(lambda cls: "openvino not installed (test)"))
+    # every artifact OpenVINO would run (its formats, not ruled out by design) is a skipped pair
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    on_openvino = [a["path"] for a in manifest["artifacts"] if a["format"] in OpenVINORunner.formats
+                   and not OpenVINORunner.cannot_run(a["format"], a["precision"], a)]
+    assert {"model_fp32.tflite", "model_fp32.onnx", "model_fp32_int64.onnx"} <= set(on_openvino), on_openvino
+    n = len(on_openvino)
     report = parity.verify(bundle, quiet=True)
-    assert report.passed and "2 artifact x runtime pairs skipped" in report.verdict_line()
+    assert [(s["artifact"], s["runtime"]) for s in report.skipped] == [(a, "openvino") for a in on_openvino]
+    assert report.passed and f"; {n} artifact x runtime pairs skipped" in report.verdict_line()
     strict = parity.verify(bundle, quiet=True, strict=True)
-    assert not strict.passed and strict.verdict_line().startswith("FAIL (--strict): 2 artifact x runtime")
+    assert not strict.passed and strict.verdict_line().startswith(f"FAIL (--strict): {n} artifact x runtime")
 
 
 def test_format_that_ran_nowhere_is_not_verified(tiny_bundle, tmp_path, monkeypatch):

@@ -7,6 +7,8 @@
 //   // [{ label: "fresh", probabilities: { fresh: 0.93, rotten: 0.07 } }]
 //
 // What a client must do to get the ids probattn's Python side gets:
+// * check every file against manifest.json (schema_version 2: `contents` holds each file's
+//   SHA-256, and the artifact, tokenizer and tokenizer.config entries the same hashes);
 // * read tokenizer_config.json too: tokenizers.js takes unk_token from it for a word-level
 //   model (without it unknown words come out undefined, which an Int32Array turns into the
 //   pad id 0);
@@ -27,37 +29,116 @@ export const INPUT = "token_ids";
 export const PROBABILITIES = "probabilities";
 export const PAD_ID = 0;
 const MANIFEST = "manifest.json";
-const SCHEMA_VERSION = 1;
+// manifest.json schema 2 (probattn's export/bundle.py): `contents` maps every file of the
+// bundle to its SHA-256, and each artifact / tokenizer / tokenizer.config entry carries
+// the same hash. This client reads exactly that version.
+export const SCHEMA_VERSION = 2;
+const TOKENIZER_CONFIG = "tokenizer_config.json";
+const MAX_MANIFEST_BYTES = 16 << 20;
+const HEX64 = /^[0-9a-f]{64}$/;
 
 export class BundleError extends Error {}
 
-function sha256(file) {
-  return crypto.createHash("sha256").update(fs.readFileSync(file)).digest("hex");
+function sha256(bytes) {
+  return crypto.createHash("sha256").update(bytes).digest("hex");
 }
 
-/** A bundle file after checking it stays inside the bundle and matches its manifest hash. */
-export function verifiedPath(dir, entry) {
-  const root = path.resolve(dir);
-  const file = path.resolve(root, entry.path);
-  if (!file.startsWith(root + path.sep)) throw new BundleError(`manifest path '${entry.path}' points outside the bundle`);
-  if (!fs.existsSync(file)) throw new BundleError(`${entry.path} is listed in ${MANIFEST} but missing`);
-  const digest = sha256(file);
-  if (digest !== entry.sha256) throw new BundleError(`${entry.path} does not match its manifest hash (it was modified or damaged)`);
-  return file;
+/** A plain relative path of the manifest: no absolute path, `..`, `.`, empty part, NUL or backslash. */
+function checkRelPath(rel, what) {
+  if (typeof rel !== "string" || rel === "" || rel.startsWith("/") || rel.includes("\\") || rel.includes("\0")
+      || rel.split("/").some((p) => p === "" || p === "." || p === "..")) {
+    throw new BundleError(`${MANIFEST}: ${what} path ${JSON.stringify(rel)} is not a plain relative path inside the bundle`);
+  }
+  return rel;
+}
+
+/** The bytes of one regular file of the bundle, opened without following a symbolic link
+ *  anywhere inside the bundle (no FIFO or device opened either). */
+function readBundleFile(dir, rel, maxBytes = Infinity) {
+  const parts = rel.split("/");
+  let cur = path.resolve(dir);
+  for (const [i, part] of parts.entries()) {
+    cur = path.join(cur, part);
+    let st;
+    try { st = fs.lstatSync(cur); } catch (e) {
+      if (e.code === "ENOENT" || e.code === "ENOTDIR") throw new BundleError(`${rel} is listed in ${MANIFEST} but missing`);
+      throw e;
+    }
+    if (st.isSymbolicLink()) throw new BundleError(`${rel} in the bundle is a symbolic link; refusing it`);
+    if (i < parts.length - 1 ? !st.isDirectory() : !st.isFile()) {
+      throw new BundleError(`${rel} in the bundle is not a regular file; refusing it`);
+    }
+  }
+  const fd = fs.openSync(cur, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK);
+  try {
+    const st = fs.fstatSync(fd);
+    if (!st.isFile()) throw new BundleError(`${rel} in the bundle is not a regular file; refusing it`);
+    if (st.size > maxBytes) throw new BundleError(`${rel} is ${st.size} bytes; at most ${maxBytes} are read`);
+    return fs.readFileSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** The bytes of the file a manifest entry ({path, sha256}) names, returned only after their
+ *  SHA-256 matched both the entry and the manifest's `contents`. */
+export function readVerified(dir, manifest, entry) {
+  const rel = checkRelPath(entry?.path, "file");
+  const listed = manifest.contents[rel];
+  if (listed === undefined) throw new BundleError(`${rel} is not listed in the contents of ${MANIFEST}; refusing to read it`);
+  if (entry.sha256 !== listed) {
+    throw new BundleError(`${MANIFEST} gives ${rel} two hashes (its entry and contents); they must agree`);
+  }
+  const bytes = readBundleFile(dir, rel);
+  if (sha256(bytes) !== listed) throw new BundleError(`${rel} does not match its manifest hash (it was modified or damaged)`);
+  return bytes;
 }
 
 /** The manifest, checked for what this client reads. */
 export function readManifest(dir) {
   const file = path.join(dir, MANIFEST);
   if (!fs.existsSync(file)) throw new BundleError(`${dir} is not a probattn bundle: no ${MANIFEST}`);
-  const manifest = JSON.parse(fs.readFileSync(file, "utf8"));
-  if (!(manifest.schema_version <= SCHEMA_VERSION)) {
-    throw new BundleError(`${MANIFEST} has schema_version ${manifest.schema_version}; this client reads up to ${SCHEMA_VERSION}`);
+  let manifest;
+  try {
+    manifest = JSON.parse(readBundleFile(dir, MANIFEST, MAX_MANIFEST_BYTES).toString("utf8"));
+  } catch (e) {
+    if (e instanceof BundleError) throw e;
+    throw new BundleError(`${MANIFEST} is not valid JSON (${String(e.message).split("\n")[0]})`);
+  }
+  if (manifest === null || typeof manifest !== "object" || Array.isArray(manifest)) {
+    throw new BundleError(`${MANIFEST} must hold a JSON object`);
+  }
+  const version = manifest.schema_version;
+  if (!Number.isInteger(version)) {
+    throw new BundleError(`${MANIFEST} has no integer schema_version (${JSON.stringify(version) ?? "missing"}); this client reads schema_version ${SCHEMA_VERSION}`);
+  }
+  if (version !== SCHEMA_VERSION) {
+    const why = version < SCHEMA_VERSION ? "export the bundle again with this probattn" : "use a newer client";
+    throw new BundleError(`${MANIFEST} has schema_version ${version}; this client reads schema_version ${SCHEMA_VERSION} only: ${why}`);
+  }
+  const contents = manifest.contents;
+  if (contents === null || typeof contents !== "object" || Array.isArray(contents) || Object.keys(contents).length === 0
+      || !Object.values(contents).every((v) => typeof v === "string" && HEX64.test(v))) {
+    throw new BundleError(`${MANIFEST}: 'contents' must map the bundle's files to their SHA-256 (64 hex digits)`);
+  }
+  const labels = manifest.labels;
+  if (!Array.isArray(labels) || labels.length < 2 || !labels.every((l) => typeof l === "string")
+      || !Array.isArray(manifest.artifacts)) {
+    throw new BundleError(`${MANIFEST}: 'labels' (at least 2 names) and 'artifacts' (a list) are required`);
   }
   const tok = manifest.tokenizer || {};
   if (tok.kind !== "portable" || !tok.config) {
     throw new BundleError(`the bundle's tokenizer is kind '${tok.kind ?? "unknown (an older bundle)"}'; ` +
       "JavaScript gives the same ids as Python only for the portable tokenizer: train and export again with this probattn");
+  }
+  if (tok.config.path !== TOKENIZER_CONFIG) {
+    throw new BundleError(`${MANIFEST}: tokenizer.config must name ${TOKENIZER_CONFIG}; found ${JSON.stringify(tok.config.path)}`);
+  }
+  for (const [what, entry] of [["tokenizer", tok], ["tokenizer.config", tok.config]]) {
+    checkRelPath(entry.path, what);
+    if (typeof entry.sha256 !== "string" || !HEX64.test(entry.sha256)) {
+      throw new BundleError(`${MANIFEST}: ${what} needs a sha256 (64 hex digits)`);
+    }
   }
   return manifest;
 }
@@ -76,8 +157,8 @@ export function onnxEntry(manifest, precision = "fp32", inputDtype = "int32") {
 /** tokenizers.js from the bundle's tokenizer.json + tokenizer_config.json, with the
  *  truncation length the config gives. */
 export function loadTokenizer(dir, manifest) {
-  const json = JSON.parse(fs.readFileSync(verifiedPath(dir, manifest.tokenizer), "utf8"));
-  const config = JSON.parse(fs.readFileSync(verifiedPath(dir, manifest.tokenizer.config), "utf8"));
+  const json = JSON.parse(readVerified(dir, manifest, manifest.tokenizer).toString("utf8"));
+  const config = JSON.parse(readVerified(dir, manifest, manifest.tokenizer.config).toString("utf8"));
   if (config.unk_token !== "[UNK]" || !Number.isInteger(config.model_max_length)) {
     throw new BundleError("tokenizer_config.json must set unk_token [UNK] and an integer model_max_length");
   }
@@ -102,10 +183,11 @@ export function padRows(rows, dtype = "int32") {
   return new ort.Tensor("int32", data, [rows.length, width]);
 }
 
-/** A session on the bundle's ONNX file (one thread: deterministic and light). */
+/** A session on the bundle's ONNX file (one thread: deterministic and light), made from the
+ *  very bytes whose hash was checked (the file is not opened a second time). */
 export async function loadSession(dir, manifest, precision = "fp32", inputDtype = "int32") {
-  const file = verifiedPath(dir, onnxEntry(manifest, precision, inputDtype));
-  return ort.InferenceSession.create(file, { executionProviders: ["cpu"], intraOpNumThreads: 1, interOpNumThreads: 1 });
+  const bytes = readVerified(dir, manifest, onnxEntry(manifest, precision, inputDtype));
+  return ort.InferenceSession.create(bytes, { executionProviders: ["cpu"], intraOpNumThreads: 1, interOpNumThreads: 1 });
 }
 
 export async function loadBundle(dir, { precision = "fp32" } = {}) {

@@ -5,8 +5,9 @@
 
 * opset domains other than the standard ones, model-local functions, training info;
 * ops outside ``ALLOWED_OPS`` (the union of what the exports of probattn's classifiers
-  hold, plus element-wise and reduction ops that cannot make a tensor bigger than their
-  inputs; no ``Scan``); a ``Loop`` whose iterations are not bounded by a constant or the
+  and of the user models it exports hold, plus element-wise and reduction ops that cannot
+  make a tensor bigger than their inputs; no ``Scan``); a ``Conv`` padding more than
+  ``MAX_CONV_PAD`` per side; a ``Loop`` whose iterations are not bounded by a constant or the
   input's dims: its trip count, or, without one, a condition ``counter < limit`` where the
   counter starts at a constant and grows each step (what converters make of a while loop);
 * initializers and ``Constant`` tensors over ``MAX_ELEMENTS`` values, over
@@ -51,11 +52,18 @@ MAX_FILE_BYTES = 2 << 30
 MAX_LOOP_TRIPS = 100_000
 #: subgraph nesting (If / Loop / Scan bodies)
 MAX_DEPTH = 4
+#: a ``Conv``'s explicit padding per side at most (a user's Conv1D with ``padding="same"``
+#: pads ``dilation * (kernel - 1)`` in all): padding is the one way a Conv makes its output
+#: longer than its input
+MAX_CONV_PAD = 1024
 
 ALLOWED_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
 
-#: Ops of the tf2onnx exports of probattn's classifiers (ProbAttention, the int8-safe pooling,
-#: BiLSTM and MultiHeadAttention models; tf_keras and Keras 3) in fp32, fp16
+#: Ops of the tf2onnx exports of probattn's classifiers and of the user models probattn
+#: exports (``Conv`` for Conv1D: its padding is checked, ``MAX_CONV_PAD``) (ProbAttention,
+#: the int8-safe pooling, BiLSTM (the ``lstm_loop`` rewrite: a ``Loop`` whose body writes each step with
+#: ``ScatterND``, whose output has its data input's shape; onnxruntime refuses indices out
+#: of range) and MultiHeadAttention models; tf_keras and Keras 3) in fp32, fp16
 #: (onnxruntime.transformers.float16) and dynamic int8 (quantize_dynamic: MatMul + Gather),
 #: plus element-wise, comparison and reduction ops, whose outputs are never bigger than
 #: their (broadcast) inputs. Expanding ops (ConstantOfShape, Expand, Tile, Range, Pad) are
@@ -63,12 +71,15 @@ ALLOWED_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
 #: runtime arena.
 ALLOWED_OPS = frozenset({
     # what the exports hold
-    "Add", "And", "BatchNormalization", "Cast", "Concat", "ConstantOfShape", "DequantizeLinear", "Div",
+    "Add", "And", "BatchNormalization", "Cast", "Concat", "ConstantOfShape", "Conv", "DequantizeLinear", "Div",
     "DynamicQuantizeLinear", "Equal", "Exp", "Expand", "Gather", "Gemm", "GlobalAveragePool", "Identity", "If",
     "Less", "Log", "Loop", "MatMul", "MatMulInteger", "Max", "Min", "Mul", "Neg", "Not", "Reciprocal",
     "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSumSquare", "Relu", "Reshape",
-    "ReverseSequence", "Shape", "Sigmoid", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh",
-    "Transpose", "Unsqueeze",
+    "ReverseSequence", "ScatterND", "Shape", "Sigmoid", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub",
+    "Tanh", "Transpose", "Unsqueeze",
+    # ProbSparse self-attention (models/probsparse.py): the kept queries (TopK, k at most the
+    # length), causal means (CumSum), the sampled keys' max (GlobalMaxPool)
+    "CumSum", "GlobalMaxPool", "TopK",
     # element-wise, comparisons, reductions: never bigger than their inputs
     "Abs", "ArgMax", "ArgMin", "Ceil", "Clip", "Constant", "Erf", "Flatten", "Floor", "Greater",
     "GreaterOrEqual", "HardSigmoid", "IsInf", "IsNaN", "LayerNormalization", "LeakyRelu", "LessOrEqual",
@@ -483,7 +494,7 @@ _SAME_SHAPE = {"Cast", "Identity", "Relu", "Sigmoid", "Tanh", "Neg", "Not", "Exp
                "Softmax", "LogSoftmax", "Reciprocal", "Transpose", "Erf", "Clip", "LeakyRelu", "Softplus",
                "Dropout", "IsNaN", "IsInf", "Sign", "Floor", "Ceil", "Round", "ReverseSequence",
                "LayerNormalization", "BatchNormalization", "DequantizeLinear", "QuantizeLinear", "ReduceMax",
-               "ReduceMin", "ReduceMean", "ReduceSum", "ReduceProd", "Squeeze", "Unsqueeze"}
+               "ReduceMin", "ReduceMean", "ReduceSum", "ReduceProd", "Squeeze", "Unsqueeze", "ScatterND"}
 _BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual",
               "And", "Or", "Xor", "Where", "Max", "Min", "MatMul", "MatMulInteger", "Concat", "Gemm"}
 
@@ -666,6 +677,10 @@ def audit(data, *, what: str = "ONNX model", model_dir=None, vocab_size: int | N
             quantized |= n.op_type in QUANTIZED_OPS
             if n.op_type == "Loop":
                 loops.append((n, gpath))
+            if n.op_type == "Conv":
+                pads = next((a.ints for a in n.attrs if a.name == "pads"), [])
+                if any(p < 0 or p > MAX_CONV_PAD for p in pads):
+                    _refuse(what, f"Conv {n.name!r} in {gpath} pads {pads}; at most {MAX_CONV_PAD} per side allowed")
             for a in n.attrs:
                 if a.sparse:
                     _refuse(what, f"sparse tensor attribute on {n.op_type} {n.name!r} is not allowed")

@@ -60,6 +60,8 @@ FUNCTION_OPS = frozenset({
     "StridedSliceGrad", "Sub", "Sum", "Tanh", "TanhGrad", "TensorListElementShape", "TensorListFromTensor",
     "TensorListGetItem", "TensorListLength", "TensorListPopBack", "TensorListPushBack", "TensorListReserve",
     "TensorListSetItem", "TensorListStack", "Tile", "Transpose", "Unpack", "While", "ZerosLike",
+    # ProbSparse self-attention (models/probsparse.py): kept queries, causal means, sample ranks
+    "Cumsum", "FloorDiv", "Select", "TopKV2",
 })
 
 #: Extra ops allowed only in functions reachable only from ``saver_def.save_tensor_name``.

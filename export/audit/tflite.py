@@ -2,11 +2,20 @@
 before LiteRT, TFLite Micro or MediaPipe load it (TensorFlow-free: the flatbuffer is read with
 the schema's Python bindings, nothing runs).
 
-* the file is a TFLite flatbuffer (``TFL3``) of at most ``MAX_FILE_BYTES``, one subgraph;
-* builtin ops only, and none that loops or keeps state (``WHILE``, ``CALL_ONCE``, the
-  resource-variable ops): a custom op (Flex included) runs code the runtimes do not ship, a
-  loop can run for ever; probattn's exports contain neither;
-* the tensors the graph declares (dynamic dims counted as 1) fit ``TFLITE_STATIC_BYTES``;
+* the file is a TFLite flatbuffer (``TFL3``) of at most ``MAX_FILE_BYTES``;
+* builtin ops only, in every subgraph: a custom op (Flex included) runs code the runtimes do
+  not ship; no op that keeps state (``CALL_ONCE``, the resource-variable and hash-table
+  ops) and no op that runs another subgraph (``IF``, ``CALL``, the StableHLO ones) except
+  ``WHILE``;
+* subgraphs only in the structure the ``lstm_loop`` rewrite produces (a masked LSTM as a
+  ``tf.while_loop``): subgraph 0 is the model, every other subgraph is the condition or
+  the body of exactly one ``WHILE`` op of subgraph 0 (no nesting, no sharing, no subgraph
+  left over), at most ``MAX_WHILE_LOOPS`` loops; a condition has one bool output, and the
+  condition's inputs and the body's inputs and outputs match the ``WHILE``'s; every
+  signature runs subgraph 0. The per-op checks apply to every subgraph. A loop's trip
+  count is data-dependent and is not bounded here (verify and the export's run check run
+  every runtime in a child process with a time limit);
+* the tensors all subgraphs declare (dynamic dims counted as 1) fit ``TFLITE_STATIC_BYTES``;
 * the I/O is the contract's: one input ``token_ids`` int32 rank 2; ``probabilities`` (and
   optionally ``attention_weights``), rank 2, of the entry's ``output_dtype``, with one column
   per label; a fixed-shape format stores exactly the entry's ``input_shape``, the dynamic
@@ -29,9 +38,17 @@ from .. import contract as C
 
 #: the largest TFLite file read (flatbuffers address 2 GB)
 MAX_FILE_BYTES = 2 << 30
-#: ops that loop or keep state: refused (probattn's exports contain none)
-REFUSED_OPS = ("WHILE", "CALL_ONCE", "IF", "VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE", "HASHTABLE",
-               "HASHTABLE_FIND", "HASHTABLE_IMPORT", "HASHTABLE_SIZE")
+#: ops that keep state or run another subgraph (all but ``WHILE``): refused in every
+#: subgraph (probattn's exports contain none)
+REFUSED_OPS = ("CALL_ONCE", "IF", "CALL", "VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE", "HASHTABLE",
+               "HASHTABLE_FIND", "HASHTABLE_IMPORT", "HASHTABLE_SIZE", "HASHTABLE_LOOKUP",
+               "STABLEHLO_WHILE", "STABLEHLO_CASE", "STABLEHLO_COMPOSITE", "STABLEHLO_REDUCE",
+               "STABLEHLO_REDUCE_WINDOW", "STABLEHLO_SCATTER", "STABLEHLO_SORT", "STABLEHLO_CUSTOM_CALL")
+#: the one op allowed to run other subgraphs (the ``lstm_loop`` rewrite's ``tf.while_loop``)
+LOOP_OP = "WHILE"
+#: ``WHILE`` ops per file at most (a BiLSTM holds two); each brings a condition and a body
+MAX_WHILE_LOOPS = 8
+MAX_SUBGRAPHS = 1 + 2 * MAX_WHILE_LOOPS
 #: the metadata zip of a mediapipe file: two entries, each at most this many bytes inflated
 MAX_METADATA_ENTRIES = 2
 MAX_METADATA_ENTRY_BYTES = 256 << 20
@@ -40,23 +57,89 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "int32": 4, "int8": 1, "uint8": 1, "
                 "bool": 1, "float64": 8, "uint32": 4, "uint16": 2, "uint64": 8}
 
 
-def _static_bytes(blob: bytes) -> int:
+def _structure(blob: bytes) -> int:
+    """Check every subgraph's ops and the ``WHILE`` structure (see the module docstring);
+    returns the bytes of the tensors all subgraphs declare. Raises UsageError (without the
+    file's name)."""
     from ..formats.tflite_flatbuffer import schema
 
     s = schema()
-    m = s.Model.GetRootAs(blob, 0)
-    if m.SubgraphsLength() != 1:
-        raise UsageError(f"holds {m.SubgraphsLength()} subgraphs; probattn's files hold one")
+    m = s.ModelT.InitFromPackedBuf(bytearray(blob), 0)
+    subgraphs = m.subgraphs or []
+    n = len(subgraphs)
+    if not 1 <= n <= MAX_SUBGRAPHS:
+        raise UsageError(f"holds {n} subgraphs; at most {MAX_SUBGRAPHS} allowed (the model and the condition and "
+                         f"body of at most {MAX_WHILE_LOOPS} WHILE loops)")
+    for d in m.signatureDefs or []:
+        if d.subgraphIndex != 0:
+            raise UsageError(f"signature {_text(d.signatureKey)!r} runs subgraph {d.subgraphIndex}; every signature "
+                             "runs subgraph 0 (the others are loop conditions and bodies)")
+    names = {v: k for k, v in vars(s.BuiltinOperator).items() if not k.startswith("_")}
     types = {v: k.lower() for k, v in vars(s.TensorType).items() if not k.startswith("_")}
+    codes = m.operatorCodes or []
+    used = {}  # subgraph index -> (role, index of its WHILE in subgraph 0)
     total = 0
-    sg = m.Subgraphs(0)
-    for i in range(sg.TensorsLength()):
-        t = sg.Tensors(i)
-        n = 1
-        for j in range(t.ShapeLength()):
-            n *= max(int(t.Shape(j)), 1)
-        total += n * _DTYPE_BYTES.get(types.get(t.Type(), ""), 8)
+    for g, sg in enumerate(subgraphs):
+        where = "the model (subgraph 0)" if g == 0 else f"subgraph {g}"
+        for k, op in enumerate(sg.operators or []):
+            if not 0 <= op.opcodeIndex < len(codes):
+                raise UsageError(f"operator {k} of {where} has opcode index {op.opcodeIndex}; the file has "
+                                 f"{len(codes)} op codes")
+            code = codes[op.opcodeIndex]
+            value = max(code.builtinCode, code.deprecatedBuiltinCode)
+            name = names.get(value)
+            if name is None or name == "CUSTOM":
+                name = f"CUSTOM:{_text(code.customCode)}" if name else f"unknown op {value}"
+                raise UsageError(f"{where} uses {name}; custom and unknown ops are refused (probattn's exports use "
+                                 "builtin ops only)")
+            if name in REFUSED_OPS:
+                raise UsageError(f"{where} uses {name}; ops that keep state or run another subgraph (other than "
+                                 "WHILE) are refused (probattn's exports hold none)")
+            if name != LOOP_OP:
+                continue
+            if g != 0:
+                raise UsageError(f"{where} uses WHILE: loops inside a loop's condition or body are refused "
+                                 "(probattn's loops are not nested)")
+            opt = op.builtinOptions
+            if not isinstance(opt, s.WhileOptionsT):
+                raise UsageError(f"WHILE operator {k} has no WhileOptions")
+            cond, body = opt.condSubgraphIndex, opt.bodySubgraphIndex
+            for role, idx in (("condition", cond), ("body", body)):
+                if not 1 <= idx < n:
+                    raise UsageError(f"WHILE operator {k}'s {role} is subgraph {idx}; a loop's condition and body "
+                                     f"are subgraphs 1 to {n - 1}")
+                if idx in used:
+                    raise UsageError(f"subgraph {idx} is the {role} of WHILE operator {k} and the {used[idx][0]} of "
+                                     f"WHILE operator {used[idx][1]}; each loop has its own subgraphs")
+                used[idx] = (role, k)
+            n_in = len(op.inputs) if op.inputs is not None else 0
+            n_out = len(op.outputs) if op.outputs is not None else 0
+            c, b = subgraphs[cond], subgraphs[body]
+
+            def count(x):
+                return len(x) if x is not None else 0
+
+            if not (n_in == n_out == count(c.inputs) == count(b.inputs) == count(b.outputs)):
+                raise UsageError(f"WHILE operator {k} has {n_in} inputs and {n_out} outputs, its condition "
+                                 f"{count(c.inputs)} inputs, its body {count(b.inputs)} inputs and "
+                                 f"{count(b.outputs)} outputs; all must match")
+            if count(c.outputs) != 1 or not 0 <= int(c.outputs[0]) < count(c.tensors) \
+                    or types.get(c.tensors[int(c.outputs[0])].type) != "bool":
+                raise UsageError(f"WHILE operator {k}'s condition (subgraph {cond}) must have one bool output")
+        for t in sg.tensors or []:
+            size = 1
+            for d in (t.shape if t.shape is not None else []):
+                size *= max(int(d), 1)
+            total += size * _DTYPE_BYTES.get(types.get(t.type, ""), 8)
+    left = sorted(set(range(1, n)) - set(used))
+    if left:
+        raise UsageError(f"subgraph {left[0]} is neither the condition nor the body of a WHILE of the model; "
+                         f"probattn's files hold no other subgraph ({n} subgraphs, {len(used) // 2} loops)")
     return total
+
+
+def _text(x) -> str:
+    return x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
 
 
 def _metadata_zip(blob: bytes, what: str) -> dict:
@@ -141,17 +224,12 @@ def audit(blob: bytes, entry: dict, *, labels, vocabulary=None, what: str | None
     if len(blob) < 8 or blob[4:8] != b"TFL3":
         raise UsageError(f"{what} is not a valid TFLite model (no TFL3 flatbuffer identifier)")
     try:
+        static = _structure(blob)
         info = describe(blob)
-        static = _static_bytes(blob)
     except UsageError as e:
         raise UsageError(f"{what}: {e}") from None
     except Exception as e:  # a damaged flatbuffer: struct.error, IndexError, ...
         raise UsageError(f"{what} is not a valid TFLite model (a damaged flatbuffer: {type(e).__name__}: {one_line(e, 120)})") from None
-    ops = [o["op"] if isinstance(o, dict) else str(o) for o in info["ops"]]
-    bad = [o for o in ops if o.startswith("CUSTOM") or o in REFUSED_OPS]
-    if bad:
-        raise UsageError(f"{what} uses {', '.join(bad[:3])}; custom, control-flow and resource-variable ops are "
-                         "refused (probattn's exports use builtin ops only)")
     if static > TFLITE_STATIC_BYTES:
         raise UsageError(f"{what} declares {static:,} bytes of tensors; at most {TFLITE_STATIC_BYTES:,} allowed")
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from probattn.models.errors import UsageError, one_line
 
-from ..contract import (BATCH_DIM, INPUT, INPUT_DTYPES, SEQUENCE_DIM, SUPPORTED, artifact_filename, input_dims,
-                        ordered_outputs, output_dims)
+from ..contract import (ATTENTION, BATCH_DIM, INPUT, INPUT_DTYPES, SEQUENCE_DIM, SUPPORTED, artifact_filename,
+                        input_dims, is_head, ordered_outputs, output_dims)
 from . import Built, ExportContext
 
 FORMAT = "onnx"
@@ -129,7 +129,9 @@ def convert_fp32(module, opset: int, output_names: list, fixed_length: int | Non
     if sorted(got) != sorted(output_names):
         raise UsageError(f"ONNX outputs came out as {got}, expected {output_names}")
     _order_outputs(model, ordered_outputs(got))
-    dims = {n: output_dims(n, (head_units or {}).get(n), fixed_length) for n in got}
+    # the contract's outputs get named dims; another graph (``bench --attention-scaling``
+    # converts a bare layer) keeps tf2onnx's
+    dims = {n: output_dims(n, (head_units or {}).get(n), fixed_length) for n in got if is_head(n) or n == ATTENTION}
     _name_dims(model, dims, input_dims(fixed_length))
     model.doc_string = "probattn classifier"
     return model

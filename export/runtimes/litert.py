@@ -79,7 +79,7 @@ class LiteRTRunner(Runner):
         self._input = INPUT
 
     def _check_signature(self):
-        from ..contract import ATTENTION, INPUT, PROBABILITIES
+        from ..contract import ATTENTION, INPUT, PROBABILITIES, is_head
 
         ins = self.runner.get_input_details()
         got = {k: (np.dtype(v["dtype"]).name, len(v["shape_signature"])) for k, v in ins.items()}
@@ -87,10 +87,10 @@ class LiteRTRunner(Runner):
             raise UsageError(f"{self.path.name}: inputs are {got}; expected exactly {INPUT} int32 rank 2")
         outs = self.runner.get_output_details()
         shown = {k: (np.dtype(v["dtype"]).name, list(v["shape_signature"])) for k, v in outs.items()}
-        if PROBABILITIES not in outs or set(outs) - {PROBABILITIES, ATTENTION} or \
+        if PROBABILITIES not in outs or any(k != ATTENTION and not is_head(k) for k in outs) or \
                 any(d not in OUTPUT_DTYPES or len(s) != 2 for d, s in shown.values()):
-            raise UsageError(f"{self.path.name}: outputs are {shown}; expected {PROBABILITIES} (and optionally "
-                             f"{ATTENTION}), rank 2, float32")
+            raise UsageError(f"{self.path.name}: outputs are {shown}; expected {PROBABILITIES}, further heads "
+                             f"{PROBABILITIES}_NAME and optionally {ATTENTION}, rank 2, float32")
         classes = shown[PROBABILITIES][1][1]
         if self.n_classes is not None and classes > 0 and classes != self.n_classes:
             raise UsageError(f"{self.path.name}: output {PROBABILITIES} has {classes} classes; the bundle has "
