@@ -498,7 +498,11 @@ def test_threads_and_batch_sizes_are_capped_with_what_is_allowed():
 
 def _child_rss(code: str, timeout=300):
     """Run ``code`` in a child; return (returncode, stdout, peak RSS in MB)."""
-    full = code + "\nimport resource, sys\nprint('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    # VmHWM: the high-water mark of this process's own memory since exec. (ru_maxrss also keeps
+    # the parent's high-water mark from before exec when the child was started by vfork, so a
+    # big test worker would be measured instead of the child.)
+    full = code + ("\nimport sys\nprint('RSS', next(int(l.split()[1]) for l in open('/proc/self/status') "
+                   "if l.startswith('VmHWM:')), file=sys.stderr)\n")
     p = subprocess.run([sys.executable, "-c", full], capture_output=True, text=True, timeout=timeout,
                        cwd=Path(__file__).parent)
     rss = [int(l.split()[1]) for l in p.stderr.splitlines() if l.startswith("RSS ")]
