@@ -138,10 +138,12 @@ class Predictor:
         ids = check_token_ids(token_ids, self.vocab_size)
         return self.runner.infer(ids, check_inputs=False)
 
-    def outputs(self, texts, batch_size: int = 64) -> dict:
-        """Every head's output ``[len(texts), units]`` in input order, batched by ``batch_plan``."""
+    def outputs(self, texts, batch_size: int = 64, heads=None) -> dict:
+        """Each head's output ``[len(texts), units]`` (``heads``: default every head) in input
+        order, batched by ``batch_plan`` (a batch's runtime calls hold at most
+        ``limits.MAX_TOKENS_PER_CALL`` ids)."""
         texts = check_texts(texts, batch_size)
-        out = {h["output"]: np.zeros((len(texts), h["units"]), np.float32) for h in self.heads}
+        out = {h["output"]: np.zeros((len(texts), h["units"]), np.float32) for h in (heads or self.heads)}
         for rows in batch_plan(texts, batch_size):
             ids = self.encode([texts[i] for i in rows])
             step = max(1, limits.MAX_TOKENS_PER_CALL // ids.shape[1])
@@ -161,16 +163,8 @@ class Predictor:
         return encode(self._hf, texts, self.max_length)
 
     def probabilities(self, texts, batch_size: int = 64) -> np.ndarray:
-        """float32 ``[len(texts), classes]`` in input order, batched by ``batch_plan`` (a
-        batch's runtime calls hold at most ``limits.MAX_TOKENS_PER_CALL`` ids)."""
-        texts = check_texts(texts, batch_size)
-        out = np.zeros((len(texts), self.heads[0]["units"]), np.float32)
-        for rows in batch_plan(texts, batch_size):
-            ids = self.encode([texts[i] for i in rows])
-            step = max(1, limits.MAX_TOKENS_PER_CALL // ids.shape[1])
-            for start in range(0, ids.shape[0], step):
-                out[rows[start:start + step]] = self.predict_ids(ids[start:start + step])
-        return out
+        """float32 ``[len(texts), units]`` of the first head (``probabilities``), in input order."""
+        return self.outputs(texts, batch_size, heads=self.heads[:1])[PROBABILITIES]
 
     def predict(self, texts, batch_size: int = 64) -> list:
         """One result per text: ``{"label", "probabilities"}``, or for a row whose output is

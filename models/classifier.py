@@ -5,6 +5,16 @@ from .keras_compat import get_keras
 from .layers import layer_classes
 
 
+def check_sizes(vocab_size, num_classes, embedding_dim, hidden_units, dropout) -> None:
+    """The sizes every classifier of the family takes, checked once (``ValueError``)."""
+    for arg, value, low in (("vocab_size", vocab_size, 3), ("num_classes", num_classes, 2),
+                            ("embedding_dim", embedding_dim, 1), ("hidden_units", hidden_units, 1)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{arg} must be an integer >= {low}; received {value!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1); received {dropout!r}")
+
+
 def build_classifier(vocab_size: int, num_classes: int, embedding_dim: int = 64,
                      hidden_units: int = 128, dropout: float = 0.0,
                      name: str = "probattn_classifier", attention_layer=None, flavour=None):
@@ -14,12 +24,7 @@ def build_classifier(vocab_size: int, num_classes: int, embedding_dim: int = 64,
     ``attention_layer`` swaps in another pooling layer instance (for comparisons).
     ``flavour``: ``"3"`` (Keras 3) or ``"2"`` (tf_keras); default: the seam's default.
     """
-    for arg, value, low in (("vocab_size", vocab_size, 3), ("num_classes", num_classes, 2),
-                            ("embedding_dim", embedding_dim, 1), ("hidden_units", hidden_units, 1)):
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{arg} must be an integer >= {low}; received {value!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1); received {dropout!r}")
+    check_sizes(vocab_size, num_classes, embedding_dim, hidden_units, dropout)
     keras = get_keras(flavour)
     inputs = keras.Input(shape=(None,), dtype="int32", name="token_ids")
     x = keras.layers.Embedding(vocab_size, embedding_dim, mask_zero=True, name="embedding")(inputs)

@@ -17,6 +17,7 @@ exporter rewrites what would need Select ops: see ``probattn.export.rewrites``).
 """
 from __future__ import annotations
 
+from .classifier import check_sizes
 from .keras_compat import check_flavour, get_keras
 from .layers import layer_classes
 
@@ -59,12 +60,7 @@ def build_model(architecture: str, vocab_size: int, num_classes: int, embedding_
                 hidden_units: int = 128, dropout: float = 0.0, flavour=None, name: str | None = None):
     """One architecture of the family (``ARCHITECTURES``) in Keras flavour ``flavour``."""
     architecture = check_architecture(architecture)
-    for arg, value, low in (("vocab_size", vocab_size, 3), ("num_classes", num_classes, 2),
-                            ("embedding_dim", embedding_dim, 1), ("hidden_units", hidden_units, 1)):
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{arg} must be an integer >= {low}; received {value!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1); received {dropout!r}")
+    check_sizes(vocab_size, num_classes, embedding_dim, hidden_units, dropout)
     flavour = check_flavour(flavour)
     if architecture == "probsparse":
         from .probsparse import build_probsparse_classifier

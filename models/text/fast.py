@@ -264,10 +264,16 @@ class FastTokenizer:
             else:
                 out.append(None)
                 later.append(i)
-        if later:
-            for i, row in zip(later, self.fallback([texts[i] for i in later])):
-                out[i] = row
-        return out
+        return _fill_from_fallback(out, later, texts, self.fallback)
+
+
+def _fill_from_fallback(out, later, texts, fallback) -> list:
+    """Put the ids of the texts at positions ``later`` (those the fast path handed over) into
+    ``out``, from one batch call of ``fallback`` (the ``tokenizers`` library)."""
+    if later:
+        for i, row in zip(later, fallback([texts[i] for i in later])):
+            out[i] = row
+    return out
 
 
 def _truncation(spec):
@@ -388,7 +394,4 @@ class WordLevelFastTokenizer:
             else:
                 out.append(None)
                 later.append(i)
-        if later:
-            for i, row in zip(later, self.fallback([texts[i] for i in later])):
-                out[i] = row
-        return out
+        return _fill_from_fallback(out, later, texts, self.fallback)

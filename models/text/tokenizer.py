@@ -275,6 +275,20 @@ def spec_of(tokenizer) -> dict:
     return tokenizer if isinstance(tokenizer, dict) else json.loads(tokenizer.to_str())
 
 
+def _post_problem(spec: dict) -> str | None:
+    """What every kind the fast path reproduces needs after the model: no post-processor,
+    no padding, right truncation without stride."""
+    if spec.get("post_processor") is not None:
+        return "it has a post-processor"
+    if spec.get("padding") is not None:
+        return "padding is enabled in the file"
+    trunc = spec.get("truncation")
+    if trunc is not None and (trunc.get("direction") != "Right" or trunc.get("stride", 0) != 0
+                              or not isinstance(trunc.get("max_length"), int)):
+        return "truncation is not right truncation without stride"
+    return None
+
+
 def portable_problem(spec: dict) -> str | None:
     """None when ``spec`` (a parsed ``tokenizer.json``) is exactly the portable recipe;
     otherwise what differs. Exactly: ``probattn.models.text.fast`` and the JavaScript
@@ -301,15 +315,7 @@ def portable_problem(spec: dict) -> str | None:
         return f"{PAD_TOKEN} and {UNK_TOKEN} are not ids {PAD_ID} and {UNK_ID}"
     if spec.get("added_tokens"):
         return "it has added tokens (matched in the raw text before normalising)"
-    if spec.get("post_processor") is not None:
-        return "it has a post-processor"
-    if spec.get("padding") is not None:
-        return "padding is enabled in the file"
-    trunc = spec.get("truncation")
-    if trunc is not None and (trunc.get("direction") != "Right" or trunc.get("stride", 0) != 0
-                              or not isinstance(trunc.get("max_length"), int)):
-        return "truncation is not right truncation without stride"
-    return None
+    return _post_problem(spec)
 
 
 def regex_spec(tokenizer) -> dict | None:
@@ -362,15 +368,7 @@ def wordlevel_problem(spec: dict) -> str | None:
         if a.get("content") not in (PAD_TOKEN, UNK_TOKEN) or vocab.get(a.get("content")) != a.get("id") \
                 or a.get("normalized") or a.get("lstrip") or a.get("rstrip") or a.get("single_word"):
             return "it has added tokens other than the plain [PAD] and [UNK]"
-    if spec.get("post_processor") is not None:
-        return "it has a post-processor"
-    if spec.get("padding") is not None:
-        return "padding is enabled in the file"
-    trunc = spec.get("truncation")
-    if trunc is not None and (trunc.get("direction") != "Right" or trunc.get("stride", 0) != 0
-                              or not isinstance(trunc.get("max_length"), int)):
-        return "truncation is not right truncation without stride"
-    return None
+    return _post_problem(spec)
 
 
 def kind_of(tokenizer) -> str:
