@@ -202,7 +202,7 @@ def parse_threads(threads) -> list:
 
 
 def run(bundle, out_dir=None, threads="1,all", quick=False, runtime_names=None, unsafe=False,
-        custom_objects=None) -> dict:
+        custom_objects=None, end_to_end=False, e2e_texts=None, texts_file=None) -> dict:
     from probattn.models.fsutil import check_output_dir_usable, open_output_dir, write_file_at
 
     bundle = Path(bundle)
@@ -225,6 +225,17 @@ def run(bundle, out_dir=None, threads="1,all", quick=False, runtime_names=None, 
             raise UsageError(str(e) if out_dir else f"{e}; pass --out DIR to write the results elsewhere") from None
         doc = {"bundle": str(bundle), "machine": machine(), "versions": versions(), "quick": quick,
                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": []}
+        if end_to_end:
+            from . import bench_e2e
+
+            doc["end_to_end"] = bench_e2e.run(bundle, runtime_names, quick, e2e_texts, texts_file)
+            out_fd = open_output_dir(**where)
+            try:
+                write_file_at(out_fd, "bench_e2e.json", json.dumps(doc, indent=1))
+                write_file_at(out_fd, "bench_e2e.md", bench_e2e.markdown(doc["end_to_end"]))
+            finally:
+                os.close(out_fd)
+            return doc
         for i, t in enumerate(settings):
             cmd = [sys.executable, "-m", "probattn.export.bench", "--worker", str(bundle), str(t),
                    "1" if quick else "0", ",".join(runtime_names), "1" if i == 0 else "0", "1" if i == 0 else "0",
@@ -401,8 +412,17 @@ def run_cli(args) -> int:
     if getattr(args, "lengths", None):
         raise UsageError(f"--lengths is for --attention-scaling; received --lengths {args.lengths} with a BUNDLE")
     names = tuple(x.strip() for x in args.runtimes.split(",")) if args.runtimes else None
+    if not args.end_to_end and (args.e2e_texts or args.texts):
+        raise UsageError("--e2e-texts and --texts are for --end-to-end")
     doc = run(args.bundle, args.out, args.threads, args.quick, names, unsafe=args.unsafe,
-              custom_objects=args.custom_objects)
+              custom_objects=args.custom_objects, end_to_end=args.end_to_end, e2e_texts=args.e2e_texts,
+              texts_file=args.texts)
+    if args.end_to_end:
+        from .bench_e2e import markdown as e2e_markdown
+
+        print(e2e_markdown(doc["end_to_end"]))
+        print(f"wrote {Path(args.out) if args.out else Path(args.bundle) / 'bench'}/bench_e2e.json, bench_e2e.md")
+        return 0
     print(markdown(doc))
     print(f"wrote {Path(args.out) if args.out else Path(args.bundle) / 'bench'}/bench.json, bench.md, "
           "bench_scaling.png, bench_size_accuracy.png")

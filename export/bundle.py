@@ -536,11 +536,17 @@ class Bundle:
     def tokenizer(self, notes: list | None = None):
         """The bundle's tokenizer, hash-checked, with padding off and truncation at the
         manifest's ``max_length`` (``tokenizer_guard``)."""
-        from probattn.models.text.tokenizer import load_tokenizer
+        from probattn.models.text.tokenizer import tokenizer_from_spec
+
+        return tokenizer_from_spec(self.tokenizer_spec(notes))
+
+    def tokenizer_spec(self, notes: list | None = None) -> dict:
+        """``tokenizer()`` as the sanitized spec dict (no ``tokenizers`` import)."""
+        from probattn.models.text.tokenizer import load_tokenizer_spec
 
         data = self.read(self.manifest["tokenizer"]["path"], MAX_TOKENIZER_BYTES, "tokenizer")
-        return load_tokenizer(data, max_length=self.manifest["max_length"],
-                              vocab_size=self.manifest["vocab_size"], notes=notes)
+        return load_tokenizer_spec(data, max_length=self.manifest["max_length"],
+                                   vocab_size=self.manifest["vocab_size"], notes=notes)
 
     def plain_lines(self, key: str) -> list | None:
         """The lines of ``labels.txt`` / ``vocab.txt`` (``files.labels`` / ``files.vocabulary``),
@@ -560,7 +566,8 @@ class Bundle:
     def check_plain_files(self, tokenizer) -> None:
         """``labels.txt`` must list the manifest's labels and ``vocab.txt`` the tokenizer's
         tokens, in order (raw clients read these, not the manifest); the C sources are
-        hash-checked (they are never run here)."""
+        hash-checked (they are never run here). ``tokenizer``: a ``tokenizers.Tokenizer`` or
+        its sanitized spec dict."""
         from probattn.models.text.tokenizer import vocabulary
 
         for key, want, what in (("labels", lambda: list(self.manifest["labels"]), "the manifest's labels"),

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from probattn.models.text.tokenizer import PAD_ID
-from probattn.models.train import CALIBRATION_MAX_TEXTS
+from probattn.models.bounds import CALIBRATION_MAX_TEXTS
 
 #: rows per calibration batch (each batch padded to its longest row)
 CALIBRATION_BATCH = 4

@@ -11,10 +11,10 @@ import json
 import os
 import sys
 
+from probattn.models.bounds import MAX_EMBEDDING_DIM, MAX_EPOCHS, MAX_TRAIN_BATCH
 from probattn.models.errors import ProbattnError, UsageError, one_line
 from probattn.models.text.tokenizer import DEFAULT_TOKENIZER_KIND, MAX_LENGTH_LIMIT
 from probattn.models.text.tokenizer_guard import MAX_VOCAB
-from probattn.models.train import MAX_EMBEDDING_DIM, MAX_EPOCHS, MAX_TRAIN_BATCH
 
 from . import contract as C
 from . import runtimes
@@ -59,142 +59,168 @@ def _add_data_file_args(parser):
     parser.add_argument("--encoding", default="utf-8", help="encoding of a CSV/JSONL file (default utf-8)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: the verbs of ``probattn``
+VERBS = ("train", "export", "verify", "doctor", "predict", "package", "bench")
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The command line; ``verb``: build only that verb's options (what ``main`` runs: the
+    other verbs' parsers cost start-up time), None for every verb (``--help``)."""
     p = _Parser(prog="probattn", description="Train, export, verify and run a ProbAttention text classifier "
                 "(or your own Keras text model).")
     sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
-    t = sub.add_parser("train", help="train the classifier on a dataset; writes RUN_DIR")
-    t.add_argument("--dataset", default="rotten_tomatoes",
-                   help="rotten_tomatoes (default), bbc_news, 20newsgroups, or a path to a .csv/.jsonl file")
-    t.add_argument("--out", required=True, help="run directory to write (atomically)")
-    _add_data_file_args(t)
-    t.add_argument("--seed", type=_int_range(0, 2**32 - 1), default=0)
-    t.add_argument("--epochs", type=_int_range(1, MAX_EPOCHS), default=4)
-    t.add_argument("--max-length", type=_int_range(1, MAX_LENGTH_LIMIT),
-                   help="tokens per text in training (default: 64 for rotten_tomatoes, 256 for bbc_news and "
-                        "20newsgroups; for your own file the 95th percentile of its lengths, 16 to 256)")
-    t.add_argument("--vocab-size", type=_int_range(3, MAX_VOCAB), default=20000)
-    t.add_argument("--embedding-dim", type=_int_range(1, MAX_EMBEDDING_DIM), default=64)
-    t.add_argument("--batch-size", type=_int_range(1, MAX_TRAIN_BATCH), default=32)
-    t.add_argument("--limit", type=_int_range(0, 2**31 - 1), default=0,
-                   help="use only N examples, drawn from every class in proportion (0 = all)")
-    t.add_argument("--model", default="probattn",
-                   help="architecture: probattn (default), dot, additive, mha, bilstm, probsparse (see README)")
-    t.add_argument("--keras", default=None,
-                   help="3 (Keras 3, what tf.keras is on TensorFlow 2.16+) or 2 (tf_keras); "
-                   "default: the one a TensorFlow 2.21 user gets")
-    t.add_argument("--tokenizer", default=DEFAULT_TOKENIZER_KIND,
-                   help="portable (default: the same ids in Python, tokenizers.js and transformers.js; "
-                   "tokenizer_config.json for JavaScript clients), wordlevel (the earlier default: NFKC, "
-                   "lowercase, Whitespace split), regex (exactly MediaPipe "
-                   "TextClassifier's regex tokenizer: case-sensitive split on [^0-9A-Za-z_']+, <PAD>=0, "
-                   "<UNKNOWN>=1; its bundles get the mediapipe format) or regex-start (the same with <START> "
-                   "first)")
-    t.add_argument("--overwrite", action="store_true", help="replace an existing RUN_DIR")
+    if verb in (None, "train"):
+        t = sub.add_parser("train", help="train the classifier on a dataset; writes RUN_DIR")
+        t.add_argument("--dataset", default="rotten_tomatoes",
+                       help="rotten_tomatoes (default), bbc_news, 20newsgroups, or a path to a .csv/.jsonl file")
+        t.add_argument("--out", required=True, help="run directory to write (atomically)")
+        _add_data_file_args(t)
+        t.add_argument("--seed", type=_int_range(0, 2**32 - 1), default=0)
+        t.add_argument("--epochs", type=_int_range(1, MAX_EPOCHS), default=4)
+        t.add_argument("--max-length", type=_int_range(1, MAX_LENGTH_LIMIT),
+                       help="tokens per text in training (default: 64 for rotten_tomatoes, 256 for bbc_news and "
+                            "20newsgroups; for your own file the 95th percentile of its lengths, 16 to 256)")
+        t.add_argument("--vocab-size", type=_int_range(3, MAX_VOCAB), default=20000)
+        t.add_argument("--embedding-dim", type=_int_range(1, MAX_EMBEDDING_DIM), default=64)
+        t.add_argument("--batch-size", type=_int_range(1, MAX_TRAIN_BATCH), default=32)
+        t.add_argument("--limit", type=_int_range(0, 2**31 - 1), default=0,
+                       help="use only N examples, drawn from every class in proportion (0 = all)")
+        t.add_argument("--model", default="probattn",
+                       help="architecture: probattn (default), dot, additive, mha, bilstm, probsparse (see README)")
+        t.add_argument("--keras", default=None,
+                       help="3 (Keras 3, what tf.keras is on TensorFlow 2.16+) or 2 (tf_keras); "
+                       "default: the one a TensorFlow 2.21 user gets")
+        t.add_argument("--tokenizer", default=DEFAULT_TOKENIZER_KIND,
+                       help="portable (default: the same ids in Python, tokenizers.js and transformers.js; "
+                       "tokenizer_config.json for JavaScript clients), wordlevel (the earlier default: NFKC, "
+                       "lowercase, Whitespace split), regex (exactly MediaPipe "
+                       "TextClassifier's regex tokenizer: case-sensitive split on [^0-9A-Za-z_']+, <PAD>=0, "
+                       "<UNKNOWN>=1; its bundles get the mediapipe format) or regex-start (the same with <START> "
+                       "first)")
+        t.add_argument("--overwrite", action="store_true", help="replace an existing RUN_DIR")
 
-    e = sub.add_parser("export", help="export SOURCE to SavedModel, TFLite and ONNX in a bundle")
-    e.add_argument("source", help="RUN_DIR from 'probattn train', a .keras/.h5 file or a SavedModel directory")
-    e.add_argument("--out", required=True, help="bundle directory to write (atomically)")
-    e.add_argument("--formats", default=None,
-                   help=f"comma list of {', '.join(C.EXPORT_FORMATS)} (default: {','.join(C.DEFAULT_EXPORT_FORMATS)}, "
-                   "plus mediapipe when the run was trained with --tokenizer regex; what cannot be built is left "
-                   "out and reported; named formats must all build)")
-    e.add_argument("--precisions", default=None,
-                   help="comma list of " + ", ".join(C.PRECISIONS) + " (default: all; "
-                   + "; ".join(f"{f} has {'/'.join(C.SUPPORTED[f])}" for f in C.EXPORT_FORMATS) + ")")
-    e.add_argument("--opset", default="17", help="ONNX opset, 13 to 18 (default 17)")
-    e.add_argument("--calibration-data", help="texts for full-int8 calibration (.csv/.jsonl/.txt or dataset name)")
-    e.add_argument("--tokenizer", help="tokenizer.json (required unless SOURCE is a run directory)")
-    e.add_argument("--labels", help="labels: JSON list or one per line")
-    e.add_argument("--max-length", type=_int_range(1, MAX_LENGTH_LIMIT),
-                   help="training max length (default: from the run or tokenizer)")
-    e.add_argument("--no-attention-weights", action="store_true", help=f"export only '{C.PROBABILITIES}'")
-    e.add_argument("--no-onnx-int64", action="store_true",
-                   help="skip the int64-input twin of each ONNX precision (model_<precision>_int64.onnx, for "
-                   "clients that send int64 ids, such as transformers.js)")
-    e.add_argument("--c-array", action="store_true",
-                   help=f"also write {C.C_ARRAY_DIR}/: the fixed-shape int8 model, vocabulary and labels as C99 "
-                   "const arrays (model 16-byte aligned) for a microcontroller build")
-    e.add_argument("--unsafe", action="store_true", help="allow Lambda layers (runs code from the model file)")
-    e.add_argument("--custom-objects", metavar="FILE.py",
-                   help="your classes and functions the model uses (runs that file; recorded in the manifest)")
-    e.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    if verb in (None, "export"):
+        e = sub.add_parser("export", help="export SOURCE to SavedModel, TFLite and ONNX in a bundle")
+        e.add_argument("source", help="RUN_DIR from 'probattn train', a .keras/.h5 file or a SavedModel directory")
+        e.add_argument("--out", required=True, help="bundle directory to write (atomically)")
+        e.add_argument("--formats", default=None,
+                       help=f"comma list of {', '.join(C.EXPORT_FORMATS)} (default: {','.join(C.DEFAULT_EXPORT_FORMATS)}, "
+                       "plus mediapipe when the run was trained with --tokenizer regex; what cannot be built is left "
+                       "out and reported; named formats must all build)")
+        e.add_argument("--precisions", default=None,
+                       help="comma list of " + ", ".join(C.PRECISIONS) + " (default: all; "
+                       + "; ".join(f"{f} has {'/'.join(C.SUPPORTED[f])}" for f in C.EXPORT_FORMATS) + ")")
+        e.add_argument("--opset", default="17", help="ONNX opset, 13 to 18 (default 17)")
+        e.add_argument("--calibration-data", help="texts for full-int8 calibration (.csv/.jsonl/.txt or dataset name)")
+        e.add_argument("--tokenizer", help="tokenizer.json (required unless SOURCE is a run directory)")
+        e.add_argument("--labels", help="labels: JSON list or one per line")
+        e.add_argument("--max-length", type=_int_range(1, MAX_LENGTH_LIMIT),
+                       help="training max length (default: from the run or tokenizer)")
+        e.add_argument("--no-attention-weights", action="store_true", help=f"export only '{C.PROBABILITIES}'")
+        e.add_argument("--no-onnx-int64", action="store_true",
+                       help="skip the int64-input twin of each ONNX precision (model_<precision>_int64.onnx, for "
+                       "clients that send int64 ids, such as transformers.js)")
+        e.add_argument("--c-array", action="store_true",
+                       help=f"also write {C.C_ARRAY_DIR}/: the fixed-shape int8 model, vocabulary and labels as C99 "
+                       "const arrays (model 16-byte aligned) for a microcontroller build")
+        e.add_argument("--unsafe", action="store_true", help="allow Lambda layers (runs code from the model file)")
+        e.add_argument("--custom-objects", metavar="FILE.py",
+                       help="your classes and functions the model uses (runs that file; recorded in the manifest)")
+        e.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
 
-    v = sub.add_parser("verify", help="check every artifact of a bundle against Keras")
-    v.add_argument("bundle")
-    v.add_argument("--data", help="held-out texts: a .csv/.jsonl file or a dataset name (default: the bundle's test split)")
-    _add_data_file_args(v)
-    v.add_argument("--report-dir", help="where to write parity.json/.md/.png (default BUNDLE/report)")
-    v.add_argument("--formats", help=f"only these formats (comma list of {', '.join(C.EXPORT_FORMATS)})")
-    v.add_argument("--strict", action="store_true",
-                   help="fail when a runtime is not installed or an artifact could not be run (for CI)")
-    v.add_argument("--unsafe", action="store_true",
-                   help="run what the safety checks refuse (Lambda layers, SavedModel ops outside the allow-list)")
-    v.add_argument("--custom-objects", metavar="FILE.py",
-                   help="the file the bundle was exported with, when it was (its SHA-256 is checked)")
+    if verb in (None, "verify"):
+        v = sub.add_parser("verify", help="check every artifact of a bundle against Keras")
+        v.add_argument("bundle")
+        v.add_argument("--data", help="held-out texts: a .csv/.jsonl file or a dataset name (default: the bundle's test split)")
+        _add_data_file_args(v)
+        v.add_argument("--report-dir", help="where to write parity.json/.md/.png (default BUNDLE/report)")
+        v.add_argument("--formats", help=f"only these formats (comma list of {', '.join(C.EXPORT_FORMATS)})")
+        v.add_argument("--strict", action="store_true",
+                       help="fail when a runtime is not installed or an artifact could not be run (for CI)")
+        v.add_argument("--unsafe", action="store_true",
+                       help="run what the safety checks refuse (Lambda layers, SavedModel ops outside the allow-list)")
+        v.add_argument("--custom-objects", metavar="FILE.py",
+                       help="the file the bundle was exported with, when it was (its SHA-256 is checked)")
 
-    d = sub.add_parser("doctor", help="what a Keras model does with padding, layer by layer (no export)")
-    d.add_argument("model", help="a .keras/.h5 file, a SavedModel directory or a RUN_DIR")
-    d.add_argument("--custom-objects", metavar="FILE.py", help="your classes and functions the model uses")
-    d.add_argument("--tokenizer", help="tokenizer.json: probe with real texts from --data instead of random ids")
-    d.add_argument("--data", help="texts to probe with (.csv/.jsonl/.txt or a dataset name; needs --tokenizer)")
-    d.add_argument("--unsafe", action="store_true", help="allow Lambda layers (runs code from the model file)")
-    d.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
+    if verb in (None, "doctor"):
+        d = sub.add_parser("doctor", help="what a Keras model does with padding, layer by layer (no export)")
+        d.add_argument("model", help="a .keras/.h5 file, a SavedModel directory or a RUN_DIR")
+        d.add_argument("--custom-objects", metavar="FILE.py", help="your classes and functions the model uses")
+        d.add_argument("--tokenizer", help="tokenizer.json: probe with real texts from --data instead of random ids")
+        d.add_argument("--data", help="texts to probe with (.csv/.jsonl/.txt or a dataset name; needs --tokenizer)")
+        d.add_argument("--unsafe", action="store_true", help="allow Lambda layers (runs code from the model file)")
+        d.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
 
-    free = runtimes.names(tensorflow_free=True)
-    pr = sub.add_parser("predict", help=f"label texts with {', '.join(free)} (no TensorFlow)")
-    pr.add_argument("bundle")
-    pr.add_argument("texts", nargs="*")
-    pr.add_argument("--runtime", default="onnxruntime",
-                    help=f"one of {', '.join(free)} (default onnxruntime); each runs its first format: "
-                    + ", ".join(f"{r} -> {runtimes.default_format(r)}" for r in free))
-    pr.add_argument("--precision", default="fp32", help=f"one of {', '.join(C.PRECISIONS)} (default fp32)")
-    pr.add_argument("--input-file", help="one text per line; '-' for stdin")
-    pr.add_argument("--batch-size", type=_int_range(1, MAX_BATCH), default=64,
-                    help=f"texts per runtime call, 1 to {MAX_BATCH:,} (default 64)")
-    pr.add_argument("--json", action="store_true", help="one JSON object per line")
-    pr.add_argument("--engine", default="local",
-                    help="local (default: this process) or ray (Ray Data over an actor pool; a local cluster of "
-                    "this machine's cores, or the cluster RAY_ADDRESS names; pip install 'probattn[ray]'). "
-                    "Both give identical results")
-    pr.add_argument("--workers", type=_positive_int,
-                    help="--engine ray: actors in the pool (default: one per CPU of the cluster)")
+    if verb in (None, "predict"):
+        free = runtimes.names(tensorflow_free=True)
+        pr = sub.add_parser("predict", help=f"label texts with {', '.join(free)} (no TensorFlow)")
+        pr.add_argument("bundle")
+        pr.add_argument("texts", nargs="*")
+        pr.add_argument("--runtime", default="onnxruntime",
+                        help=f"one of {', '.join(free)} (default onnxruntime); each runs its first format: "
+                        + ", ".join(f"{r} -> {runtimes.default_format(r)}" for r in free))
+        pr.add_argument("--precision", default="fp32", help=f"one of {', '.join(C.PRECISIONS)} (default fp32)")
+        pr.add_argument("--input-file", help="one text per line; '-' for stdin")
+        pr.add_argument("--batch-size", type=_int_range(1, MAX_BATCH), default=64,
+                        help=f"texts per runtime call, 1 to {MAX_BATCH:,} (default 64)")
+        pr.add_argument("--json", action="store_true", help="one JSON object per line")
+        pr.add_argument("--engine", default="local",
+                        help="local (default: this process) or ray (Ray Data over an actor pool; a local cluster of "
+                        "this machine's cores, or the cluster RAY_ADDRESS names; pip install 'probattn[ray]'). "
+                        "Both give identical results")
+        pr.add_argument("--threads", type=_positive_int,
+                        help="the runtime's intra-op threads (default 1: one text gains nothing from more, and in "
+                        "bulk the tokenizer runs on this thread while the runtime runs the previous window on its "
+                        "own, so two cores are busy); at most the CPUs this process may use")
+        pr.add_argument("--workers", type=_positive_int,
+                        help="--engine ray: actors in the pool (default: one per CPU of the cluster)")
 
-    k = sub.add_parser("package", help="write serving layouts of a bundle: a Triton model repository, "
-                       "a TF Serving versioned SavedModel")
-    k.add_argument("bundle")
-    k.add_argument("--serving", default="triton,tfserving",
-                   help="comma list of triton, tfserving (default: both)")
-    k.add_argument("--out", required=True, help="directory to write (atomically): OUT/triton/NAME, OUT/tfserving/NAME")
-    k.add_argument("--name", default="probattn", help="model name in both layouts (default probattn)")
-    k.add_argument("--precision", default="fp32", help="ONNX precision for Triton: fp32 (default), fp16 or int8")
-    k.add_argument("--input-dtype", default="int32",
-                   help="Triton's token_ids dtype: int32 (default) or int64 (the bundle's int64 ONNX twin)")
-    k.add_argument("--version", type=_positive_int, default=1, help="model version folder (default 1)")
-    k.add_argument("--max-batch-size", type=_positive_int, default=64, help="Triton max_batch_size (default 64)")
-    k.add_argument("--overwrite", action="store_true", help="replace an earlier 'probattn package' output")
+    if verb in (None, "package"):
+        k = sub.add_parser("package", help="write serving layouts of a bundle: a Triton model repository, "
+                           "a TF Serving versioned SavedModel")
+        k.add_argument("bundle")
+        k.add_argument("--serving", default="triton,tfserving",
+                       help="comma list of triton, tfserving (default: both)")
+        k.add_argument("--out", required=True, help="directory to write (atomically): OUT/triton/NAME, OUT/tfserving/NAME")
+        k.add_argument("--name", default="probattn", help="model name in both layouts (default probattn)")
+        k.add_argument("--precision", default="fp32", help="ONNX precision for Triton: fp32 (default), fp16 or int8")
+        k.add_argument("--input-dtype", default="int32",
+                       help="Triton's token_ids dtype: int32 (default) or int64 (the bundle's int64 ONNX twin)")
+        k.add_argument("--version", type=_positive_int, default=1, help="model version folder (default 1)")
+        k.add_argument("--max-batch-size", type=_positive_int, default=64, help="Triton max_batch_size (default 64)")
+        k.add_argument("--overwrite", action="store_true", help="replace an earlier 'probattn package' output")
 
-    b = sub.add_parser("bench", help="latency, throughput, size and accuracy per artifact and runtime")
-    b.add_argument("bundle", nargs="?", help="the bundle to measure (not with --attention-scaling)")
-    b.add_argument("--out", help="directory for bench.json/.md/.png (default BUNDLE/bench)")
-    b.add_argument("--attention-scaling", action="store_true",
-                   help="instead of a bundle: latency against sequence length of ProbSparse self-attention and "
-                        "of dense attention of the same size, in LiteRT and onnxruntime (needs --out)")
-    b.add_argument("--lengths", help="with --attention-scaling: comma list of lengths (default 64 to 4096, "
-                                     "doubling)")
-    b.add_argument("--threads", default="1,all", help="comma list of thread counts and/or 'all' (default 1,all)")
-    b.add_argument("--quick", action="store_true", help="fewer repetitions and shapes")
-    b.add_argument("--runtimes", help=f"only these runtimes (comma list of {', '.join(runtimes.names())})")
-    b.add_argument("--unsafe", action="store_true",
-                   help="run what the safety checks refuse (Lambda layers, SavedModel ops outside the allow-list)")
-    b.add_argument("--custom-objects", metavar="FILE.py",
-                   help="the file the bundle was exported with, when it was (its SHA-256 is checked)")
+    if verb in (None, "bench"):
+        b = sub.add_parser("bench", help="latency, throughput, size and accuracy per artifact and runtime")
+        b.add_argument("bundle", nargs="?", help="the bundle to measure (not with --attention-scaling)")
+        b.add_argument("--out", help="directory for bench.json/.md/.png (default BUNDLE/bench)")
+        b.add_argument("--attention-scaling", action="store_true",
+                       help="instead of a bundle: latency against sequence length of ProbSparse self-attention and "
+                            "of dense attention of the same size, in LiteRT and onnxruntime (needs --out)")
+        b.add_argument("--lengths", help="with --attention-scaling: comma list of lengths (default 64 to 4096, "
+                                         "doubling)")
+        b.add_argument("--end-to-end", action="store_true",
+                       help="instead of the per-artifact table: `predict` against its floor on onnxruntime and LiteRT "
+                       "(bulk texts/s vs the bare runtime, one text vs a bare call, cold start vs bare imports)")
+        b.add_argument("--e2e-texts", type=_int_range(1, 10_000_000),
+                       help="--end-to-end: texts for the bulk figure (default 100,000; 10,000 with --quick)")
+        b.add_argument("--texts", metavar="FILE", help="--end-to-end: real texts, one per line (default: the bundle's "
+                       "test split)")
+        b.add_argument("--threads", default="1,all", help="comma list of thread counts and/or 'all' (default 1,all)")
+        b.add_argument("--quick", action="store_true", help="fewer repetitions and shapes")
+        b.add_argument("--runtimes", help=f"only these runtimes (comma list of {', '.join(runtimes.names())})")
+        b.add_argument("--unsafe", action="store_true",
+                       help="run what the safety checks refuse (Lambda layers, SavedModel ops outside the allow-list)")
+        b.add_argument("--custom-objects", metavar="FILE.py",
+                       help="the file the bundle was exported with, when it was (its SHA-256 is checked)")
     return p
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    first = argv[0] if argv else None
+    parser = build_parser(first if first in VERBS else None)
     args, extra = parser.parse_known_args(argv)
     if extra:  # texts given after options: `probattn predict BUNDLE --runtime litert "text"`
         if args.verb == "predict" and not any(x.startswith("-") for x in extra):
@@ -377,18 +403,20 @@ def _predict(args) -> int:
         raise UsageError("no texts given: pass TEXT arguments or --input-file FILE|-")
     if args.engine not in ENGINES:
         raise UsageError(f"unknown engine '{args.engine}'; allowed: {', '.join(ENGINES)}")
+    if args.threads and args.engine == "ray":
+        raise UsageError(f"--threads {args.threads} is for --engine local (each Ray actor runs one runtime thread)")
     if args.workers and args.engine != "ray":
         raise UsageError(f"--workers {args.workers} is for --engine ray; received --engine {args.engine}")
     out = _Output(args.json)
     try:
         if args.engine == "ray":  # bulk: every text, then one pass over the pool
             if stream is not None:
-                texts += [t for batch in _stream_batches(stream, args.batch_size) for t in batch]
+                texts += [t for batch, _ in _stream_batches(stream, args.batch_size) for t in batch]
             predictor, probs = predict_texts(args.bundle, texts, runtime=args.runtime, precision=args.precision,
                                              batch_size=args.batch_size, engine=args.engine, workers=args.workers)
             out.write(texts, map(predictor.result, probs))
         else:
-            predictor = Predictor(args.bundle, runtime=args.runtime, precision=args.precision)
+            predictor = Predictor(args.bundle, runtime=args.runtime, precision=args.precision, threads=args.threads)
             if texts:
                 out.write(texts, predictor.predict(texts, batch_size=args.batch_size))
             if stream is not None:
@@ -423,7 +451,7 @@ def _open_input(name):
 
 #: a line is refused past this many bytes (UTF-8 takes up to 4 bytes a character, plus \r\n)
 def _max_line_bytes():
-    from probattn.models.text.data import MAX_TEXT_CHARS
+    from probattn.models.bounds import MAX_TEXT_CHARS
 
     return 4 * MAX_TEXT_CHARS + 2
 
@@ -435,7 +463,7 @@ def read_lines(fd: int, shown: str):
     ``MAX_TEXT_CHARS`` characters or not UTF-8 is refused with its number."""
     import select
 
-    from probattn.models.text.data import MAX_TEXT_CHARS
+    from probattn.models.bounds import MAX_TEXT_CHARS
 
     cap = _max_line_bytes()
     buf, lineno, eof, scanned = bytearray(), 0, False, 0
@@ -462,13 +490,27 @@ def read_lines(fd: int, shown: str):
         return text
 
     while True:
-        nl = buf.find(b"\n", scanned)
-        if nl >= 0:
-            raw = bytes(buf[:nl])
+        nl = buf.rfind(b"\n", scanned)
+        if nl >= 0:  # every complete line in the buffer, decoded at once (a \n byte is never inside a UTF-8 character)
+            block = bytes(buf[:nl])
             del buf[:nl + 1]
             scanned = 0
-            text = decode(raw)
-            yield text, b"\n" in buf or waiting()
+            try:
+                texts = block.decode("utf-8").split("\n")
+            except UnicodeDecodeError:
+                texts = None
+            if texts is None or max(map(len, texts)) > MAX_TEXT_CHARS:
+                raws = block.split(b"\n")  # line by line: the error names its line, after the lines before it
+                for i, raw in enumerate(raws):
+                    text = decode(raw)
+                    yield text, i < len(raws) - 1 or b"\n" in buf or waiting()
+                continue
+            last = len(texts) - 1
+            for i, text in enumerate(texts):
+                lineno += 1
+                if text.endswith("\r"):
+                    text = text[:-1]
+                yield text, i < last or waiting()
             continue
         scanned = len(buf)
         if eof:
@@ -488,8 +530,9 @@ def read_lines(fd: int, shown: str):
 
 
 def _stream_batches(stream, batch_size):
-    """Windows of texts from the input as it arrives: up to ``SORT_WINDOW_BATCHES`` batches
-    (and their character budget), or fewer as soon as no more input is waiting."""
+    """``(window, flush)``: windows of texts from the input as it arrives, up to
+    ``SORT_WINDOW_BATCHES`` batches (and their character budget), or fewer as soon as no
+    more input is waiting (then ``flush``: answer it before waiting for more)."""
     from .limits import BATCH_CHAR_BUDGET
     from .predict import SORT_WINDOW_BATCHES
 
@@ -500,15 +543,16 @@ def _stream_batches(stream, batch_size):
         chars += len(text)
         if len(window) >= batch_size * SORT_WINDOW_BATCHES or chars >= BATCH_CHAR_BUDGET * SORT_WINDOW_BATCHES \
                 or not more:
-            yield window
+            yield window, not more
             window, chars = [], 0
     if window:
-        yield window
+        yield window, True
 
 
 def _predict_stream(predictor, stream, batch_size, out):
-    for window in _stream_batches(stream, batch_size):
-        out.write(window, predictor.predict_batch(window, batch_size))
+    heads = predictor.heads[:1] if predictor._single else None
+    for window, outs in predictor.iter_outputs(_stream_batches(stream, batch_size), batch_size, heads):
+        out.write_outputs(window, outs, predictor)
 
 
 #: characters that some line readers (``str.splitlines``, editors) take as line breaks
@@ -524,9 +568,13 @@ def _one_json_line(row) -> str:
     return text
 
 
+_AS_SPACES = str.maketrans({c: " " for c in _LINE_BREAKS})
+
+
 def _shown(text: str) -> str:
     """The start of a text as echoed in plain output: line breaks shown as spaces."""
-    return text[:80].translate({ord(c): " " for c in _LINE_BREAKS})
+    text = text[:80]
+    return text if text.isprintable() else text.translate(_AS_SPACES)  # every line break is unprintable
 
 
 class _Output:
@@ -538,6 +586,34 @@ class _Output:
         self.as_json = as_json
         self.count = self.failed = 0
         self.first_error = None
+
+    def write_outputs(self, texts, outs, predictor):
+        """``write`` from ``Predictor.outputs`` arrays: plain lines of a single softmax head
+        are formatted straight from the array (the same text ``write`` prints)."""
+        import numpy as np
+
+        if self.as_json or not predictor._single:
+            return self.write(texts, predictor.results(texts, outs))
+        probs = outs[predictor.heads[0]["output"]]
+        finite = np.isfinite(probs).all(axis=1)
+        if not finite.all():
+            return self.write(texts, predictor.results(texts, outs))
+        labels = predictor.labels
+        line = "%s\t" + ", ".join(l.replace("%", "%%") + "=%.3f" for l in labels) + "\t%s"
+        best = probs.argmax(axis=1).tolist()
+        # the result dicts round to 6 places before printing 3: that differs from printing 3
+        # places directly only within 1e-6 of a rounding edge (k + 0.5) / 1000; rows with such
+        # a value are rounded first
+        edge = np.abs(np.mod(probs.astype(np.float64) * 1000.0, 1.0) - 0.5) < 2e-3
+        twice = set(np.flatnonzero(edge.any(axis=1)).tolist())
+        rows = probs.tolist()
+        for i in twice:
+            rows[i] = [round(p, 6) for p in rows[i]]
+        lines = [line % (labels[k], *row, _shown(text)) for k, row, text in zip(best, rows, texts)]
+        self.count += len(lines)
+        if lines:
+            sys.stdout.write("\n".join(lines) + "\n")
+            sys.stdout.flush()
 
     def write(self, texts, results):
         lines = []

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 
 from probattn.models.errors import UsageError
-from probattn.models.text.data import MAX_TEXT_CHARS  # noqa: F401  (one text, in characters: re-exported)
+from probattn.models.bounds import MAX_TEXT_CHARS  # noqa: F401  (one text, in characters: re-exported)
 from probattn.models.text.tokenizer import MAX_LENGTH_LIMIT  # noqa: F401  (re-exported)
 
 #: texts per predict batch at most (``--batch-size``, ``Predictor.predict``): 1,024 texts of
@@ -97,9 +97,11 @@ def check_call_size(shape) -> None:
 _ORT_ARENA = {}
 
 
-def ort_session_options(threads: int | None = None, optimize: bool = True):
+def ort_session_options(threads: int | None = None, optimize: bool = True, spin: bool = True):
     """``onnxruntime.SessionOptions`` with the process-wide capped arena, the folding limit
-    and, when ``threads`` is given, that many intra-op threads (capped) and one inter-op."""
+    and, when ``threads`` is given, that many intra-op threads (capped) and one inter-op.
+    ``spin=False``: idle pool threads sleep instead of spinning (``predict``, where the
+    tokenizer needs the cores between runtime calls)."""
     import onnxruntime as ort
 
     if "bytes" not in _ORT_ARENA:  # once per process: every session shares it
@@ -113,6 +115,8 @@ def ort_session_options(threads: int | None = None, optimize: bool = True):
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     so.log_severity_level = 3
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         so.intra_op_num_threads = cap_threads(threads, "threads")
         so.inter_op_num_threads = 1

@@ -20,12 +20,13 @@ results are identical, not merely close.
 """
 from __future__ import annotations
 
-import json
+import math
+from itertools import repeat
 
 import numpy as np
 
 from probattn.models.errors import UsageError
-from probattn.models.text.tokenizer import encode, pad_rows
+from probattn.models.text.tokenizer import PAD_ID, encode
 
 from . import bundle as B
 from . import limits, runtimes
@@ -62,8 +63,9 @@ def check_texts(texts, batch_size) -> list:
         raise UsageError("predict() takes a list of texts, received a single str")
     limits.check_batch_size(batch_size, "batch size")
     texts = list(texts)
-    for i, t in enumerate(texts):
-        _check_text(i, t)
+    if texts and (set(map(type, texts)) != {str} or max(map(len, texts)) > limits.MAX_TEXT_CHARS):
+        for i, t in enumerate(texts):  # find the first bad one
+            _check_text(i, t)
     return texts
 
 
@@ -74,17 +76,24 @@ def _check_text(i, t):
         raise UsageError(f"text {i} has {len(t):,} characters; at most {limits.MAX_TEXT_CHARS:,} allowed")
 
 
+#: runtime threads of a Predictor unless told: one. A single text gains nothing from more
+#: (measured: a thread pool's wake-up costs more than a 1 x 64 call), and in bulk the
+#: tokenizer runs on the caller's thread while the runtime runs the previous window on its
+#: own (``iter_outputs``), which is the machine's other core on two.
+DEFAULT_THREADS = 1
+
+
 class Predictor:
     """Label texts with one artifact of a bundle. ``runtime``: any TensorFlow-free runtime of
-    the registry; it runs the first format it supports (``runtimes.default_format``)."""
+    the registry; it runs the first format it supports (``runtimes.default_format``).
+    ``threads``: the runtime's intra-op threads (default ``DEFAULT_THREADS``)."""
 
     def __init__(self, bundle, runtime: str = "onnxruntime", precision: str = "fp32",
                  threads: int | None = None, variant: str | None = None, max_length: int | None = None):
         cls = runtimes.get(runtime, tensorflow_free=True)
         if precision not in PRECISIONS:
             raise UsageError(f"unknown precision '{precision}'; allowed: {', '.join(PRECISIONS)}")
-        if threads is not None:
-            limits.cap_threads(threads, "threads")
+        threads = DEFAULT_THREADS if threads is None else limits.cap_threads(threads, "threads")
         with B.Bundle(bundle) as b:
             self.bundle = b.path
             self.manifest = m = b.manifest
@@ -97,9 +106,10 @@ class Predictor:
             if reason:
                 raise UsageError(f"runtime {runtime} cannot run here: {reason}")
             content = b.artifact_bytes(entry)
-            self._hf = b.tokenizer()  # the guarded tokenizers.Tokenizer
-            b.check_plain_files(self._hf)
-            b.audit_artifact(entry, content, self._hf)
+            #: the guarded tokenizer as a dict; ``tokenizers`` loads it only when needed
+            self._spec = b.tokenizer_spec()
+            b.check_plain_files(self._spec)
+            b.audit_artifact(entry, content, self._spec)
             self.labels = list(m["labels"])
             self.vocab_size = int(m["vocab_size"])
             self.max_length = min(max_length or m["max_length"], m["max_length"])
@@ -112,22 +122,33 @@ class Predictor:
             self.runtime, self.precision, self.entry = runtime, precision, entry
             self.runner = cls(self.bundle / entry["path"], self.vocab_size, threads, variant=variant,
                               input_shape=entry.get("input_shape"), content=content,
-                              n_classes=B.output_units(m)).activate()
+                              n_classes=B.output_units(m))
+            self.runner.spin = False
+            self.runner.activate()
         problem = self.runner.precision_problem(precision)
         if problem:
             raise UsageError(f"{entry['path']} is listed as {precision} but {problem}; refusing it")
-        self.fast = _fast_tokenizer(self._hf, self._hf_encode)
+        self._hf = None
+        self.fast = _fast_tokenizer(self._spec, self._hf_encode)
+        if self.fast is None:
+            self._hf = self.tokenizer
         #: which tokenizer runs: "fast" (the pure-Python twin, which hands the texts it cannot
         #: reproduce to ``tokenizers``: ``self.fast.needs_fallback()``) or "tokenizers"
         self.text_path = "fast" if self.fast is not None else "tokenizers"
+        self._single = len(self.heads) == 1 and self.heads[0]["kind"] == "softmax"
+        self._first = (self.heads[0]["output"],)
 
     @property
     def tokenizer(self):
-        """The bundle's guarded ``tokenizers.Tokenizer``."""
+        """The bundle's guarded ``tokenizers.Tokenizer`` (loaded on first use)."""
+        if self._hf is None:
+            from probattn.models.text.tokenizer import tokenizer_from_spec
+
+            self._hf = tokenizer_from_spec(self._spec)
         return self._hf
 
     def _hf_encode(self, texts) -> list:
-        return [e.ids for e in self._hf.encode_batch(list(texts))]
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts))]
 
     def predict_ids(self, token_ids) -> np.ndarray:
         """Probabilities ``[batch, classes]`` (the first head) for int token ids ``[batch, sequence]``."""
@@ -138,29 +159,80 @@ class Predictor:
         ids = check_token_ids(token_ids, self.vocab_size)
         return self.runner.infer(ids, check_inputs=False)
 
+    def _names(self, heads) -> tuple:
+        return tuple(h["output"] for h in (heads or self.heads))
+
+    def _run(self, ids, names) -> dict:
+        """``names`` for ids of our own tokenizer (in range by construction: the guard allows
+        no vocabulary larger than the model's), in calls of at most
+        ``limits.MAX_TOKENS_PER_CALL`` ids."""
+        step = max(1, limits.MAX_TOKENS_PER_CALL // ids.shape[1])
+        if ids.shape[0] <= step:
+            return self.runner.infer(ids, check_inputs=False, outputs=names)
+        parts = [self.runner.infer(ids[i:i + step], check_inputs=False, outputs=names)
+                 for i in range(0, ids.shape[0], step)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in names}
+
+    def _run_plan(self, n, batches, names) -> dict:
+        """Outputs ``[n, units]`` in input order from ``(rows, ids)`` batches."""
+        out = {}
+        for rows, ids in batches:
+            got = self._run(ids, names)
+            for k in names:
+                if k not in out:
+                    out[k] = np.zeros((n, got[k].shape[1]), np.float32)
+                out[k][rows] = got[k]
+        return out
+
     def outputs(self, texts, batch_size: int = 64, heads=None) -> dict:
         """Each head's output ``[len(texts), units]`` (``heads``: default every head) in input
         order, batched by ``batch_plan`` (a batch's runtime calls hold at most
         ``limits.MAX_TOKENS_PER_CALL`` ids)."""
         texts = check_texts(texts, batch_size)
-        out = {h["output"]: np.zeros((len(texts), h["units"]), np.float32) for h in (heads or self.heads)}
-        for rows in batch_plan(texts, batch_size):
-            ids = self.encode([texts[i] for i in rows])
-            step = max(1, limits.MAX_TOKENS_PER_CALL // ids.shape[1])
-            for start in range(0, ids.shape[0], step):
-                got = self.predict_outputs(ids[start:start + step])
-                for name, arr in out.items():
-                    arr[rows[start:start + step]] = got[name]
-        return out
+        names = self._names(heads)
+        if not texts:
+            return {h["output"]: np.zeros((0, h["units"]), np.float32) for h in (heads or self.heads)}
+        if len(texts) <= batch_size:  # one batch: no plan needed
+            return self._run(self._encode(texts), names)
+        return self._run_plan(len(texts), [(rows, self._encode([texts[i] for i in rows]))
+                                           for rows in batch_plan(texts, batch_size)], names)
+
+    def iter_outputs(self, windows, batch_size: int = 64, heads=None):
+        """``(window, outputs)`` for each window (a list of texts, or ``(texts, flush)``) in
+        order. The runtime runs a window on its own thread while this one tokenizes the next
+        and the caller formats the previous one; ``flush`` (input that stopped arriving)
+        waits for that window's outputs before reading the next."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        limits.check_batch_size(batch_size, "batch size")
+        names = self._names(heads)
+        with ThreadPoolExecutor(1, thread_name_prefix="probattn-runtime") as pool:
+            pending = None
+            for item in windows:
+                window, flush = item if isinstance(item, tuple) else (item, False)
+                window = check_texts(window, batch_size)
+                batches = [(rows, self._encode([window[i] for i in rows])) for rows in batch_plan(window, batch_size)]
+                job = (window, pool.submit(self._run_plan, len(window), batches, names))
+                if pending is not None:
+                    yield pending[0], pending[1].result()
+                pending = job
+                if flush:
+                    yield pending[0], pending[1].result()
+                    pending = None
+            if pending is not None:
+                yield pending[0], pending[1].result()
 
     def encode(self, texts) -> np.ndarray:
         """Token ids ``int32 [batch, longest]``, cut at the bundle's max length, right-padded."""
+        texts = list(texts)
+        for i, t in enumerate(texts):
+            _check_text(i, t)
+        return self._encode(texts)
+
+    def _encode(self, texts) -> np.ndarray:
         if self.fast is not None:
-            texts = list(texts)
-            for i, t in enumerate(texts):
-                _check_text(i, t)
-            return pad_rows(self.fast.encode_batch(texts), self.max_length)
-        return encode(self._hf, texts, self.max_length)
+            return self.fast.encode_padded(texts, self.max_length)
+        return encode(self.tokenizer, texts, self.max_length)
 
     def probabilities(self, texts, batch_size: int = 64) -> np.ndarray:
         """float32 ``[len(texts), units]`` of the first head (``probabilities``), in input order."""
@@ -171,38 +243,39 @@ class Predictor:
         not finite ``{"label": None, "probabilities": {...None...}, "error": ...}``."""
         if isinstance(texts, str):
             raise UsageError("predict() takes a list of texts, received a single str")
+        texts = check_texts(texts, batch_size)
+        if len(texts) == 1 and self._single and self.fast is not None:  # one text: the leanest path
+            row = self.fast.encode(texts[0])[:self.max_length] or [PAD_ID]
+            out = self.runner.infer(np.array([row], np.int32), check_inputs=False, outputs=self._first)
+            return [self.result(out[self._first[0]][0])]
+        if len(texts) <= batch_size:  # the lean path: one call, only the first head's output when that is all
+            return self.results(texts, self.outputs(texts, batch_size, heads=self.heads[:1] if self._single else None))
         return list(self.predict_stream(texts, batch_size))
 
     def predict_stream(self, texts, batch_size: int = 64):
         """Results in input order as windows complete, for any iterable of texts: memory
-        holds one window (``SORT_WINDOW_BATCHES`` batches, at most ``limits.BATCH_CHAR_BUDGET``
+        holds two windows (``SORT_WINDOW_BATCHES`` batches, at most ``limits.BATCH_CHAR_BUDGET``
         characters a batch), not the input."""
-        limits.check_batch_size(batch_size, "batch size")
-        window, chars = [], 0
-        limit_texts, limit_chars = batch_size * SORT_WINDOW_BATCHES, limits.BATCH_CHAR_BUDGET * SORT_WINDOW_BATCHES
-        for i, t in enumerate(texts):
-            _check_text(i, t)
-            window.append(t)
-            chars += len(t)
-            if len(window) >= limit_texts or chars >= limit_chars:
-                yield from self.predict_batch(window, batch_size)
-                window, chars = [], 0
-        if window:
-            yield from self.predict_batch(window, batch_size)
+        heads = self.heads[:1] if self._single else None
+        for window, outs in self.iter_outputs(windows(texts, batch_size), batch_size, heads):
+            yield from self.results(window, outs)
 
     def predict_batch(self, texts, batch_size: int | None = None) -> list:
         """Results of ``texts`` (already in memory), batched by ``batch_plan``."""
         batch_size = batch_size or max(1, len(texts))
-        if len(self.heads) == 1 and self.heads[0]["kind"] == "softmax":
-            return [self.result(row) for row in self.probabilities(texts, batch_size)]
-        outs = self.outputs(texts, batch_size)
+        return self.results(texts, self.outputs(texts, batch_size, heads=self.heads[:1] if self._single else None))
+
+    def results(self, texts, outs) -> list:
+        """One result dict per text from ``outputs()``'s arrays (formatted here, at the edge)."""
+        first = outs[self.heads[0]["output"]]
+        if self._single:
+            return [self.result(row) for row in first]
         results = []
         for j in range(len(texts)):
-            first = outs[self.heads[0]["output"]][j]
-            if not np.isfinite(first).all():
-                results.append(self.result(first))
+            if not np.isfinite(first[j]).all():
+                results.append(self.result(first[j]))
                 continue
-            result = _decide(first, self.heads[0])
+            result = _decide(first[j], self.heads[0])
             if len(self.heads) > 1:
                 result["heads"] = {h["keras_output"]: _decide(outs[h["output"]][j], h) for h in self.heads[1:]}
             results.append(result)
@@ -211,24 +284,37 @@ class Predictor:
     def result(self, row) -> dict:
         """One text's ``{"label", "probabilities"}`` from its probability row (formatted here,
         at the edge; ``probabilities()`` returns the array)."""
-        if not np.isfinite(row).all():
+        values = row.tolist() if isinstance(row, np.ndarray) else [float(p) for p in row]
+        total = sum(values)
+        if total - total != 0:  # NaN or inf somewhere (inf - inf and NaN - NaN are NaN)
             return {"label": None, "error": NOT_FINITE,
-                    "probabilities": {l: (round(float(p), 6) if np.isfinite(p) else None)
-                                      for l, p in zip(self.labels, row)}}
-        k = int(np.argmax(row))
-        return {"label": self.labels[k], "probabilities": {l: round(float(p), 6) for l, p in zip(self.labels, row)}}
+                    "probabilities": {l: (round(p, 6) if math.isfinite(p) else None)
+                                      for l, p in zip(self.labels, values)}}
+        return {"label": self.labels[values.index(max(values))],  # the first largest, as argmax
+                "probabilities": dict(zip(self.labels, map(round, values, repeat(6))))}
 
 
-def _fast_tokenizer(tokenizer, fallback):
-    """The fast path for a (guarded) tokenizer of a kind it reproduces; None for any other."""
+def windows(texts, batch_size: int):
+    """Lists of consecutive texts of ``texts`` (any iterable), each at most
+    ``SORT_WINDOW_BATCHES`` batches and their character budget; every text checked."""
+    limits.check_batch_size(batch_size, "batch size")
+    window, chars = [], 0
+    limit_texts, limit_chars = batch_size * SORT_WINDOW_BATCHES, limits.BATCH_CHAR_BUDGET * SORT_WINDOW_BATCHES
+    for i, t in enumerate(texts):
+        _check_text(i, t)
+        window.append(t)
+        chars += len(t)
+        if len(window) >= limit_texts or chars >= limit_chars:
+            yield window
+            window, chars = [], 0
+    if window:
+        yield window
+
+
+def _fast_tokenizer(spec: dict, fallback):
+    """The fast path for a (guarded) tokenizer spec of a kind it reproduces; None for any other."""
     from probattn.models.text.fast import FastTokenizer, NotPortable
 
-    try:
-        spec = json.loads(tokenizer.to_str())
-    except (ValueError, TypeError):
-        return None
-    if not isinstance(spec, dict):
-        return None
     try:
         return FastTokenizer.from_spec(spec, fallback=fallback)
     except NotPortable:

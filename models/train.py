@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .bounds import (CALIBRATION_MAX_TEXTS, MAX_EMBEDDING_DIM, MAX_EPOCHS, MAX_HIDDEN_UNITS,  # noqa: F401
+                     MAX_TRAIN_BATCH)
 from .errors import UsageError
 from .fsutil import atomic_directory, check_not_in_use, check_output_dir
 from .keras_compat import DEFAULT_FLAVOUR
@@ -20,16 +22,6 @@ from .text.tokenizer_guard import MAX_VOCAB
 
 #: The output kind a run directory is marked with (``--overwrite`` replaces only runs).
 RUN_KIND = "run"
-#: Upper bounds of the settings, with their reasons. Embedding dims: 4,096 is 64 times the
-#: default and keeps a 2 M-word embedding table within 32 GB. Epochs: early stopping ends real
-#: runs within tens. Training batch: 65,536 texts x the longest max length stays within 2**31
-#: ids (what int32 indexing allows).
-MAX_EMBEDDING_DIM = 4096
-MAX_HIDDEN_UNITS = 65_536
-MAX_EPOCHS = 10_000
-MAX_TRAIN_BATCH = 65_536
-#: Training texts kept in a run as ``calibration.jsonl`` (full-int8 calibration at export).
-CALIBRATION_MAX_TEXTS = 400
 
 
 @dataclass

@@ -57,14 +57,13 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "int32": 4, "int8": 1, "uint8": 1, "
                 "bool": 1, "float64": 8, "uint32": 4, "uint16": 2, "uint64": 8}
 
 
-def _structure(blob: bytes) -> int:
-    """Check every subgraph's ops and the ``WHILE`` structure (see the module docstring);
-    returns the bytes of the tensors all subgraphs declare. Raises UsageError (without the
-    file's name)."""
+def _structure(m) -> int:
+    """Check every subgraph's ops and the ``WHILE`` structure of an unpacked model (see the
+    module docstring); returns the bytes of the tensors all subgraphs declare. Raises
+    UsageError (without the file's name)."""
     from ..formats.tflite_flatbuffer import schema
 
     s = schema()
-    m = s.ModelT.InitFromPackedBuf(bytearray(blob), 0)
     subgraphs = m.subgraphs or []
     n = len(subgraphs)
     if not 1 <= n <= MAX_SUBGRAPHS:
@@ -214,7 +213,7 @@ def audit(blob: bytes, entry: dict, *, labels, vocabulary=None, what: str | None
     """Check a TFLite-family artifact's bytes against its manifest ``entry``; returns what
     ``describe`` read. ``vocabulary``: the bundle's tokens in id order (checked against a
     mediapipe file's metadata), None to skip that check."""
-    from ..formats.tflite_flatbuffer import describe
+    from ..formats.tflite_flatbuffer import describe, unpack
     from ..limits import TFLITE_STATIC_BYTES
 
     what = what or entry["path"]
@@ -224,8 +223,9 @@ def audit(blob: bytes, entry: dict, *, labels, vocabulary=None, what: str | None
     if len(blob) < 8 or blob[4:8] != b"TFL3":
         raise UsageError(f"{what} is not a valid TFLite model (no TFL3 flatbuffer identifier)")
     try:
-        static = _structure(blob)
-        info = describe(blob)
+        model = unpack(blob)
+        static = _structure(model)
+        info = describe(blob, model)
     except UsageError as e:
         raise UsageError(f"{what}: {e}") from None
     except Exception as e:  # a damaged flatbuffer: struct.error, IndexError, ...

@@ -121,11 +121,17 @@ def unaligned_buffers(blob: bytes, align: int = BUFFER_ALIGN) -> list:
     return bad
 
 
-def describe(blob: bytes) -> dict:
+def unpack(blob: bytes):
+    """The file's ``ModelT`` (the flatbuffer's object form; unpack once, read many times)."""
+    return schema().ModelT.InitFromPackedBuf(bytearray(blob), 0)
+
+
+def describe(blob: bytes, model=None) -> dict:
     """What a raw client sees: subgraph 0's inputs and outputs in order (name, dtype, shape,
-    shape signature, quantization), the signatures, and the builtin ops in first-use order."""
+    shape signature, quantization), the signatures, and the builtin ops in first-use order.
+    ``model``: the blob's ``unpack`` when the caller has it."""
     s = schema()
-    m = s.ModelT.InitFromPackedBuf(bytearray(blob), 0)
+    m = model if model is not None else unpack(blob)
     types = {v: k.lower() for k, v in vars(s.TensorType).items() if not k.startswith("_")}
     sg = m.subgraphs[0]
 

@@ -32,11 +32,16 @@ def register(cls):
     return cls
 
 
+#: modules of this package that hold no runner (``isolated`` runs runners in a child
+#: process; importing it costs start-up time that ``predict`` does not need)
+_NOT_RUNNERS = ("base", "isolated")
+
+
 def _discover():
     global _DISCOVERED
     if not _DISCOVERED:
         for info in pkgutil.iter_modules(__path__):
-            if info.name != "base":
+            if info.name not in _NOT_RUNNERS:
                 importlib.import_module(f"{__name__}.{info.name}")
         _DISCOVERED = True
 

@@ -139,6 +139,9 @@ class Runner:
                              + ", ".join(str(v) for v in self.variants))
         self.variant = variant
         self.active = False
+        #: False: a runtime's idle threads sleep rather than spin (set before ``activate``;
+        #: ``predict`` does, its tokenizer runs between the calls)
+        self.spin = True
 
     @property
     def name(self) -> str:
@@ -194,20 +197,26 @@ class Runner:
     def __exit__(self, *exc):
         self.deactivate()
 
-    def infer(self, ids, check_inputs: bool = True) -> dict:
+    def infer(self, ids, check_inputs: bool = True, outputs=None) -> dict:
         """Run token ids ``[batch, sequence]``. ``check_inputs=False`` skips our validation
         (for callers that checked the ids already, and for benchmarks of the bare call).
 
         A fixed-shape artifact gets what it takes: ids shorter than its fixed length are
         right-padded (with the pad id, which the model masks) and its per-step outputs cut
         back to the caller's length; a fixed batch of 1 is run row by row. Longer ids are
-        refused: truncating them would change the text."""
-        self.activate()
+        refused: truncating them would change the text.
+
+        ``outputs``: the names to fetch (default every output); a runtime that can leave the
+        others unfetched does (``_infer_outputs``)."""
+        if not self.active:
+            self.activate()
         if check_inputs:
             ids = check_token_ids(ids, self.vocab_size)
         if self.fixed_length is None and self.fixed_batch is None:
-            return {k: np.asarray(v, dtype=np.float32) for k, v in self._infer(ids).items()}
-        return self._infer_fixed(ids)
+            got = self._infer(ids) if outputs is None else self._infer_outputs(ids, outputs)
+            return {k: np.asarray(v, dtype=np.float32) for k, v in got.items()}
+        got = self._infer_fixed(ids)
+        return got if outputs is None else {k: got[k] for k in outputs}
 
     def accepts_length(self, length: int) -> bool:
         return self.fixed_length is None or length <= self.fixed_length
@@ -239,6 +248,11 @@ class Runner:
 
     def _infer(self, ids) -> dict:
         raise NotImplementedError
+
+    def _infer_outputs(self, ids, names) -> dict:
+        """``_infer`` restricted to ``names`` (runtimes that can skip the others override it)."""
+        got = self._infer(ids)
+        return {k: got[k] for k in names}
 
     def _close(self):
         pass

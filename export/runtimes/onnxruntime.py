@@ -35,7 +35,7 @@ class OnnxRuntimeRunner(Runner):
         self.audit = onnx_audit.audit(data, what=self.path.name,
                                       model_dir=None if self.content is not None else self.path.parent,
                                       vocab_size=self.vocab_size, n_classes=self.n_classes)
-        so = ort_session_options(self.threads, optimize=self.variant == "all")
+        so = ort_session_options(self.threads, optimize=self.variant == "all", spin=self.spin)
         try:
             # with external data, onnxruntime must read the file to find it (checked above: inside its folder)
             model = str(self.path) if self.audit["external_data"] else data
@@ -48,10 +48,13 @@ class OnnxRuntimeRunner(Runner):
         self._int64 = any(i.name == INPUT and i.type == "tensor(int64)" for i in self.sess.get_inputs())
 
     def _infer(self, ids):
+        return self._infer_outputs(ids, self.outputs)
+
+    def _infer_outputs(self, ids, names):
         if self._int64:
             ids = ids.astype(np.int64)
         try:
-            return dict(zip(self.outputs, self.sess.run(self.outputs, {self._input: ids})))
+            return dict(zip(names, self.sess.run(names, {self._input: ids})))
         except Exception as e:  # e.g. the capped arena refused an allocation
             raise UsageError(f"onnxruntime failed on {self.path.name} with input {list(ids.shape)} "
                              f"({one_line(e, 240)})") from None

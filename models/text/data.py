@@ -21,11 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsageError
+from ..bounds import MAX_TEXT_CHARS  # noqa: F401  (re-exported)
 from ..fsutil import sha256_path
 
-#: Longest text accepted from a user file, in characters. Longer ones are almost always a
-#: broken file (a missing newline or quote); they are refused rather than truncated.
-MAX_TEXT_CHARS = 100_000
 #: A data file is read into memory whole: 2 GiB is 20,000 texts at the longest, or millions
 #: of short ones.
 MAX_DATA_BYTES = 2 << 30

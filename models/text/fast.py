@@ -47,6 +47,8 @@ import unicodedata
 from itertools import islice, repeat
 from pathlib import Path
 
+import numpy as np
+
 from .tokenizer import (FINAL_SIGMA, KIND_PORTABLE, KIND_REGEX, KIND_REGEX_START, KIND_WORDLEVEL, REGEX_START,
                         REPLACEMENT_CHAR, SIGMA, UNK_TOKEN, kind_of, parse_outside_pattern, portable_problem,
                         regex_spec, wordlevel_problem)
@@ -115,6 +117,83 @@ def _runs(first: int, last: int) -> list:
 
 _ASCII_PATTERN = _pattern(_runs(0, 0x7F))
 
+#: Batches are tokenized as one string: texts joined by ``SEPARATOR``, which no pattern of
+#: these tokenizers matches (a control character), scanned once by the pattern plus
+#: ``|SEPARATOR``, so every separator is a token of its own and marks where a text ends.
+#: A text holding the separator itself goes the per-text way.
+SEPARATOR = "\n"
+_SEP_ID = -1
+
+
+def _joined(pattern):
+    return re.compile(pattern.pattern + "|" + re.escape(SEPARATOR))
+
+
+def _ascii_simple():
+    """``_ASCII_PATTERN`` written as two plain classes: ASCII has no combining marks, so
+    ``w wm*`` is ``[w]+`` and ``p pm*`` is ``[p]+`` (the same matches, 20% faster in ``re``)."""
+    runs = _runs(0, 0x7F)
+    assert not _ranges_of(runs, MARK)
+    cls = lambda cats: "[" + _body(_ranges_of(runs, cats)) + "]+"  # noqa: E731
+    return re.compile(cls(WORD_START) + "|" + cls(PUNCT_START))
+
+
+_ASCII_SIMPLE = _ascii_simple()
+_ASCII_JOINED = _joined(_ASCII_SIMPLE)
+
+
+def _bulk_ids(joined: str, pattern, vocab_sep: dict, unk_id: int, n: int):
+    """``(ids, starts, lengths)`` of ``n`` texts joined by ``SEPARATOR``: one regex scan and
+    one dict lookup per token for the whole batch. None if the separators do not come out
+    as exactly ``n - 1`` tokens (then the caller goes text by text)."""
+    ids = np.fromiter(map(vocab_sep.get, pattern.findall(joined), repeat(unk_id)), np.int32)
+    sep = np.flatnonzero(ids == _SEP_ID)
+    if len(sep) != n - 1:
+        return None
+    starts = np.empty(n, np.int64)
+    starts[0] = 0
+    starts[1:] = sep + 1
+    ends = np.empty(n, np.int64)
+    ends[:-1] = sep
+    ends[-1] = len(ids)
+    return ids, starts, ends - starts
+
+
+def padded_matrix(n: int, max_length: int | None, bulk=None, rows=None, prefix_id: int | None = None,
+                  keep: int | None = None) -> np.ndarray:
+    """``int32 [n, longest]`` right-padded with 0 and cut at ``max_length``: what
+    ``tokenizer.pad_rows`` makes of the same ids. ``bulk``: ``(positions, ids, starts,
+    lengths)`` from ``_bulk_ids`` for the texts at ``positions`` (each text's tokens cut at
+    ``keep`` and put after ``prefix_id`` when given); ``rows``: ``{position: id list}`` for
+    the others."""
+    pre = 0 if prefix_id is None else 1
+    width = 1
+    if bulk is not None:
+        pos, ids, starts, lengths = bulk
+        take = lengths if keep is None else np.minimum(lengths, keep)
+        if len(take):
+            width = max(width, int(take.max()) + pre)
+    for r in (rows or {}).values():
+        width = max(width, len(r))
+    if max_length is not None:
+        width = min(width, max(1, int(max_length)))
+    out = np.zeros((n, width), np.int32)
+    if bulk is not None and len(pos):
+        if pre:
+            out[pos, 0] = prefix_id
+        span = min(width - pre, int(take.max()) if len(take) else 0)
+        if span > 0:
+            col = np.arange(span)
+            valid = col[None, :] < take[:, None]
+            src = starts[:, None] + col[None, :]
+            block = np.zeros((len(pos), span), np.int32)
+            block[valid] = ids[src[valid]]
+            out[pos, pre:pre + span] = block
+    for i, r in (rows or {}).items():
+        r = r[:width]
+        out[i, :len(r)] = r
+    return out
+
 
 @functools.lru_cache(maxsize=1)
 def _unicode_tables():
@@ -140,7 +219,31 @@ def _uncovered(unknown, outside):
     return None
 
 
-class FastTokenizer:
+class _Bulk:
+    """``encode_padded``: ``pad_rows(self.encode_batch(texts), max_length)``, faster: the
+    texts ``_bulk_eligible`` accepts are scanned as one string (``SEPARATOR``), the others
+    go text by text."""
+
+    def encode_padded(self, texts, max_length: int | None = None) -> np.ndarray:
+        texts = texts if isinstance(texts, list) else list(texts)
+        eligible = [i for i, t in enumerate(texts) if self._bulk_eligible(t)]
+        bulk = None
+        if len(eligible) > 1:
+            joined = SEPARATOR.join(texts) if len(eligible) == len(texts) else SEPARATOR.join(texts[i] for i in eligible)
+            if self._bulk_lower:
+                joined = joined.lower()
+            if getattr(self, "_sep_vocab", None) is None:
+                self._sep_vocab = dict(self.vocab)
+                self._sep_vocab[SEPARATOR] = _SEP_ID
+            got = _bulk_ids(joined, self._bulk_pattern, self._sep_vocab, self.unk_id, len(eligible))
+            if got is not None:
+                bulk = (np.asarray(eligible, np.int64), *got)
+        others = range(len(texts)) if bulk is None else sorted(set(range(len(texts))) - set(eligible))
+        rows = dict(zip(others, self.encode_batch([texts[i] for i in others]))) if len(others) else None
+        return padded_matrix(len(texts), max_length, bulk, rows, prefix_id=self._bulk_prefix, keep=self._bulk_keep())
+
+
+class FastTokenizer(_Bulk):
     """``encode(text) -> ids`` with the ids of ``tokenizers`` for the portable kind;
     ``from_spec`` returns the twin of whichever kind a file is."""
 
@@ -236,7 +339,7 @@ class FastTokenizer:
 
     def encode(self, text: str) -> list:
         if text.isascii():
-            return self._ids(text.lower(), _ASCII_PATTERN)
+            return self._ids(text.lower(), _ASCII_SIMPLE)
         if not self._unicode():
             if self.fallback is None:
                 raise NotPortable(self._problem)
@@ -249,11 +352,11 @@ class FastTokenizer:
         text = unicodedata.normalize("NFKC", text).lower()
         if FINAL_SIGMA in text:
             text = text.replace(FINAL_SIGMA, SIGMA)
-        return self._ids(text, _ASCII_PATTERN if text.isascii() else self._pattern)
+        return self._ids(text, _ASCII_SIMPLE if text.isascii() else self._pattern)
 
     def encode_batch(self, texts) -> list:
         out, later = [], []
-        ids, pattern = self._ids, _ASCII_PATTERN
+        ids, pattern = self._ids, _ASCII_SIMPLE
         for i, text in enumerate(texts):
             if text.isascii():
                 out.append(ids(text.lower(), pattern))
@@ -265,6 +368,16 @@ class FastTokenizer:
                 out.append(None)
                 later.append(i)
         return _fill_from_fallback(out, later, texts, self.fallback)
+
+    def _bulk_eligible(self, text: str) -> bool:
+        return text.isascii() and SEPARATOR not in text
+
+    _bulk_pattern = _ASCII_JOINED
+    _bulk_lower = True
+    _bulk_prefix = None
+
+    def _bulk_keep(self):
+        return self.max_length
 
 
 def _fill_from_fallback(out, later, texts, fallback) -> list:
@@ -281,7 +394,7 @@ def _truncation(spec):
     return trunc["max_length"] if trunc else None
 
 
-class RegexFastTokenizer:
+class RegexFastTokenizer(_Bulk):
     """The twin of the ``regex`` / ``regex-start`` kinds (MediaPipe's regex tokenizer): every
     text, no Unicode table needed (the word class is ASCII, everything else delimits)."""
 
@@ -329,6 +442,19 @@ class RegexFastTokenizer:
 
     def encode_batch(self, texts) -> list:
         return [self.encode(t) for t in texts]
+
+    _bulk_pattern = _joined(WORD)
+    _bulk_lower = False
+
+    def _bulk_eligible(self, text: str) -> bool:  # no Unicode table: every text without the separator
+        return SEPARATOR not in text
+
+    def _bulk_keep(self):
+        return self._keep
+
+    @property
+    def _bulk_prefix(self):
+        return self.start_id
 
 
 class WordLevelFastTokenizer:
@@ -383,6 +509,12 @@ class WordLevelFastTokenizer:
         if self.fallback is None:
             raise NotPortable(self.PROBLEM)
         return self.fallback([text])[0]
+
+    def encode_padded(self, texts, max_length: int | None = None) -> np.ndarray:
+        """``pad_rows(self.encode_batch(texts), max_length)`` (text by text: added tokens are
+        matched in the raw text first)."""
+        rows = self.encode_batch(texts)
+        return padded_matrix(len(rows), max_length, rows=dict(enumerate(rows)))
 
     def encode_batch(self, texts) -> list:
         out, later = [], []

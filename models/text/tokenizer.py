@@ -165,6 +165,12 @@ def parse_outside_pattern(regex: str) -> list:
     not exactly a class of ``\\x{HEX}`` items (so nothing else can hide in it)."""
     if not isinstance(regex, str) or not OUTSIDE_CLASS.fullmatch(regex):
         raise ValueError("the Replace pattern is not a class of \\x{HEX} code points")
+    return list(_parse_outside(regex))
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_outside(regex: str) -> tuple:
+    """``parse_outside_pattern`` once per pattern (a bundle's is read three times at load)."""
     ranges = []
     for m in _OUTSIDE_ITEM.finditer(regex):
         a = int(m.group(1), 16)
@@ -172,7 +178,7 @@ def parse_outside_pattern(regex: str) -> list:
         if not a <= b <= 0x10FFFF:
             raise ValueError(f"bad code point range \\x{{{m.group(1)}}}-\\x{{{m.group(2)}}}")
         ranges.append((a, b))
-    return ranges
+    return tuple(ranges)
 
 
 def portable_normalizer(ranges=None):
@@ -386,7 +392,10 @@ def kind_of(tokenizer) -> str:
 
 
 def vocabulary(tokenizer) -> list:
-    """Every token in id order (ids must be 0..n-1, each used once)."""
+    """Every token in id order (ids must be 0..n-1, each used once); ``tokenizer``: a
+    ``tokenizers.Tokenizer`` or a sanitized spec dict."""
+    if isinstance(tokenizer, dict):
+        return spec_vocabulary(tokenizer)
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     by_id = sorted(vocab.items(), key=lambda kv: kv[1])
     if [i for _, i in by_id] != list(range(len(by_id))):
@@ -439,7 +448,15 @@ def load_tokenizer(path, max_length: int | None = None, vocab_size: int | None =
     (``tokenizer_guard.sanitize``): padding off, truncation at ``max_length`` (default: the
     file's own), a WordLevel vocabulary of at most ``vocab_size`` ids, no regex but the
     project's. ``notes`` collects what was changed."""
-    from .tokenizer_guard import MAX_TOKENIZER_BYTES, from_sanitized, sanitize
+    what = "tokenizer.json" if isinstance(path, (bytes, bytearray)) else str(path)
+    return tokenizer_from_spec(load_tokenizer_spec(path, max_length, vocab_size, notes), what)
+
+
+def load_tokenizer_spec(path, max_length: int | None = None, vocab_size: int | None = None,
+                        notes: list | None = None) -> dict:
+    """The sanitized ``tokenizer.json`` as a dict (what ``load_tokenizer`` loads), without
+    importing ``tokenizers``."""
+    from .tokenizer_guard import MAX_TOKENIZER_BYTES, sanitize_spec
 
     if isinstance(path, (bytes, bytearray)):
         data, what = bytes(path), "tokenizer.json"
@@ -450,10 +467,25 @@ def load_tokenizer(path, max_length: int | None = None, vocab_size: int | None =
         if not path.exists() and not path.is_symlink():
             raise UsageError(f"tokenizer file not found: {path}")
         data, what = read_regular(path, MAX_TOKENIZER_BYTES, what="tokenizer file"), str(path)
-    text, changed = sanitize(data, max_length=max_length, vocab_size=vocab_size, what=what)
+    spec, changed = sanitize_spec(data, max_length=max_length, vocab_size=vocab_size, what=what)
     if notes is not None:
         notes.extend(changed)
-    return from_sanitized(text, what)
+    return spec
+
+
+def tokenizer_from_spec(spec: dict, what: str = "tokenizer.json"):
+    """The ``tokenizers.Tokenizer`` of a spec from ``load_tokenizer_spec``."""
+    from .tokenizer_guard import canonical_json, from_sanitized
+
+    return from_sanitized(canonical_json(spec), what)
+
+
+def spec_vocabulary(spec: dict) -> list:
+    """Every token of a sanitized spec in id order (its ids are 0..n-1, checked there)."""
+    tokens = [None] * len(spec["model"]["vocab"])
+    for token, i in spec["model"]["vocab"].items():
+        tokens[i] = token
+    return tokens
 
 
 def pad_rows(rows, max_length=None) -> np.ndarray:
@@ -470,7 +502,7 @@ def pad_rows(rows, max_length=None) -> np.ndarray:
 def encode(tokenizer, texts, max_length=None) -> np.ndarray:
     """Token ids ``int32 [batch, longest]``, right-padded with 0. Empty texts give one pad.
     Texts longer than ``MAX_TEXT_CHARS`` are refused; a tokenizer panic is a one-line error."""
-    from .data import MAX_TEXT_CHARS
+    from ..bounds import MAX_TEXT_CHARS
     from .tokenizer_guard import is_panic
 
     texts = list(texts)

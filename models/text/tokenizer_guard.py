@@ -152,6 +152,18 @@ def _post_processor(post, vocab):
 def sanitize(data, *, max_length: int | None, vocab_size: int | None = None, what: str = "tokenizer.json"):
     """``(canonical JSON str, notes)`` for tokenizer bytes ``data``; UsageError if refused.
     ``max_length``: force truncation to it (None: keep the file's, if it is sane)."""
+    spec, notes = sanitize_spec(data, max_length=max_length, vocab_size=vocab_size, what=what)
+    return canonical_json(spec), notes
+
+
+def canonical_json(spec: dict) -> str:
+    """The text ``tokenizers`` loads for a spec of ``sanitize_spec``."""
+    return json.dumps(spec, ensure_ascii=False)
+
+
+def sanitize_spec(data, *, max_length: int | None, vocab_size: int | None = None, what: str = "tokenizer.json"):
+    """``(spec dict, notes)``: ``sanitize`` without the JSON text (the fast text path reads
+    the dict; ``tokenizers`` is loaded from ``canonical_json(spec)`` only when needed)."""
     from .tokenizer import MAX_LENGTH_LIMIT
 
     if isinstance(data, str):
@@ -229,7 +241,7 @@ def sanitize(data, *, max_length: int | None, vocab_size: int | None = None, wha
         "decoder": None,
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": pair[1]},
     }
-    return json.dumps(out, ensure_ascii=False), notes
+    return out, notes
 
 
 def from_sanitized(text: str, what: str = "tokenizer.json"):
