@@ -246,7 +246,10 @@ class Predictor:
         texts = check_texts(texts, batch_size)
         if len(texts) == 1 and self._single and self.fast is not None:  # one text: the leanest path
             row = self.fast.encode(texts[0])[:self.max_length] or [PAD_ID]
-            out = self.runner.infer(np.array([row], np.int32), check_inputs=False, outputs=self._first)
+            width = next((n for n in self.runner.single_lengths if n >= len(row)), len(row))
+            ids = np.zeros((1, max(len(row), min(width, self.max_length))), np.int32)
+            ids[0, :len(row)] = row
+            out = self.runner.infer(ids, check_inputs=False, outputs=self._first)
             return [self.result(out[self._first[0]][0])]
         if len(texts) <= batch_size:  # the lean path: one call, only the first head's output when that is all
             return self.results(texts, self.outputs(texts, batch_size, heads=self.heads[:1] if self._single else None))

@@ -157,3 +157,21 @@ def test_bench_end_to_end_reports_each_figure_against_its_floor(bundle_dir, tmp_
     md = (out / "bench_e2e.md").read_text()
     assert "bulk predict texts/s" in md and "onnxruntime" in md and "litert" in md
     assert run_cli("bench", bundle_dir, "--texts", tmp_path / "none.txt").returncode == 2
+
+
+def test_one_text_padded_for_litert_equals_its_exact_length(bundle_dir):
+    """LiteRT pads one text to a fixed length (a new shape costs a reallocation): the
+    answer equals the same text run at its exact length, within fp32 rounding (the pads are
+    masked), with the same label; onnxruntime runs the exact length."""
+    from probattn.export.predict import Predictor
+    from probattn.export.runtimes.litert import LiteRTRunner
+
+    assert LiteRTRunner.single_lengths and LiteRTRunner.single_lengths[0] >= 16
+    texts = [t for t in TEXTS if t.strip()][:60]
+    for runtime in ("litert", "onnxruntime"):
+        p = Predictor(bundle_dir, runtime=runtime)
+        exact = np.vstack([p.predict_ids(p.encode([t])) for t in texts])
+        got = [p.predict([t])[0] for t in texts]
+        probs = np.array([[g["probabilities"][l] for l in p.labels] for g in got])
+        assert np.abs(probs - exact).max() <= 1e-5, runtime
+        assert [g["label"] for g in got] == [p.labels[k] for k in exact.argmax(1)]

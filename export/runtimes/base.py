@@ -112,6 +112,11 @@ class Runner:
     #: TFLite): a file it cannot read (an op its importer lacks) is its limit, reported as a
     #: skip, and the exporter checks files only on the runtimes they are made for
     secondary = False
+    #: lengths ``predict`` pads one text to (the first that fits, at most the model's max
+    #: length) for a runtime whose every new input shape costs a reallocation (LiteRT: about
+    #: 30 us, three times a 1 x 64 call); empty: the text's own length. Pads are masked, so
+    #: the outputs stay within the padding invariance ``verify`` checks.
+    single_lengths: tuple = ()
     #: position in listings and in the verify matrix
     order = 100
     description = ""

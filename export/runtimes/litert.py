@@ -33,6 +33,7 @@ class LiteRTRunner(Runner):
     requires = ("ai_edge_litert",)
     package = "ai-edge-litert"
     order = 20
+    single_lengths = (64, 256, 1024, 4096)
     description = "ai_edge_litert Interpreter, XNNPACK or reference kernels"
 
     def _load(self):

@@ -191,10 +191,10 @@ def sanitize_spec(data, *, max_length: int | None, vocab_size: int | None = None
         why = "the model's embedding has" if vocab_size and vocab_size < MAX_VOCAB else "at most"
         raise UsageError(f"{what}: the vocabulary holds {len(vocab):,} tokens; {why} {limit:,} allowed")
     ids = list(vocab.values())
-    if not all(type(i) is int for i in ids) or sorted(ids) != list(range(len(ids))):
+    if set(map(type, ids)) != {int} or sorted(ids) != list(range(len(ids))):
         raise UsageError(f"{what}: vocabulary ids must be exactly 0..{len(ids) - 1}, each once")
-    by_id = {i: t for t, i in vocab.items()}
-    pair = (by_id.get(0), by_id.get(1))
+    tokens = list(vocab)
+    pair = (tokens[ids.index(0)], tokens[ids.index(1)] if len(ids) > 1 else None)
     if pair not in [tuple(p) for p in specials]:
         allowed = " or ".join(f"{p}=0 and {u}=1" for p, u in specials)
         raise UsageError(f"{what}: expected {allowed}; found {pair[0]!r}=0 and {pair[1]!r}=1")
