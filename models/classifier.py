@@ -18,8 +18,9 @@ def check_sizes(vocab_size, num_classes, embedding_dim, hidden_units, dropout) -
 def build_classifier(vocab_size: int, num_classes: int, embedding_dim: int = 64,
                      hidden_units: int = 128, dropout: float = 0.0,
                      name: str = "probattn_classifier", attention_layer=None, flavour=None):
-    """int32 token ids of any length -> Embedding(mask_zero=True) -> ProbAttention ->
-    Dense(relu) -> Dense(softmax). No ``Masking()`` layer: it would recompute the mask
+    """int32 token ids of any length -> Embedding(mask_zero=True) -> ProbAttention
+    (``normalize=True``: an L2-normalised pooled vector, whose scale no longer depends on
+    the text's length, which full int8 needs on long texts) -> Dense(relu) -> Dense(softmax). No ``Masking()`` layer: it would recompute the mask
     from the embedding values and turn masking off (token 0's row is not zero).
     ``attention_layer`` swaps in another pooling layer instance (for comparisons).
     ``flavour``: ``"3"`` (Keras 3) or ``"2"`` (tf_keras); default: the seam's default.
@@ -30,7 +31,7 @@ def build_classifier(vocab_size: int, num_classes: int, embedding_dim: int = 64,
     x = keras.layers.Embedding(vocab_size, embedding_dim, mask_zero=True, name="embedding")(inputs)
     if dropout:
         x = keras.layers.Dropout(dropout, name="embedding_dropout")(x)
-    x = (attention_layer or layer_classes(flavour).ProbAttention(name="prob_attention"))(x)
+    x = (attention_layer or layer_classes(flavour).ProbAttention(name="prob_attention", normalize=True))(x)
     x = keras.layers.Dense(hidden_units, activation="relu", name="hidden")(x)
     if dropout:
         x = keras.layers.Dropout(dropout, name="hidden_dropout")(x)

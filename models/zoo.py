@@ -73,7 +73,9 @@ def build_model(architecture: str, vocab_size: int, num_classes: int, embedding_
     if dropout:
         x = keras.layers.Dropout(dropout, name="embedding_dropout")(x)
     x = _encoder(keras, architecture, x, embedding_dim, hidden_units)
-    x = layer_classes(flavour).ProbAttention(name="prob_attention")(x)
+    # the default architecture normalises its pooled vector (int8 on long texts, see
+    # build_classifier); the encoder architectures keep the plain weighted sum they were measured with
+    x = layer_classes(flavour).ProbAttention(name="prob_attention", normalize=architecture == "probattn")(x)
     x = keras.layers.Dense(hidden_units, activation="relu", name="hidden")(x)
     if dropout:
         x = keras.layers.Dropout(dropout, name="hidden_dropout")(x)

@@ -12,13 +12,17 @@ from helpers import run_cli
 #: 20newsgroups has 18,821 posts; a stratified 3,000 keeps the suite's time in budget
 #: (every class stays, in proportion). bbc_news runs whole.
 FLOWS = {"bbc_news": [], "20newsgroups": ["--limit", "3000"]}
-#: Known limit (README, "Full int8 on many classes"): on 20newsgroups (20 classes) full int8
-#: falls short of 98% top-1 agreement in some length buckets — 97.9% in the >256-token bucket
-#: with all 18,821 posts, lower for this smaller, less confident model — because the pooled
-#: vector of a long text is small against the int8 range it shares with short texts. Verify
-#: must report exactly that, for the full-int8 TFLite files (flexible and fixed shape) and
-#: nothing else: every other check holds.
-KNOWN_SHORTFALL = {"20newsgroups": {"top1_agreement"}}
+#: Full int8 must hold 98% top-1 agreement in every length bucket on both LiteRT kernel
+#: families, on both datasets: on 20newsgroups (20 classes, texts to 4x 256 tokens) it does
+#: since the classifier L2-normalises its pooled vector (``ProbAttention(normalize=True)``);
+#: before, the >256-token bucket stayed at 97.9% with all 18,821 posts (the pooled vector of
+#: a long text was small against the int8 range it shared with short texts).
+#: Known limit, measured: this 3,000-post 20newsgroups model is less confident, and OpenVINO
+#: running the same full-int8 ``model_int8.tflite`` with its own int8 arithmetic agrees with
+#: float on 97.3% of its 1- and 3-4-token texts (LiteRT: 98.7% or more in every bucket; all
+#: 18,821 posts: OpenVINO 98.2% or more). Verify must report exactly that, if anything, and
+#: nothing else.
+KNOWN_SHORTFALL = {"20newsgroups": {("model_int8.tflite", "openvino", "top1_agreement")}}
 
 
 def _flow(dataset, tmp_path):
@@ -35,17 +39,10 @@ def _flow(dataset, tmp_path):
 def test_main_flow_with_defaults(dataset, tmp_path):
     proc, bundle, doc = _flow(dataset, tmp_path)
     where = proc.stdout[-4000:] + proc.stderr[-2000:]
-    if dataset in KNOWN_SHORTFALL:
-        metrics = KNOWN_SHORTFALL[dataset]
-        manifest = json.loads((bundle / "manifest.json").read_text())
-        full_int8 = {a["path"] for a in manifest["artifacts"]
-                     if a["precision"] == "int8" and a["path"].endswith(".tflite")}
-        failed = {(f["artifact"], f["metric"]) for f in doc["checks"] if not f["passed"]}
-        assert proc.returncode == 1 and failed, where  # reported, not hidden
-        assert "model_int8.tflite" in {a for a, _ in failed}, failed
-        assert {a for a, _ in failed} <= full_int8 and {m for _, m in failed} <= metrics, failed
-    else:
-        assert proc.returncode == 0 and doc["passed"], where
+    failed = sorted({(f["artifact"], f["runtime"], f["case"], f["metric"]) for f in doc["checks"] if not f["passed"]})
+    assert proc.returncode == (1 if failed else 0) and doc["passed"] == (not failed), (failed[:10], where)
+    allowed = KNOWN_SHORTFALL.get(dataset, set())
+    assert {(a, r, m) for a, r, _, m in failed} <= allowed, (failed[:10], where)
     # full int8 was judged in every length bucket with enough texts, on both LiteRT kernel families
     for runtime in ("litert-xnnpack", "litert-reference"):
         row = next(r for r in doc["rows"] if r["artifact"] == "model_int8.tflite" and r["runtime"] == runtime)

@@ -86,6 +86,38 @@ def test_prob_attention_pool_matches_numpy_reference(case):
                                err_msg=f"pooled output differs from the NumPy reference ({case})")
 
 
+def _unit_groups(v, size):
+    """Each group of ``size`` features L2-normalised (the whole vector when ``size`` does not
+    divide the feature count); the zero vector stays zero."""
+    f = v.shape[-1]
+    size = size if f % size == 0 else f
+    g = v.reshape(v.shape[0], f // size, size)
+    n = np.linalg.norm(g, axis=-1, keepdims=True)
+    return np.divide(g, n, out=np.zeros_like(g), where=n > 0).reshape(v.shape)
+
+
+@pytest.mark.parametrize("features", [5, 32])
+def test_normalized_pooling_is_the_unit_pooled_vector(features):
+    """normalize=True (the classifier's): the plain pooled vector, L2-normalised per group of
+    NORM_GROUP features, on both paths (short rows below the gate, long ones above it); the
+    weights are the plain ones; an all-padding row pools to the zero vector."""
+    from probattn.models.layers import NORM_GROUP
+
+    rng = np.random.default_rng(features)
+    b, t = 4, 40
+    x = rng.normal(0.0, 1.0, (b, t, features)).astype(np.float32)
+    kernel = rng.normal(0.0, 0.05, (features, 1)).astype(np.float32)  # spread: mass ~ length
+    mask = np.arange(t)[None, :] < np.array([40, 17, 3, 0])[:, None]
+    pooled, weights = prob_attention_pool(tf.constant(x), tf.constant(kernel), tf.constant(mask), normalize=True)
+    ref_pooled, ref_weights = reference_pool(x, kernel, mask)
+    np.testing.assert_allclose(weights.numpy(), ref_weights, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(pooled.numpy(), _unit_groups(ref_pooled, NORM_GROUP), rtol=0, atol=1e-5)
+    assert not pooled.numpy()[3].any()
+    layer = ProbAttention(normalize=True)
+    assert ProbAttention.from_config(layer.get_config()).normalize is True
+    assert ProbAttention().normalize is False  # models saved before the option load as they were
+
+
 @pytest.mark.parametrize("case", LAYER_CASES)
 def test_layer_call_returns_weights_summing_to_one(case):
     x, kernel, mask = _case(case)

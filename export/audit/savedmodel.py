@@ -62,6 +62,8 @@ FUNCTION_OPS = frozenset({
     "TensorListSetItem", "TensorListStack", "Tile", "Transpose", "Unpack", "While", "ZerosLike",
     # ProbSparse self-attention (models/probsparse.py): kept queries, causal means, sample ranks
     "Cumsum", "FloorDiv", "Select", "TopKV2",
+    # ProbAttention(normalize=True): tf.math.l2_normalize (Square, Sum, Maximum, Rsqrt, Mul)
+    "Square",
 })
 
 #: Extra ops allowed only in functions reachable only from ``saver_def.save_tensor_name``.
