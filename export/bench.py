@@ -161,17 +161,18 @@ def _predictor_overhead(bundle, rt, threads, rng, vocab, timing):
     return {"bare_us": bare, "predict_ids_us": ours, "ratio": round(ours / bare, 2)}
 
 
-def cold_start(bundle, runs: int = 5) -> dict:
-    """Wall time of ``probattn predict BUNDLE "one text"`` in a fresh process (median)."""
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "probattn.export.cli", "predict", str(bundle), "one text"],
-                              capture_output=True, text=True)
-        times.append(time.perf_counter() - t)
-        if proc.returncode != 0:
-            return {"error": proc.stderr.strip().splitlines()[-1:]}
-    return {"median_s": round(statistics.median(times), 3), "runs": runs}
+def child_result(cmd, required: str, what: str, env=None) -> dict:
+    """Run a measuring child (``cmd``), which prints its result as one JSON line last: the
+    result; its ``error`` (a ProbattnError in the child) or a missing ``required`` key is a
+    one-line UsageError."""
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    last = (proc.stdout.strip().splitlines() or ["{}"])[-1]
+    result = json.loads(last) if last.startswith("{") else {}
+    if "error" in result:
+        raise UsageError(result["error"])
+    if proc.returncode != 0 or required not in result:
+        raise UsageError(f"{what} failed with exit {proc.returncode}")
+    return result
 
 
 def _parity_verdicts(b) -> dict:
@@ -242,17 +243,13 @@ def run(bundle, out_dir=None, threads="1,all", quick=False, runtime_names=None, 
                    "1" if unsafe else "0"]
             env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS=str(t),
                        PROBATTN_BENCH_CUSTOM_OBJECTS=str(Path(custom).resolve()) if custom else "")
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
-            last = (proc.stdout.strip().splitlines() or ["{}"])[-1]
-            result = json.loads(last) if last.startswith("{") else {}
-            if "error" in result:
-                raise UsageError(result["error"])
-            if proc.returncode != 0 or "rows" not in result:
-                raise UsageError(f"benchmark worker (threads={t}) failed with exit {proc.returncode}")
-            doc["runs"].append(result)
-        if any(runtimes.get(r).tensorflow_free for r in runtime_names):
+            doc["runs"].append(child_result(cmd, "rows", f"benchmark worker (threads={t})", env))
+        from . import bench_e2e
+
+        predict_runtime = next((r for r in bench_e2e.RUNTIMES if r in runtime_names), None)
+        if predict_runtime:
             print("  cold start of 'probattn predict' ...", file=sys.stderr, flush=True)
-            doc["cold_start_predict"] = cold_start(bundle, runs=3 if quick else 5)
+            doc["cold_start_predict"] = bench_e2e.cold_start(bundle, predict_runtime, runs=3 if quick else 5)
         verdicts = _parity_verdicts(b)
         accuracy = {}
         for run_ in doc["runs"]:
@@ -331,9 +328,10 @@ def markdown(doc) -> str:
                 lines.append(f"- Predictor.predict_ids overhead on {r['runtime']} fp32 at 1 x 64: "
                              f"{_us(po['predict_ids_us'])} vs bare call {_us(po['bare_us'])} ({po['ratio']}x)")
     cs = doc.get("cold_start_predict")
-    if cs and "median_s" in cs:
-        lines.append(f"- Cold start of `probattn predict BUNDLE \"one text\"`: {cs['median_s']:.3f} s "
-                     f"(median of {cs['runs']} fresh processes)")
+    if cs and "ratio" in cs:
+        lines.append(f"- Cold start of `probattn predict BUNDLE --runtime {cs['runtime']} \"one text\"`: "
+                     f"{cs['predict_s']:.3f} s, {cs['ratio']:.2f}x `{cs['floor']}` ({cs['imports_s']:.3f} s; "
+                     f"medians of {cs['runs']} fresh processes each)")
     return "\n".join(lines) + "\n"
 
 

@@ -231,13 +231,14 @@ def cold_start(bundle, runtime: str, runs: int) -> dict:
             if i:  # the first round writes bytecode
                 times[name].append(time.perf_counter() - t)
     ours_s, floor_s = statistics.median(times["predict"]), statistics.median(times["imports"])
-    return {"predict_s": round(ours_s, 3), "imports_s": round(floor_s, 3), "floor": FLOOR_IMPORTS[runtime],
-            "ratio": round(ours_s / floor_s, 2), "runs": runs}
+    return {"runtime": runtime, "predict_s": round(ours_s, 3), "imports_s": round(floor_s, 3),
+            "floor": FLOOR_IMPORTS[runtime], "ratio": round(ours_s / floor_s, 2), "runs": runs}
 
 
 def run(bundle, runtime_names=None, quick: bool = False, n_texts: int | None = None, texts_file=None) -> list:
     """One row per runtime of ``RUNTIMES`` (among ``runtime_names``): bulk, single, cold start."""
     from . import runtimes
+    from .bench import child_result
 
     rows = []
     n = n_texts or (QUICK_TEXTS if quick else DEFAULT_TEXTS)
@@ -251,13 +252,7 @@ def run(bundle, runtime_names=None, quick: bool = False, n_texts: int | None = N
         print(f"  end to end on {rt}: {n:,} texts ...", file=sys.stderr, flush=True)
         cmd = [sys.executable, "-m", "probattn.export.bench_e2e", "--worker", str(bundle), rt, str(n),
                "1" if quick else "0", texts_file or ""]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-        last = (proc.stdout.strip().splitlines() or ["{}"])[-1]
-        row = json.loads(last) if last.startswith("{") else {}
-        if "error" in row:
-            raise UsageError(row["error"])
-        if proc.returncode != 0 or "bulk" not in row:
-            raise UsageError(f"end-to-end benchmark on {rt} failed with exit {proc.returncode}")
+        row = child_result(cmd, "bulk", f"end-to-end benchmark on {rt}")
         print(f"  cold start on {rt} ...", file=sys.stderr, flush=True)
         row["cold_start"] = cold_start(bundle, rt, runs=3 if quick else 7)
         rows.append(row)

@@ -530,28 +530,15 @@ def read_lines(fd: int, shown: str):
 
 
 def _stream_batches(stream, batch_size):
-    """``(window, flush)``: windows of texts from the input as it arrives, up to
-    ``SORT_WINDOW_BATCHES`` batches (and their character budget), or fewer as soon as no
-    more input is waiting (then ``flush``: answer it before waiting for more)."""
-    from .limits import BATCH_CHAR_BUDGET
-    from .predict import SORT_WINDOW_BATCHES
+    """``(window, flush)`` of ``predict.windows`` over the input's lines as they arrive."""
+    from .predict import windows
 
-    fd, shown = stream
-    window, chars = [], 0
-    for text, more in read_lines(fd, shown):
-        window.append(text)
-        chars += len(text)
-        if len(window) >= batch_size * SORT_WINDOW_BATCHES or chars >= BATCH_CHAR_BUDGET * SORT_WINDOW_BATCHES \
-                or not more:
-            yield window, not more
-            window, chars = [], 0
-    if window:
-        yield window, True
+    return windows(read_lines(*stream), batch_size)
 
 
 def _predict_stream(predictor, stream, batch_size, out):
-    heads = predictor.heads[:1] if predictor._single else None
-    for window, outs in predictor.iter_outputs(_stream_batches(stream, batch_size), batch_size, heads):
+    for window, outs in predictor.iter_outputs(_stream_batches(stream, batch_size), batch_size,
+                                               predictor.result_heads):
         out.write_outputs(window, outs, predictor)
 
 

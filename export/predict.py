@@ -137,6 +137,9 @@ class Predictor:
         self.text_path = "fast" if self.fast is not None else "tokenizers"
         self._single = len(self.heads) == 1 and self.heads[0]["kind"] == "softmax"
         self._first = (self.heads[0]["output"],)
+        #: the heads ``results()`` reads: the first alone for one softmax head (never
+        #: ``attention_weights``), else every head
+        self.result_heads = self.heads[:1] if self._single else None
 
     @property
     def tokenizer(self):
@@ -198,18 +201,17 @@ class Predictor:
                                            for rows in batch_plan(texts, batch_size)], names)
 
     def iter_outputs(self, windows, batch_size: int = 64, heads=None):
-        """``(window, outputs)`` for each window (a list of texts, or ``(texts, flush)``) in
-        order. The runtime runs a window on its own thread while this one tokenizes the next
-        and the caller formats the previous one; ``flush`` (input that stopped arriving)
-        waits for that window's outputs before reading the next."""
+        """``(window, outputs)`` for each ``(window, flush)`` of ``windows()``, in order. The
+        runtime runs a window on its own thread while this one tokenizes the next and the
+        caller formats the previous one; ``flush`` (input that stopped arriving) waits for
+        that window's outputs before reading the next."""
         from concurrent.futures import ThreadPoolExecutor
 
         limits.check_batch_size(batch_size, "batch size")
         names = self._names(heads)
         with ThreadPoolExecutor(1, thread_name_prefix="probattn-runtime") as pool:
             pending = None
-            for item in windows:
-                window, flush = item if isinstance(item, tuple) else (item, False)
+            for window, flush in windows:
                 window = check_texts(window, batch_size)
                 batches = [(rows, self._encode([window[i] for i in rows])) for rows in batch_plan(window, batch_size)]
                 job = (window, pool.submit(self._run_plan, len(window), batches, names))
@@ -252,21 +254,21 @@ class Predictor:
             out = self.runner.infer(ids, check_inputs=False, outputs=self._first)
             return [self.result(out[self._first[0]][0])]
         if len(texts) <= batch_size:  # the lean path: one call, only the first head's output when that is all
-            return self.results(texts, self.outputs(texts, batch_size, heads=self.heads[:1] if self._single else None))
+            return self.results(texts, self.outputs(texts, batch_size, heads=self.result_heads))
         return list(self.predict_stream(texts, batch_size))
 
     def predict_stream(self, texts, batch_size: int = 64):
         """Results in input order as windows complete, for any iterable of texts: memory
         holds two windows (``SORT_WINDOW_BATCHES`` batches, at most ``limits.BATCH_CHAR_BUDGET``
         characters a batch), not the input."""
-        heads = self.heads[:1] if self._single else None
-        for window, outs in self.iter_outputs(windows(texts, batch_size), batch_size, heads):
+        pairs = ((t, True) for t in texts)
+        for window, outs in self.iter_outputs(windows(pairs, batch_size), batch_size, self.result_heads):
             yield from self.results(window, outs)
 
     def predict_batch(self, texts, batch_size: int | None = None) -> list:
         """Results of ``texts`` (already in memory), batched by ``batch_plan``."""
         batch_size = batch_size or max(1, len(texts))
-        return self.results(texts, self.outputs(texts, batch_size, heads=self.heads[:1] if self._single else None))
+        return self.results(texts, self.outputs(texts, batch_size, heads=self.result_heads))
 
     def results(self, texts, outs) -> list:
         """One result dict per text from ``outputs()``'s arrays (formatted here, at the edge)."""
@@ -297,21 +299,23 @@ class Predictor:
                 "probabilities": dict(zip(self.labels, map(round, values, repeat(6))))}
 
 
-def windows(texts, batch_size: int):
-    """Lists of consecutive texts of ``texts`` (any iterable), each at most
-    ``SORT_WINDOW_BATCHES`` batches and their character budget; every text checked."""
+def windows(pairs, batch_size: int):
+    """``(window, flush)`` from ``(text, more_waiting)`` pairs: lists of consecutive texts,
+    each at most ``SORT_WINDOW_BATCHES`` batches and their character budget, or fewer as soon
+    as no more input is waiting (then ``flush``: the window is answered before more is read;
+    the last window is flushed too). Every text is checked."""
     limits.check_batch_size(batch_size, "batch size")
     window, chars = [], 0
     limit_texts, limit_chars = batch_size * SORT_WINDOW_BATCHES, limits.BATCH_CHAR_BUDGET * SORT_WINDOW_BATCHES
-    for i, t in enumerate(texts):
+    for i, (t, more) in enumerate(pairs):
         _check_text(i, t)
         window.append(t)
         chars += len(t)
-        if len(window) >= limit_texts or chars >= limit_chars:
-            yield window
+        if len(window) >= limit_texts or chars >= limit_chars or not more:
+            yield window, not more
             window, chars = [], 0
     if window:
-        yield window
+        yield window, True
 
 
 def _fast_tokenizer(spec: dict, fallback):
