@@ -465,11 +465,34 @@ class Bundle:
         if rel not in self.contents:
             raise UsageError(f"{what} '{rel}' is not listed in the manifest's contents; refusing to read it")
         data = self.dir.read(rel, max_bytes, what)
-        digest = hashlib.sha256(data).hexdigest()
+        self._confirm(rel, what, hashlib.sha256(data).hexdigest())
+        return data
+
+    def _confirm(self, rel: str, what: str, digest: str) -> None:
         if digest != self.contents[rel]:
             raise UsageError(f"{what} {rel} does not match its manifest hash (sha256 {digest[:12]}…, manifest "
                              f"{self.contents[rel][:12]}…); it was modified or damaged, refusing to load it")
-        return data
+
+    def read_hashing_aside(self, rel: str, max_bytes: int, what: str = "file"):
+        """``read`` with the hash computed on another thread while the caller goes on (hashlib
+        releases the GIL): ``(data, confirm)``. ``confirm()`` waits for the hash and raises
+        like ``read``; nothing may use ``data`` for more than reading before it returned."""
+        import hashlib
+        import threading
+
+        if rel not in self.contents:
+            raise UsageError(f"{what} '{rel}' is not listed in the manifest's contents; refusing to read it")
+        data = self.dir.read(rel, max_bytes, what)
+        digest = []
+        worker = threading.Thread(target=lambda: digest.append(hashlib.sha256(data).hexdigest()),
+                                  name="probattn-hash", daemon=True)
+        worker.start()
+
+        def confirm():
+            worker.join()
+            self._confirm(rel, what, digest[0] if digest else hashlib.sha256(data).hexdigest())
+
+        return data, confirm
 
     def check_file(self, rel: str, what: str = "file") -> None:
         """Hash a listed file in place (no copy in memory)."""
@@ -507,6 +530,10 @@ class Bundle:
 
     def artifact_bytes(self, entry: dict) -> bytes:
         return self.read(entry["path"], MAX_ARTIFACT_BYTES, "artifact")
+
+    def artifact_bytes_hashing_aside(self, entry: dict):
+        """``artifact_bytes`` as ``(data, confirm)`` (``read_hashing_aside``)."""
+        return self.read_hashing_aside(entry["path"], MAX_ARTIFACT_BYTES, "artifact")
 
     def check_all(self, strict_tree: bool = False) -> None:
         """Every artifact, the tokenizer and the test split against their hashes.
@@ -590,9 +617,11 @@ class Bundle:
 
         from .audit import tflite as tflite_audit
 
-        vocab = self.plain_lines("vocabulary")
-        if vocab is None and tokenizer is not None:
-            vocab = vocabulary(tokenizer)
+        vocab = None
+        if entry["format"] == "mediapipe":  # only a mediapipe file carries a vocabulary to compare
+            vocab = self.plain_lines("vocabulary")
+            if vocab is None and tokenizer is not None:
+                vocab = vocabulary(tokenizer)
         tflite_audit.audit(content, entry, labels=self.manifest["labels"], vocabulary=vocab)
 
     def test_data_bytes(self) -> bytes | None:

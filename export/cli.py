@@ -383,11 +383,17 @@ def _doctor(args) -> int:
     return 1 if result["breaks_masking"] else 0
 
 
+#: set by a ``predict --engine local`` that printed every answer (``entry`` may then exit at once)
+_ANSWERED_LOCALLY = False
+
+
 def _predict(args) -> int:
     """Texts from the arguments, then ``--input-file`` (or stdin) read as it arrives: each
     batch is run and printed as soon as it is complete, or as soon as no more input is
     waiting, so memory holds one batch and a pipe gets answers line by line. With
     ``--engine ray`` the whole input is read first and labelled by an actor pool."""
+    import gc
+
     from .predict import ENGINES, Predictor, predict_texts
 
     texts = list(args.texts)
@@ -416,7 +422,12 @@ def _predict(args) -> int:
                                              batch_size=args.batch_size, engine=args.engine, workers=args.workers)
             out.write(texts, map(predictor.result, probs))
         else:
-            predictor = Predictor(args.bundle, runtime=args.runtime, precision=args.precision, threads=args.threads)
+            gc.disable()  # loading allocates many long-lived objects and no cycles worth a collection
+            try:
+                predictor = Predictor(args.bundle, runtime=args.runtime, precision=args.precision,
+                                      threads=args.threads)
+            finally:
+                gc.enable()
             if texts:
                 out.write(texts, predictor.predict(texts, batch_size=args.batch_size))
             if stream is not None:
@@ -426,6 +437,8 @@ def _predict(args) -> int:
             os.close(stream[0])
     if out.failed:
         raise ProbattnError(f"{out.failed} of {out.count} texts got no label: {out.first_error}")
+    global _ANSWERED_LOCALLY
+    _ANSWERED_LOCALLY = args.engine == "local"
     return 0
 
 
@@ -627,5 +640,23 @@ class _Output:
             sys.stdout.flush()
 
 
+def entry() -> None:
+    """The ``probattn`` command (the console script and ``python -m``): ``main``, then exit.
+    A ``predict`` that answered exits at once (``os._exit`` once stdout and stderr are
+    flushed): it wrote no file and holds nothing to release, and tearing the interpreter
+    down (every module, the runtime's objects) is a large share of a one-text call's wall
+    time. Every other verb, a predict that failed and ``--engine ray`` (its cluster is shut
+    down at exit) exit the normal way."""
+    code = main(sys.argv[1:])
+    if code == 0 and _ANSWERED_LOCALLY:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except (BrokenPipeError, OSError):
+            sys.exit(code)  # let the normal exit report what it can
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -105,10 +105,14 @@ class Predictor:
             reason = cls.unavailable()
             if reason:
                 raise UsageError(f"runtime {runtime} cannot run here: {reason}")
-            content = b.artifact_bytes(entry)
-            #: the guarded tokenizer as a dict; ``tokenizers`` loads it only when needed
-            self._spec = b.tokenizer_spec()
-            b.check_plain_files(self._spec)
+            # the artifact's hash runs on another thread while the tokenizer is read and checked
+            content, confirm = b.artifact_bytes_hashing_aside(entry)
+            try:
+                #: the guarded tokenizer as a dict; ``tokenizers`` loads it only when needed
+                self._spec = b.tokenizer_spec()
+                b.check_plain_files(self._spec)
+            finally:  # a modified artifact is reported first, as when it was read first
+                confirm()
             b.audit_artifact(entry, content, self._spec)
             self.labels = list(m["labels"])
             self.vocab_size = int(m["vocab_size"])

@@ -23,15 +23,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import glob
 import hashlib
 import json
 import os
 import re
-import secrets
-import shutil
 import stat
-import tempfile
 import time
 from pathlib import Path
 
@@ -454,6 +450,8 @@ def check_output_dir_usable(path, *, dir_fd: int | None = None, what: str = "rep
 def not_writable(dir_fd: int) -> str | None:
     """None when a file can be created in the directory; otherwise why not. (``os.access``
     says yes for root on a read-only mount.)"""
+    import secrets
+
     probe = f".probattn-probe-{secrets.token_hex(6)}"
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
@@ -468,6 +466,8 @@ def write_file_at(dir_fd: int, name: str, data) -> None:
     """Write ``name`` (a plain name) in the directory ``dir_fd``: a new temporary file
     (``O_EXCL | O_NOFOLLOW``: a planted file or link there makes it fail, not follow), then a
     rename over ``name``. A rename replaces a link at ``name`` itself, never its target."""
+    import secrets
+
     if not name or "/" in name or name in (".", "..") or "\0" in name:
         raise UsageError(f"file name {name!r} must be a plain name")
     if isinstance(data, str):
@@ -564,6 +564,9 @@ def atomic_directory(target, overwrite: bool = False, kind: str = "run"):
     """Yield a temporary directory (already holding ``OUTPUT_MARKER``); on success it
     replaces ``target`` in one atomic swap. ``overwrite`` replaces only an earlier probattn
     output of the same ``kind``."""
+    import shutil
+    import tempfile
+
     target = check_output_dir(target, overwrite, kind)
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -609,6 +612,8 @@ def _install(tmp: Path, target: Path) -> None:
     """Put ``tmp`` at ``target``. An existing target is locked exclusively (readers finish
     first), swapped atomically (``renameat2(RENAME_EXCHANGE)``; two renames through an
     ``old-PID`` backup where that is missing) and deleted while still locked."""
+    import shutil
+
     try:
         old_fd = os.open(target, _DIR_FLAGS | os.O_NOFOLLOW)
     except FileNotFoundError:
@@ -661,6 +666,9 @@ def _remove_stale(parent: Path, name: str) -> None:
     A run killed between its two final renames leaves the previous result only as its
     ``old-PID`` backup: that one is put back in place, not deleted. Links are never followed
     or restored."""
+    import glob
+    import shutil
+
     prefix = f"{TMP_PREFIX}{name}-"
     target = parent / name
     for p in sorted(parent.glob(glob.escape(prefix) + "*")):

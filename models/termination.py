@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import threading
 
@@ -124,6 +123,8 @@ class graceful_termination:
                 return
             paths = list(fsutil.LIVE_TEMP_DIRS)
             for p in paths:
+                import shutil
+
                 shutil.rmtree(p, ignore_errors=True)
             name = signal.Signals(signums[0]).name
             if self.verb:  # the same last line as when the main thread cleans up itself

@@ -46,7 +46,9 @@ def test_write_file_at_never_follows_a_link_planted_at_its_temporary_name(tmp_pa
     outside.write_text("precious")
     d = tmp_path / "d"
     d.mkdir()
-    monkeypatch.setattr(fsutil.secrets, "token_hex", lambda n: "fixed")
+    import secrets
+
+    monkeypatch.setattr(secrets, "token_hex", lambda n: "fixed")  # fsutil imports it when it writes
     (d / ".parity.json.fixed.tmp").symlink_to(outside)
     fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
     try:

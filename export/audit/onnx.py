@@ -34,7 +34,6 @@ from __future__ import annotations
 import math
 import os
 import stat
-from dataclasses import dataclass, field
 
 from probattn.models.errors import UsageError
 
@@ -166,55 +165,49 @@ def _packed_varints(v, what) -> list:
     return out
 
 
-@dataclass
-class Tensor:
-    name: str = ""
-    dims: list = field(default_factory=list)
-    data_type: int = 0
-    raw_len: int | None = None
-    held: int = 0  # values in the typed fields (float_data, int32_data, ...)
-    string_bytes: int = 0
-    external: dict | None = None
-    ints: list | None = None  # values of a small integer tensor
+class _Record:
+    """A parsed message: fields with defaults (plain classes: a ``dataclass`` costs ~1 ms of
+    import time each, and this module is on ``predict``'s cold-start path)."""
+    __slots__ = ()
+    _defaults: dict = {}
+
+    def __init__(self, **values):
+        for k, v in self._defaults.items():
+            setattr(self, k, v() if callable(v) else v)
+        for k, v in values.items():
+            setattr(self, k, v)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in self._defaults)})"
 
 
-@dataclass
-class Attr:
-    name: str = ""
-    i: int | None = None
-    ints: list = field(default_factory=list)
-    floats: int = 0
-    t: Tensor | None = None
-    tensors: list = field(default_factory=list)
-    graphs: list = field(default_factory=list)
-    sparse: bool = False
+class Tensor(_Record):
+    # held: values in the typed fields (float_data, int32_data, ...); ints: a small integer tensor's values
+    _defaults = {"name": "", "dims": list, "data_type": 0, "raw_len": None, "held": 0, "string_bytes": 0,
+                 "external": None, "ints": None}
+    __slots__ = tuple(_defaults)
 
 
-@dataclass
-class Node:
-    op_type: str = ""
-    domain: str = ""
-    name: str = ""
-    inputs: list = field(default_factory=list)
-    outputs: list = field(default_factory=list)
-    attrs: list = field(default_factory=list)
+class Attr(_Record):
+    _defaults = {"name": "", "i": None, "ints": list, "floats": 0, "t": None, "tensors": list, "graphs": list,
+                 "sparse": False}
+    __slots__ = tuple(_defaults)
 
 
-@dataclass
-class Graph:
-    nodes: list = field(default_factory=list)
-    initializers: list = field(default_factory=list)
-    inputs: list = field(default_factory=list)  # (name, elem type name, dims or None)
-    outputs: list = field(default_factory=list)
-    sparse_initializers: int = 0
+class Node(_Record):
+    _defaults = {"op_type": "", "domain": "", "name": "", "inputs": list, "outputs": list, "attrs": list}
+    __slots__ = tuple(_defaults)
 
 
-@dataclass
-class Model:
-    graph: Graph | None = None
-    opsets: list = field(default_factory=list)
-    functions: int = 0
-    training_info: int = 0
+class Graph(_Record):
+    # inputs / outputs: (name, elem type name, dims or None)
+    _defaults = {"nodes": list, "initializers": list, "inputs": list, "outputs": list, "sparse_initializers": 0}
+    __slots__ = tuple(_defaults)
+
+
+class Model(_Record):
+    _defaults = {"graph": None, "opsets": list, "functions": 0, "training_info": 0}
+    __slots__ = tuple(_defaults)
 
 
 def _count_varints(v) -> int:

@@ -1,6 +1,6 @@
 """A TFLite-family file (``tflite``, ``tflite-fixed``, ``mediapipe``) checked from its bytes
-before LiteRT, TFLite Micro or MediaPipe load it (TensorFlow-free: the flatbuffer is read with
-the schema's Python bindings, nothing runs).
+before LiteRT, TFLite Micro or MediaPipe load it (TensorFlow-free: the flatbuffer is read field
+by field, ``formats/tflite_read.py``, nothing runs).
 
 * the file is a TFLite flatbuffer (``TFL3``) of at most ``MAX_FILE_BYTES``;
 * builtin ops only, in every subgraph: a custom op (Flex included) runs code the runtimes do
@@ -61,9 +61,8 @@ def _structure(m) -> int:
     """Check every subgraph's ops and the ``WHILE`` structure of an unpacked model (see the
     module docstring); returns the bytes of the tensors all subgraphs declare. Raises
     UsageError (without the file's name)."""
-    from ..formats.tflite_flatbuffer import schema
+    from ..formats import tflite_read as R
 
-    s = schema()
     subgraphs = m.subgraphs or []
     n = len(subgraphs)
     if not 1 <= n <= MAX_SUBGRAPHS:
@@ -73,8 +72,6 @@ def _structure(m) -> int:
         if d.subgraphIndex != 0:
             raise UsageError(f"signature {_text(d.signatureKey)!r} runs subgraph {d.subgraphIndex}; every signature "
                              "runs subgraph 0 (the others are loop conditions and bodies)")
-    names = {v: k for k, v in vars(s.BuiltinOperator).items() if not k.startswith("_")}
-    types = {v: k.lower() for k, v in vars(s.TensorType).items() if not k.startswith("_")}
     codes = m.operatorCodes or []
     used = {}  # subgraph index -> (role, index of its WHILE in subgraph 0)
     total = 0
@@ -85,8 +82,10 @@ def _structure(m) -> int:
                 raise UsageError(f"operator {k} of {where} has opcode index {op.opcodeIndex}; the file has "
                                  f"{len(codes)} op codes")
             code = codes[op.opcodeIndex]
-            value = max(code.builtinCode, code.deprecatedBuiltinCode)
-            name = names.get(value)
+            value = R.op_code(code)
+            if R.is_known_unnamed(value):  # a builtin op with no rule of its own
+                continue
+            name = R.op_name(value)
             if name is None or name == "CUSTOM":
                 name = f"CUSTOM:{_text(code.customCode)}" if name else f"unknown op {value}"
                 raise UsageError(f"{where} uses {name}; custom and unknown ops are refused (probattn's exports use "
@@ -100,7 +99,7 @@ def _structure(m) -> int:
                 raise UsageError(f"{where} uses WHILE: loops inside a loop's condition or body are refused "
                                  "(probattn's loops are not nested)")
             opt = op.builtinOptions
-            if not isinstance(opt, s.WhileOptionsT):
+            if not isinstance(opt, R.WhileOptions):
                 raise UsageError(f"WHILE operator {k} has no WhileOptions")
             cond, body = opt.condSubgraphIndex, opt.bodySubgraphIndex
             for role, idx in (("condition", cond), ("body", body)):
@@ -123,13 +122,13 @@ def _structure(m) -> int:
                                  f"{count(c.inputs)} inputs, its body {count(b.inputs)} inputs and "
                                  f"{count(b.outputs)} outputs; all must match")
             if count(c.outputs) != 1 or not 0 <= int(c.outputs[0]) < count(c.tensors) \
-                    or types.get(c.tensors[int(c.outputs[0])].type) != "bool":
+                    or R.type_name(c.tensors[int(c.outputs[0])].type) != "bool":
                 raise UsageError(f"WHILE operator {k}'s condition (subgraph {cond}) must have one bool output")
         for t in sg.tensors or []:
             size = 1
             for d in (t.shape if t.shape is not None else []):
                 size *= max(int(d), 1)
-            total += size * _DTYPE_BYTES.get(types.get(t.type, ""), 8)
+            total += size * _DTYPE_BYTES.get(R.type_name(t.type), 8)
     left = sorted(set(range(1, n)) - set(used))
     if left:
         raise UsageError(f"subgraph {left[0]} is neither the condition nor the body of a WHILE of the model; "
@@ -213,7 +212,8 @@ def audit(blob: bytes, entry: dict, *, labels, vocabulary=None, what: str | None
     """Check a TFLite-family artifact's bytes against its manifest ``entry``; returns what
     ``describe`` read. ``vocabulary``: the bundle's tokens in id order (checked against a
     mediapipe file's metadata), None to skip that check."""
-    from ..formats.tflite_flatbuffer import describe, unpack
+    from ..formats.tflite_flatbuffer import describe
+    from ..formats.tflite_read import read
     from ..limits import TFLITE_STATIC_BYTES
 
     what = what or entry["path"]
@@ -223,9 +223,9 @@ def audit(blob: bytes, entry: dict, *, labels, vocabulary=None, what: str | None
     if len(blob) < 8 or blob[4:8] != b"TFL3":
         raise UsageError(f"{what} is not a valid TFLite model (no TFL3 flatbuffer identifier)")
     try:
-        model = unpack(blob)
+        model = read(blob)
         static = _structure(model)
-        info = describe(blob, model)
+        info = describe(blob, model, ops=False)
     except UsageError as e:
         raise UsageError(f"{what}: {e}") from None
     except Exception as e:  # a damaged flatbuffer: struct.error, IndexError, ...

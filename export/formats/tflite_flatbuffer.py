@@ -121,18 +121,13 @@ def unaligned_buffers(blob: bytes, align: int = BUFFER_ALIGN) -> list:
     return bad
 
 
-def unpack(blob: bytes):
-    """The file's ``ModelT`` (the flatbuffer's object form; unpack once, read many times)."""
-    return schema().ModelT.InitFromPackedBuf(bytearray(blob), 0)
-
-
-def describe(blob: bytes, model=None) -> dict:
+def describe(blob: bytes, model=None, ops: bool = True) -> dict:
     """What a raw client sees: subgraph 0's inputs and outputs in order (name, dtype, shape,
-    shape signature, quantization), the signatures, and the builtin ops in first-use order.
-    ``model``: the blob's ``unpack`` when the caller has it."""
-    s = schema()
-    m = model if model is not None else unpack(blob)
-    types = {v: k.lower() for k, v in vars(s.TensorType).items() if not k.startswith("_")}
+    shape signature, quantization), the signatures, and (``ops``) the builtin ops in
+    first-use order. ``model``: the blob's ``tflite_read.read`` when the caller has it."""
+    from .tflite_read import read, type_name
+
+    m = model if model is not None else read(blob)
     sg = m.subgraphs[0]
 
     def tensor(i):
@@ -140,36 +135,38 @@ def describe(blob: bytes, model=None) -> dict:
         q = t.quantization
         quant = None
         if q is not None and q.scale is not None and len(q.scale):
-            quant = {"scale": [float(x) for x in q.scale], "zero_point": [int(x) for x in q.zeroPoint]}
+            quant = {"scale": [float(x) for x in q.scale], "zero_point": [int(x) for x in q.zeroPoint or ()]}
         shape = [int(x) for x in t.shape] if t.shape is not None else []
         sig = [int(x) for x in t.shapeSignature] if t.shapeSignature is not None else shape
-        return {"name": _text(t.name), "dtype": types.get(t.type, str(t.type)), "shape": shape,
+        return {"name": _text(t.name), "dtype": type_name(t.type), "shape": shape,
                 "shape_signature": sig, "quantization": quant}
 
-    return {
-        "inputs": [tensor(i) for i in sg.inputs],
-        "outputs": [tensor(i) for i in sg.outputs],
-        "signatures": {_text(d.signatureKey): {"inputs": [_text(x.name) for x in d.inputs],
-                                                "outputs": [_text(x.name) for x in d.outputs]}
+    info = {
+        "inputs": [tensor(i) for i in sg.inputs or ()],
+        "outputs": [tensor(i) for i in sg.outputs or ()],
+        "signatures": {_text(d.signatureKey): {"inputs": [_text(x.name) for x in d.inputs or ()],
+                                                "outputs": [_text(x.name) for x in d.outputs or ()]}
                        for d in (m.signatureDefs or [])},
-        "ops": op_list(m, s),
         "has_metadata": any(_text(md.name) == "TFLITE_METADATA" for md in (m.metadata or [])),
     }
+    if ops:
+        info["ops"] = op_list(m)
+    return info
 
 
-def op_list(model, s=None) -> list:
-    """Builtin op names of a model (a ``ModelT`` or bytes), in first-use order, with counts:
-    what a TFLite Micro op resolver has to register."""
-    s = s or schema()
+def op_list(model) -> list:
+    """Builtin op names of a model (``tflite_read.read``'s or bytes), in first-use order, with
+    counts: what a TFLite Micro op resolver has to register."""
+    from .tflite_read import op_code, op_name, read
+
     if isinstance(model, (bytes, bytearray)):
-        model = s.ModelT.InitFromPackedBuf(bytearray(model), 0)
-    names = {v: k for k, v in vars(s.BuiltinOperator).items() if not k.startswith("_")}
+        model = read(model)
     counts = {}
-    for sg in model.subgraphs:
+    for sg in model.subgraphs or []:
         for op in sg.operators or []:
             code = model.operatorCodes[op.opcodeIndex]
-            value = max(code.builtinCode, code.deprecatedBuiltinCode)
-            name = names.get(value, str(value))
+            value = op_code(code)
+            name = op_name(value) or str(value)
             if name == "CUSTOM":
                 name = f"CUSTOM:{_text(code.customCode)}"
             counts[name] = counts.get(name, 0) + 1
@@ -179,15 +176,13 @@ def op_list(model, s=None) -> list:
 def op_input_dtypes(blob: bytes) -> dict:
     """Builtin op name -> the set of dtypes of its first input, over every use (which ops a
     full-int8 file runs in float)."""
-    s = schema()
-    m = s.ModelT.InitFromPackedBuf(bytearray(blob), 0)
-    names = {v: k for k, v in vars(s.BuiltinOperator).items() if not k.startswith("_")}
-    types = {v: k.lower() for k, v in vars(s.TensorType).items() if not k.startswith("_")}
+    from .tflite_read import op_code, op_name, read, type_name
+
+    m = read(blob)
     out = {}
-    for sg in m.subgraphs:
+    for sg in m.subgraphs or []:
         for op in sg.operators or []:
-            code = m.operatorCodes[op.opcodeIndex]
-            name = names.get(max(code.builtinCode, code.deprecatedBuiltinCode))
+            name = op_name(op_code(m.operatorCodes[op.opcodeIndex]))
             if op.inputs is not None and len(op.inputs) and op.inputs[0] >= 0:
-                out.setdefault(name, set()).add(types.get(sg.tensors[op.inputs[0]].type))
+                out.setdefault(name, set()).add(type_name(sg.tensors[op.inputs[0]].type))
     return out

@@ -68,11 +68,12 @@ def is_panic(e: BaseException) -> bool:
 
 
 def _no_duplicates(pairs):
-    keys = [k for k, _ in pairs]
-    if len(keys) != len(set(keys)):
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        keys = [k for k, _ in pairs]
         dup = next(k for k in keys if keys.count(k) > 1)
         raise UsageError(f"tokenizer.json names {dup[:40]!r} twice in one object; each key must appear once")
-    return dict(pairs)
+    return d
 
 
 def _regex_allowed(value: str, patterns) -> bool:
