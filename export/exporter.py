@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,6 +345,7 @@ def _export(source, out, opts: ExportOptions | None = None) -> dict:
         t = time.perf_counter()
         entries = [{"path": b.path, "format": b.format, "precision": b.precision, **b.extra,
                     **({"input_shape": input_shape(b.format)} if input_shape(b.format) else {})} for b in built]
+        log(f"  checking that each of the {len(entries)} artifacts runs on every runtime it is made for ...")
         broken = check_artifacts(tmp, entries, vocab_size, out_names, log=log)
         run_check_seconds = time.perf_counter() - t
         for b in built:
@@ -518,18 +518,16 @@ def _run_formats(ctx: formats.ExportContext, wanted: dict, traces: dict):
     format or precision that cannot be built is reported in ``failed`` (with the reason)
     without stopping the others. The SavedModels the converters need are written first (the
     dynamic one in the bundle when ``savedmodel`` was asked for, the rest in scratch
-    folders); every TFLite conversion then runs in one converter child, in a thread beside
-    the in-process formats (ONNX), and each TFLite-family format finishes its files
-    (metadata, measured targets) once the child is done."""
+    folders); the other formats (ONNX) are built, then every TFLite conversion runs in this
+    process (one TensorFlow, already loaded), and each TFLite-family format finishes its
+    files (metadata, measured targets)."""
     modules = {f: formats.get(f) for f in wanted}
     from .formats import savedmodel, tflite
 
     failed = []
-    lock = threading.Lock()
 
     def fail(fmt, precision, reason):
-        with lock:
-            failed.append({"format": fmt, "precision": precision, "reason": reason})
+        failed.append({"format": fmt, "precision": precision, "reason": reason})
 
     def fail_format(f, reason):
         for p in wanted[f]:
@@ -559,62 +557,34 @@ def _run_formats(ctx: formats.ExportContext, wanted: dict, traces: dict):
             continue
         ctx.saved_models[kind] = path
 
-    child = {}
+    converted = {}  # TFLite-family format -> its precisions, converted in one go
     jobs = []
     for f, ps in wanted.items():
-        if modules[f].IN_CHILD:
+        if modules[f].TFLITE_JOBS:
             try:
                 jobs.extend(modules[f].conversions(ctx, ps))
-                child[f] = ps
+                converted[f] = ps
             except UsageError as e:
                 fail_format(f, str(e))
-    built, errors, procs, results = [], [], [], []
-    cancel = threading.Event()
-
-    def started(proc):
-        procs.append(proc)
-        if cancel.is_set():  # the export failed or was interrupted while it started
-            proc.kill()
-
-    def run(f, ps):
+    built = []
+    for f, ps in wanted.items():
+        if modules[f].TFLITE_JOBS:
+            continue
         try:
             got = modules[f].export(ctx, ps)
         except UsageError as e:  # the whole format failed
-            for p in ps:
-                if not any(b.precision == p for b in built if b.format == f):
-                    fail(f, p, str(e))
-            return
-        with lock:
-            built.extend(got)
-
-    ctx.started = started
-    threads = []
+            fail_format(f, str(e))
+            continue
+        built.extend(got)
+    results = []
     if jobs:
-        def work():
-            try:
-                results.extend(tflite.convert_in_child(ctx, jobs))
-            except UsageError as e:  # the converter child itself failed: every job of it did
-                for f in child:
-                    fail_format(f, str(e))
-            except BaseException as e:  # re-raised in the main thread
-                errors.append(e)
-
-        th = threading.Thread(target=work, daemon=True)
-        th.start()
-        threads.append(th)
-    try:
-        for f, ps in wanted.items():
-            if not modules[f].IN_CHILD:
-                run(f, ps)
-    except BaseException:  # failed or interrupted: stop the converters rather than wait for them
-        _stop(cancel, procs)
-        raise
-    finally:
-        for th in threads:
-            _join(th, cancel, procs)
-    if errors:
-        raise errors[0]
-    for f in child:
+        ctx.log(f"  converting {len(jobs)} TFLite file{'s' if len(jobs) > 1 else ''} ...")
+        try:
+            results = tflite.convert_jobs(ctx, jobs)
+        except UsageError as e:  # the conversions as a whole failed: every job did
+            for f in converted:
+                fail_format(f, str(e))
+    for f in converted:
         mine = [r for r in results if r["format"] == f]
         try:
             built.extend(modules[f].finish(ctx, mine))
@@ -628,26 +598,6 @@ def _run_formats(ctx: formats.ExportContext, wanted: dict, traces: dict):
         if path.exists():
             shutil.rmtree(path)
     return built, failed
-
-
-def _stop(cancel, procs):
-    cancel.set()
-    for p in list(procs):
-        if p.poll() is None:
-            p.kill()
-
-
-def _join(thread, cancel, procs):
-    """Wait for a converter thread; Ctrl-C while waiting stops its child first, so the
-    temporary bundle is removed only after nothing writes into it any more."""
-    try:
-        while thread.is_alive():  # no TensorFlow work here: a recorded signal is raised at once
-            thread.join(0.2)
-            checkpoint()
-    except KeyboardInterrupt:
-        _stop(cancel, procs)
-        thread.join()
-        raise
 
 
 def summary_table(manifest) -> str:

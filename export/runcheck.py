@@ -2,7 +2,8 @@
 every runtime of the verify matrix it is made for (every LiteRT kernel family for TFLite,
 onnxruntime with and without graph optimisation for ONNX; not ``secondary`` readers such
 as OpenVINO, whose missing importers are their own limit), in a child process
-(``runtimes.isolated``), on a few ragged rows and an all-padding row. A runtime that
+(``runtimes.isolated``; TensorFlow itself, for the SavedModel, in the exporting process,
+which holds TensorFlow already), on a few ragged rows and an all-padding row. A runtime that
 crashes (segfault, abort), hangs or refuses the file makes the artifact "does not run":
 the exporter leaves it out (or fails, when the user asked for it by name).
 
@@ -10,6 +11,7 @@ One worker process serves every check in turn; a crash costs a new worker, nothi
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -56,10 +58,13 @@ def check_artifacts(bundle: Path, entries: list, vocab_size: int, output_names: 
             for cls, variant in runtimes.pairs_for(entry["format"]):
                 if cls.secondary or cls.unavailable() or cls.cannot_run(entry["format"], entry["precision"], entry):
                     continue  # checked on the runtimes the file is made for
-                if worker is None or worker.closed:
-                    worker = Worker(CHECK_LIMITS)
-                runner = IsolatedRunner(cls, path, vocab_size, variant=variant, input_shape=entry.get("input_shape"),
-                                        limits=CHECK_LIMITS, worker=worker)
+                if cls.is_tensorflow and "tensorflow" in sys.modules:  # the exporter's own TensorFlow
+                    runner = cls(path, vocab_size, variant=variant, input_shape=entry.get("input_shape"))
+                else:
+                    if worker is None or worker.closed:
+                        worker = Worker(CHECK_LIMITS)
+                    runner = IsolatedRunner(cls, path, vocab_size, variant=variant,
+                                            input_shape=entry.get("input_shape"), limits=CHECK_LIMITS, worker=worker)
                 try:
                     with runner:
                         if not runner.accepts(ids):

@@ -566,31 +566,30 @@ def _processes_mentioning(text: str) -> list:
 
 
 @pytest.mark.parametrize("sig,when", [
-    (signal.SIGKILL, ".calibration.npz"),  # the TFLite converter child has just been started
-    (signal.SIGINT, ".calibration.npz"),  # ... while the main thread converts to ONNX
-    (signal.SIGINT, "model_int8.onnx"),  # ONNX done: the main thread waits for the converter
-    (signal.SIGTERM, ".calibration.npz"),  # what `kill`, systemd and CI runners send
+    (signal.SIGKILL, "model_fp32.tflite"),  # the TFLite conversions are under way (in the exporter)
+    (signal.SIGINT, "model_fp32.tflite"),
+    (signal.SIGINT, "model_int8.onnx"),  # ONNX done: the TFLite conversions start
+    (signal.SIGTERM, "model_fp32.tflite"),  # what `kill`, systemd and CI runners send
     (signal.SIGHUP, "model_int8.onnx"),  # the terminal went away
-], ids=["SIGKILL-converting", "SIGINT-converting", "SIGINT-waiting-for-tflite", "SIGTERM-converting",
-        "SIGHUP-waiting-for-tflite"])
+], ids=["SIGKILL-converting", "SIGINT-converting", "SIGINT-after-onnx", "SIGTERM-converting", "SIGHUP-after-onnx"])
 def test_interrupted_export_leaves_existing_bundle_intact(sig, when, bundle_dir, shared, tmp_path):
     from probattn.export.exporter import ExportOptions, export
 
     target = _copy_bundle(bundle_dir, tmp_path / "B")
     before = _hashes(target)
     proc = _cli_popen("export", shared["run"], "--out", target, "--overwrite")
-    # mid-export: the temporary bundle holds the SavedModel and the TFLite converter has started
+    # mid-export: the temporary bundle holds the SavedModel and ONNX, and the TFLite conversions have started
     tmp = _wait_for(lambda: next(iter(tmp_path.glob(f"{TMP_PREFIX}B-*/{when}")), None), proc,
                     f"{when} appeared in the temporary bundle").parent
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     if sig == signal.SIGKILL:
         assert proc.returncode == -signal.SIGKILL
-        # the converter child does not outlive its exporter (it would write into a dead run's directory)
+        # no child of the export (a runtime worker) outlives it (it would work on in a dead run's directory)
         t_end = time.monotonic() + 10
         while _processes_mentioning(str(tmp)) and time.monotonic() < t_end:
             time.sleep(0.1)
-        assert not _processes_mentioning(str(tmp)), "the TFLite converter outlived the killed export"
+        assert not _processes_mentioning(str(tmp)), "a child process outlived the killed export"
     else:
         assert proc.returncode == 128 + sig, err[-3000:]
         what = "interrupted" if sig == signal.SIGINT else f"terminated by {signal.Signals(sig).name}"
@@ -607,10 +606,10 @@ def test_interrupted_export_leaves_existing_bundle_intact(sig, when, bundle_dir,
 
 
 @pytest.mark.parametrize("pass_pid", [True, False], ids=["PROBATTN_PARENT_PID", "getppid"])
-def test_converter_child_exits_when_its_exporter_is_killed(tmp_path, pass_pid):
-    """The TFLite converter runs in a child process; SIGKILL of the exporter runs no cleanup,
-    so the child must notice on its own instead of converting on into a dead run's directory."""
-    child = ("import time; from probattn.export.formats.tflite import _exit_with_parent; "
+def test_runtime_worker_exits_when_its_parent_is_killed(tmp_path, pass_pid):
+    """The run check and verify run runtimes in a worker process; SIGKILL of the exporter runs
+    no cleanup, so the worker must notice on its own instead of running on for a dead run."""
+    child = ("import time; from probattn.export.runtimes.isolated import _exit_with_parent; "
              "_exit_with_parent(); time.sleep(120)")
     parent = ("import os, subprocess, sys; env = dict(os.environ)\n"
               f"if {pass_pid}: env['PROBATTN_PARENT_PID'] = str(os.getpid())\n"
@@ -633,7 +632,7 @@ def test_converter_child_exits_when_its_exporter_is_killed(tmp_path, pass_pid):
         time.sleep(0.05)
     else:
         os.kill(pid, signal.SIGKILL)
-        pytest.fail("the converter child outlived its killed parent by 10 s")
+        pytest.fail("the runtime worker outlived its killed parent by 10 s")
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,11 @@ module. A format module declares:
   of the serving function: ``"dynamic"`` (``[batch, sequence]``), ``"fixed"``
   (``[1, max_length]``) or ``"fixed-probabilities"`` (``[1, max_length]``, probabilities
   only);
-* ``IN_CHILD``: it runs in a child process, so the exporter runs it beside the others.
-  The TFLite family (``tflite``, ``tflite-fixed``, ``mediapipe``) also offers
-  ``conversions(ctx, precisions)`` and ``finish(ctx, results)``: the exporter then runs
-  every TFLite conversion of the export in one converter child (one TensorFlow start-up)
-  and hands each format its results.
+* ``TFLITE_JOBS``: its files come from TFLite conversions. The TFLite family
+  (``tflite``, ``tflite-fixed``, ``mediapipe``) offers ``conversions(ctx, precisions)``
+  and ``finish(ctx, results)``: the exporter runs every conversion of the export in one
+  go (``tflite.convert_jobs``, in the exporting process) after the other formats and hands
+  each format its results.
 
 Module names are the format names with ``-`` as ``_`` (``tflite-fixed``: ``tflite_fixed``).
 """
@@ -49,7 +49,6 @@ class ExportContext:
     labels: list = field(default_factory=list)
     tokenizer: object = None  # the bundle's tokenizers.Tokenizer
     log: Callable = print
-    started: Callable | None = None  # called with a child process once it runs (to stop it)
     fixed_length: int | None = None  # the model's own input length, or None (dynamic)
     input_dtype: str = "int32"  # the dtype the model takes (the ids are cast to it in the graph)
     head_units: dict = field(default_factory=dict)  # score output name -> units

@@ -31,13 +31,13 @@ from probattn.models.errors import UsageError, one_line
 
 from ..contract import MEDIAPIPE_OUTPUTS, artifact_filename, fixed_input_shape
 from . import Built, ExportContext
-from .tflite import conversion, convert_in_child
+from .tflite import conversion, convert_jobs
 from .tflite import INT8_RECIPE
 
 FORMAT = "mediapipe"
 NEEDS_SAVED_MODEL = True
 SAVED_MODEL = "fixed-probabilities"
-IN_CHILD = True
+TFLITE_JOBS = True
 
 #: all int8 (MediaPipe runs LiteRT, which has int8 EXP and LOG), calibrated like tflite-fixed
 MEDIAPIPE_INT8_RECIPE = {**INT8_RECIPE,
@@ -88,7 +88,7 @@ def finish(ctx: ExportContext, results) -> list:
 
 
 def export(ctx: ExportContext, precisions) -> list:
-    return finish(ctx, convert_in_child(ctx, conversions(ctx, precisions)))
+    return finish(ctx, convert_jobs(ctx, conversions(ctx, precisions)))
 
 
 def write_metadata(model: bytes, tokenizer, labels) -> tuple:

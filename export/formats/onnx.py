@@ -30,7 +30,7 @@ from . import Built, ExportContext
 FORMAT = "onnx"
 INT64 = INPUT_DTYPES[1]
 NEEDS_SAVED_MODEL = False
-IN_CHILD = False
+TFLITE_JOBS = False
 DEFAULT_OPSET = 17
 MIN_OPSET, MAX_OPSET = 13, 18  # tf2onnx 1.17 refuses opsets above 18
 ONNX_PRECISIONS = SUPPORTED[FORMAT]

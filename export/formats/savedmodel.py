@@ -8,7 +8,7 @@ from . import Built, ExportContext
 
 FORMAT = "savedmodel"
 NEEDS_SAVED_MODEL = False
-IN_CHILD = False
+TFLITE_JOBS = False
 
 
 def save(ctx: ExportContext, directory, module=None, concrete=None) -> float:

@@ -21,12 +21,12 @@ from probattn.models.errors import UsageError
 
 from ..contract import artifact_filename, fixed_input_shape, output_dtypes
 from . import Built, ExportContext
-from .tflite import INT8_RECIPE, conversion, convert_in_child
+from .tflite import INT8_RECIPE, conversion, convert_jobs
 
 FORMAT = "tflite-fixed"
 NEEDS_SAVED_MODEL = True
 SAVED_MODEL = "fixed"
-IN_CHILD = True
+TFLITE_JOBS = True
 
 #: ops full int8 keeps in float32 here: TFLite Micro has float kernels only for them (its
 #: EXP and LOG refuse int8 inputs). LiteRT's int8 EXP and LOG are lookup tables of the same
@@ -77,4 +77,4 @@ def finish(ctx: ExportContext, results) -> list:
 
 
 def export(ctx: ExportContext, precisions) -> list:
-    return finish(ctx, convert_in_child(ctx, conversions(ctx, precisions)))
+    return finish(ctx, convert_jobs(ctx, conversions(ctx, precisions)))

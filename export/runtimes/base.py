@@ -112,6 +112,10 @@ class Runner:
     #: TFLite): a file it cannot read (an op its importer lacks) is its limit, reported as a
     #: skip, and the exporter checks files only on the runtimes they are made for
     secondary = False
+    #: True for a runtime that is TensorFlow itself (SavedModel, Keras): the export's run
+    #: check runs it in the exporting process, which holds TensorFlow already (a child
+    #: would start a second one: seconds, and as much memory again)
+    is_tensorflow = False
     #: lengths ``predict`` pads one text to (the first that fits, at most the model's max
     #: length) for a runtime whose every new input shape costs a reallocation (LiteRT: about
     #: 30 us, three times a 1 x 64 call); empty: the text's own length. Pads are masked, so

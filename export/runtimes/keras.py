@@ -23,6 +23,7 @@ class KerasRunner(Runner):
     requires = ("tensorflow",)
     package = "tensorflow"
     tensorflow_free = False
+    is_tensorflow = True
     order = 0
     description = "the Keras model called directly: the reference"
 

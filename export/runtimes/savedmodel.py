@@ -19,6 +19,7 @@ class SavedModelRunner(Runner):
     requires = ("tensorflow",)
     package = "tensorflow"
     tensorflow_free = False
+    is_tensorflow = True
     order = 10
     description = "tf.saved_model.load, signature serving_default"
 
