@@ -462,11 +462,14 @@ class Bundle:
         """The bytes of a file listed in ``contents``, after its hash matched."""
         import hashlib
 
-        if rel not in self.contents:
-            raise UsageError(f"{what} '{rel}' is not listed in the manifest's contents; refusing to read it")
-        data = self.dir.read(rel, max_bytes, what)
+        data = self._read_listed(rel, max_bytes, what)
         self._confirm(rel, what, hashlib.sha256(data).hexdigest())
         return data
+
+    def _read_listed(self, rel: str, max_bytes: int, what: str) -> bytes:
+        if rel not in self.contents:
+            raise UsageError(f"{what} '{rel}' is not listed in the manifest's contents; refusing to read it")
+        return self.dir.read(rel, max_bytes, what)
 
     def _confirm(self, rel: str, what: str, digest: str) -> None:
         if digest != self.contents[rel]:
@@ -480,9 +483,7 @@ class Bundle:
         import hashlib
         import threading
 
-        if rel not in self.contents:
-            raise UsageError(f"{what} '{rel}' is not listed in the manifest's contents; refusing to read it")
-        data = self.dir.read(rel, max_bytes, what)
+        data = self._read_listed(rel, max_bytes, what)
         digest = []
         worker = threading.Thread(target=lambda: digest.append(hashlib.sha256(data).hexdigest()),
                                   name="probattn-hash", daemon=True)

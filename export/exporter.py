@@ -557,13 +557,13 @@ def _run_formats(ctx: formats.ExportContext, wanted: dict, traces: dict):
             continue
         ctx.saved_models[kind] = path
 
-    converted = {}  # TFLite-family format -> its precisions, converted in one go
+    converted = []  # the TFLite-family formats, converted in one go
     jobs = []
     for f, ps in wanted.items():
         if modules[f].TFLITE_JOBS:
             try:
                 jobs.extend(modules[f].conversions(ctx, ps))
-                converted[f] = ps
+                converted.append(f)
             except UsageError as e:
                 fail_format(f, str(e))
     built = []

@@ -78,6 +78,10 @@ def check_artifacts(bundle: Path, entries: list, vocab_size: int, output_names: 
                     worker = None
                 except UsageError as e:
                     failures[entry["path"]] = f"does not run on {runner.name}: {one_line(e, 300)}"
+                except Exception as e:  # in this process (TensorFlow): what the worker reports as a crash
+                    if isinstance(runner, IsolatedRunner):
+                        raise
+                    failures[entry["path"]] = f"crashed {runner.name}: {type(e).__name__}: {one_line(e, 300)}"
                 if entry["path"] in failures:
                     log(f"  ✗ {entry['path']}: {failures[entry['path']]}")
                     break

@@ -328,3 +328,31 @@ def test_export_onto_existing_bundle_refused_and_intact(bundle_dir, run_dir, tmp
     after = {str(p.relative_to(target)): B.sha256_path(p) for p in target.rglob("*") if p.is_file()}
     assert after == before
     assert not _leftovers(tmp_path, "existing")
+
+
+def test_run_check_runs_tensorflow_in_this_process_and_records_its_errors(bundle_dir, manifest, monkeypatch):
+    """The export's run check runs the SavedModel on the exporter's own TensorFlow (no
+    worker); an exception there leaves the artifact out as a crash, as the worker would."""
+    import tensorflow  # noqa: F401  (the exporter's process holds TensorFlow)
+
+    from probattn.export import contract as C
+    from probattn.export.runcheck import check_artifacts
+    from probattn.export.runtimes import isolated
+    from probattn.export.runtimes.savedmodel import SavedModelRunner
+
+    entries = [a for a in manifest["artifacts"] if a["format"] == "savedmodel"]
+    assert entries, manifest["artifacts"]
+    names = C.ordered_outputs(["probabilities", "attention_weights"])
+
+    def no_worker(*a, **k):
+        raise AssertionError("a worker process was started for TensorFlow")
+
+    monkeypatch.setattr(isolated.Worker, "__init__", no_worker)
+    assert check_artifacts(bundle_dir, entries, manifest["vocab_size"], names, log=lambda m: None) == {}
+
+    def broken(self, ids):
+        raise ValueError("boom")
+
+    monkeypatch.setattr(SavedModelRunner, "_infer", broken)
+    got = check_artifacts(bundle_dir, entries, manifest["vocab_size"], names, log=lambda m: None)
+    assert got == {entries[0]["path"]: "crashed savedmodel: ValueError: boom"}, got

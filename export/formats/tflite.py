@@ -172,7 +172,7 @@ def export(ctx: ExportContext, precisions) -> list:
     return finish(ctx, convert_jobs(ctx, conversions(ctx, precisions)))
 
 
-def convert_jobs(ctx: ExportContext, jobs, progress=None) -> list:
+def convert_jobs(ctx: ExportContext, jobs) -> list:
     """Run ``jobs`` (from ``conversion``) one after the other in this process (TensorFlow is
     already imported by the exporter: no second start-up, no second copy in memory);
     returns their results (``path``, ``precision``, ``seconds``, ...) in order. A job that
@@ -185,17 +185,18 @@ def convert_jobs(ctx: ExportContext, jobs, progress=None) -> list:
     from .tflite_flatbuffer import rewrite_io
 
     sets = {"dynamic": ctx.calibration, "fixed": ctx.calibration_fixed}
+    calibration = {}  # each set used, as int32 arrays once for all its jobs
     for name in {j["calibration"] for j in jobs if j["calibration"]}:
         if not sets.get(name):
             raise UsageError("full-integer int8 needs calibration texts (--calibration-data)")
+        calibration[name] = [np.asarray(c, np.int32) for c in sets[name]]
     results = []
     for job in jobs:
         checkpoint()
         t0 = time.perf_counter()
         try:
-            calibration = [np.asarray(c, np.int32) for c in sets[job["calibration"]]] if job["calibration"] else None
             with quiet_stderr():  # the converter's MLIR diagnostics go to fd 2
-                blob = convert(job["saved_model"], job["precision"], calibration,
+                blob = convert(job["saved_model"], job["precision"], calibration.get(job["calibration"]),
                                int8_output=job["int8_output"], float_ops=job.get("float_ops", ()))
             try:
                 blob = rewrite_io(blob, ordered_outputs)  # raw names and order = the contract's
@@ -210,8 +211,5 @@ def convert_jobs(ctx: ExportContext, jobs, progress=None) -> list:
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(blob)
         tmp.replace(path)
-        res = {**job, "seconds": round(time.perf_counter() - t0, 2)}
-        results.append(res)
-        if progress:
-            progress(res)
+        results.append({**job, "seconds": round(time.perf_counter() - t0, 2)})
     return results

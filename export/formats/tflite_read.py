@@ -16,6 +16,7 @@ result is compared there with the schema's object API on every exported file.
 """
 from __future__ import annotations
 
+import functools
 import struct
 
 #: ``TensorType`` names (lower case) by code
@@ -229,14 +230,13 @@ def op_code(code) -> int:
 
 def op_name(value: int):
     """A builtin op's schema name; None for a code the installed schema does not know."""
-    if 0 <= value <= LAST_KNOWN_OP and value not in _BY_CODE:
-        return _schema_names().get(value)
     return _BY_CODE.get(value) or _schema_names().get(value)
 
 
 _BY_CODE = {v: k for k, v in OP_CODES.items()}
 
 
+@functools.lru_cache(maxsize=1)
 def _schema_names() -> dict:
     from .tflite_flatbuffer import schema
 
