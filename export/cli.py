@@ -124,6 +124,10 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
         e.add_argument("--c-array", action="store_true",
                        help=f"also write {C.C_ARRAY_DIR}/: the fixed-shape int8 model, vocabulary and labels as C99 "
                        "const arrays (model 16-byte aligned) for a microcontroller build")
+        e.add_argument("--one-graph", action="store_true",
+                       help="every artifact from the int8-safe graph; by default the float files (SavedModel, ONNX, "
+                       "TFLite fp32/fp16) take ProbAttention's float math: one pooling matmul, token scores from a "
+                       "precomputed table after an embedding, the same outputs up to float32 rounding")
         e.add_argument("--unsafe", action="store_true", help="allow Lambda layers (runs code from the model file)")
         e.add_argument("--custom-objects", metavar="FILE.py",
                        help="your classes and functions the model uses (runs that file; recorded in the manifest)")
@@ -338,7 +342,7 @@ def _export(args) -> int:
                          max_length=args.max_length, attention_weights=not args.no_attention_weights,
                          onnx_int64=not args.no_onnx_int64, unsafe=args.unsafe, overwrite=args.overwrite,
                          custom_objects=args.custom_objects,
-                         c_array=args.c_array)
+                         c_array=args.c_array, float_graph=not args.one_graph)
     manifest = export(args.source, args.out, opts)
     print(summary_table(manifest))
     print(f"exported {len(manifest['artifacts'])} artifacts in {manifest['export_seconds']} s -> {args.out}")

@@ -45,6 +45,9 @@ class ExportOptions:
     custom_objects: str | None = None  # the user's FILE.py with their classes (runs their code)
     #: also write C sources (model, vocabulary, labels) of the fixed-shape int8 model
     c_array: bool = False
+    #: the float artifacts (SavedModel, ONNX, TFLite fp32/fp16) take ProbAttention's float
+    #: math (``signature.float_trace_for``); False: every artifact takes the int8-safe graph
+    float_graph: bool = True
 
 
 @dataclass
@@ -208,7 +211,7 @@ def _export(source, out, opts: ExportOptions | None = None) -> dict:
 
     from .adapt import adapt
     from .loading import load_model, vocab_size_of
-    from .signature import apply_rewrites, probe_ids, serving_for, trace
+    from .signature import apply_rewrites, float_trace_for, probe_ids, serving_for, trace
 
     loaded = load_model(src.model_path, unsafe=opts.unsafe, custom_objects=opts.custom_objects)
     log(f"loaded {src.model_path} ({loaded.info.describe()})")  # after: a failed load gives one error line
@@ -261,11 +264,24 @@ def _export(source, out, opts: ExportOptions | None = None) -> dict:
         log(f"  rewrite for builtin ops: {r}")
     module, concrete = trace(serving)
     out_names = C.ordered_outputs(concrete.structured_outputs.keys())
+    int8_trace = None
+    if opts.float_graph:
+        lean = float_trace_for(serving, module, concrete)
+        if lean is not None:  # the float artifacts take it; full int8 keeps the int8-safe graph
+            int8_trace = (module, concrete)
+            module, concrete = lean
+            counts = module.float_trace
+            rewrites.append("float_graph")
+            log(f"  float graph: {counts['pooled']} ProbAttention call{'s' if counts['pooled'] > 1 else ''} "
+                "with one pooling matmul" + (f", {counts['tables']} scoring from a precomputed table of token "
+                                              "scores" if counts["tables"] else "")
+                + "; full-integer int8 keeps the int8-safe graph")
     # the fixed-shape formats hold one text of the model's own length when its input has one
     # (then max_length is that length), else of the training max length; the one rule for
     # every artifact's input_shape is contract.artifact_input_shape
     device_length = int(max_length)
     traces = {  # the same serving function, traced again for the fixed-shape formats
+        "dynamic-int8": lambda: int8_trace,
         "fixed": lambda: trace(serving, batch=1, length=device_length),
         "fixed-probabilities": lambda: trace(serving, batch=1, length=device_length, outputs=C.MEDIAPIPE_OUTPUTS),
     }
@@ -509,8 +525,9 @@ def _diagnose(loaded, serving, tokenizer, src) -> dict | None:
     return result
 
 
-#: the traces of the serving function a format can convert from (``SAVED_MODEL``)
-SAVED_MODEL_KINDS = ("dynamic", "fixed", "fixed-probabilities")
+#: the traces of the serving function a format can convert from (``SAVED_MODEL``, and
+#: ``INT8_SAVED_MODEL`` for its full-int8 files when the float artifacts take the float graph)
+SAVED_MODEL_KINDS = ("dynamic", "dynamic-int8", "fixed", "fixed-probabilities")
 
 
 def _run_formats(ctx: formats.ExportContext, wanted: dict, traces: dict):
@@ -535,14 +552,23 @@ def _run_formats(ctx: formats.ExportContext, wanted: dict, traces: dict):
 
     ctx.failed = fail
     scratch = []
-    kinds = {getattr(modules[f], "SAVED_MODEL", "dynamic") for f in wanted if modules[f].NEEDS_SAVED_MODEL}
+    def kinds_of(f):
+        if not modules[f].NEEDS_SAVED_MODEL:
+            return set()
+        own = {getattr(modules[f], "SAVED_MODEL", "dynamic")}
+        int8_kind = getattr(modules[f], "INT8_SAVED_MODEL", None)
+        if int8_kind and "int8" in wanted[f] and traces[int8_kind]() is not None:
+            own.add(int8_kind)
+        return own
+
+    kinds = set().union(*(kinds_of(f) for f in wanted))
     for kind in (k for k in SAVED_MODEL_KINDS if k in kinds):
         if kind == "dynamic" and "savedmodel" in wanted:
             path = ctx.out / C.artifact_filename("savedmodel", "fp32")
         else:
             path = ctx.out / f".saved_model_{kind.replace('-', '_')}_for_conversion"
             scratch.append(path)
-        users = [f for f in wanted if modules[f].NEEDS_SAVED_MODEL and getattr(modules[f], "SAVED_MODEL", "dynamic") == kind]
+        users = [f for f in wanted if kind in kinds_of(f)]
         try:
             if kind == "dynamic":
                 ctx.saved_model_dir = path

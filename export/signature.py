@@ -317,15 +317,21 @@ def apply_rewrites(serving) -> list:
 REWRITE_MAX_ABS = 1e-5
 
 
-def trace(serving, batch: int | None = None, length: int | None = None, outputs=None):
+def trace(serving, batch: int | None = None, length: int | None = None, outputs=None, float_only: bool = False):
     """``(module, concrete)``: a ``tf.Module`` tracking the raw variables, whose ``serve`` is
     the traced serving function with the explicit input signature ``[batch, length]``.
 
     The one place an input shape is traced. ``length`` defaults to the model's own fixed
     length (None: dynamic) and cannot differ from it; ``batch=1, length=n`` is the trace of
     the fixed-shape device formats. ``outputs``: keep only these outputs (MediaPipe takes
-    the probabilities alone)."""
+    the probabilities alone). ``float_only``: ProbAttention layers are traced with their
+    float math (``probattn.models.layers.lean_pool``), for artifacts that are never
+    quantized to full int8; ``module.float_trace`` counts the calls that took it."""
+    import contextlib
+
     import tensorflow as tf
+
+    from probattn.models.layers import float_trace
 
     if length is None:
         length = serving.fixed_length
@@ -335,9 +341,15 @@ def trace(serving, batch: int | None = None, length: int | None = None, outputs=
     spec = tf.TensorSpec([batch, length], tf.int32, name=INPUT)
     keep = None if outputs is None else set(outputs)
 
+    counts = {"pooled": 0, "tables": 0}
+
     @tf.function(input_signature=[spec], autograph=False)  # Keras converts its own layers' calls
     def serve(token_ids):
-        out = serving(token_ids)
+        # every trace of this function, a later retrace too, takes the same math
+        with float_trace() if float_only else contextlib.nullcontext() as state:
+            out = serving(token_ids)
+        if state is not None:
+            counts.update(state)
         return out if keep is None else {k: v for k, v in out.items() if k in keep}
 
     module = tf.Module()
@@ -352,7 +364,35 @@ def trace(serving, batch: int | None = None, length: int | None = None, outputs=
     except Exception as e:
         raise UsageError(f"the model could not be traced with int32 token ids {spec.shape}: "
                          f"{type(e).__name__}: {one_line(e, 300)}") from None
+    module.float_trace = dict(counts)
     return module, concrete
+
+
+def float_trace_for(serving, module, concrete):
+    """The dynamic trace with ProbAttention's float math (``trace(float_only=True)``), kept
+    when it took that math somewhere and computes the outputs of ``concrete`` (the int8-safe
+    trace) on the probe ids within ``REWRITE_MAX_ABS``; else None, with the reason on stderr."""
+    import sys
+
+    import tensorflow as tf
+
+    if not isinstance(serving, KerasServing):
+        return None
+    lean_module, lean_concrete = trace(serving, float_only=True)
+    if not lean_module.float_trace["pooled"]:
+        return None
+    try:
+        ids = tf.constant(serving.probe, tf.int32)
+        want, got = concrete(ids), lean_concrete(ids)
+        same = all(np.allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=0, atol=REWRITE_MAX_ABS)
+                   for k in want)
+        why = "outputs changed"
+    except Exception as e:
+        same, why = False, one_line(e, 120)
+    if not same:
+        print(f"  float graph not used ({why}): every artifact takes the int8-safe graph", file=sys.stderr)
+        return None
+    return lean_module, lean_concrete
 
 
 def serving_module(model, attention: bool = False, shape=(None, None), vocab_size: int | None = None):

@@ -47,7 +47,11 @@ An all-padding row gets all-zero weights and pools to the zero vector, in every 
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 import types
+
+import numpy as np
 
 from .keras_compat import check_flavour, get_keras
 from .quiet import import_tensorflow
@@ -143,6 +147,124 @@ def prob_attention_pool(inputs, kernel, mask=None, normalize=False):
     return pooled, weights
 
 
+# ---------------------------------------------------------------- the float-only trace
+
+_FLOAT_TRACE = threading.local()
+
+
+@contextlib.contextmanager
+def float_trace():
+    """Trace ProbAttention with its float-only math (``lean_pool``) inside this block.
+
+    The exporter traces the graphs of its float artifacts (SavedModel, ONNX, TFLite fp32 and
+    fp16) in this block, and the graphs that are quantized to full int8 outside it. Yields a
+    dict that counts the calls that took the lean math (``pooled``) and those that gathered
+    their scores from a precomputed table (``tables``)."""
+    previous = getattr(_FLOAT_TRACE, "state", None)
+    _FLOAT_TRACE.state = state = {"pooled": 0, "tables": 0}
+    try:
+        yield state
+    finally:
+        _FLOAT_TRACE.state = previous
+
+
+def _float_trace_state(inputs):
+    """The active ``float_trace`` counts when ``inputs`` is being traced in float32, else None."""
+    state = getattr(_FLOAT_TRACE, "state", None)
+    if state is None or inputs.dtype != tf.float32 or tf.executing_eagerly():
+        return None
+    return state
+
+
+def _gathered_rows(inputs):
+    """``(ids, table)`` when ``inputs`` is ``gather(table, ids)`` of a variable captured from
+    outside the graph being traced (an embedding lookup: ``tf.gather`` on the variable or on
+    its value, through Identity ops), with ``table`` the variable's value read now (a NumPy
+    array); else None."""
+    t = inputs
+    while t.op.type == "Identity":
+        t = t.op.inputs[0]
+    op = t.op
+    if op.type == "ResourceGather":
+        handle = op.inputs[0]
+    elif op.type == "GatherV2":
+        axis = tf.get_static_value(op.inputs[2])
+        params = op.inputs[0]
+        while params.op.type == "Identity":
+            params = params.op.inputs[0]
+        if axis is None or int(axis) != 0 or params.op.type != "ReadVariableOp":
+            return None
+        handle = params.op.inputs[0]
+    else:
+        return None
+    if op.get_attr("batch_dims") != 0:
+        return None
+    ids = op.inputs[1]
+    if ids.shape.rank != 2 or inputs.shape.rank != 3:
+        return None
+    graph = handle.graph
+    external = None
+    for outer, inner in getattr(graph, "captures", []) or []:
+        if inner is handle:
+            external = outer
+            break
+    if external is None or not hasattr(external, "numpy"):  # not a variable captured from eager
+        return None
+    with tf.init_scope():
+        table = tf.raw_ops.ReadVariableOp(resource=external, dtype=tf.float32).numpy()
+    if table.ndim != 2 or table.shape[1] != inputs.shape[-1]:
+        return None
+    return ids, table
+
+
+def lean_pool(inputs, kernel_variable, mask=None, normalize=False):
+    """``prob_attention_pool`` for float graphs: the same outputs, in float32 equal to it up
+    to rounding, with one pooling matmul instead of two and a handful of ``(batch, time)``
+    ops instead of some thirty.
+
+    The two-path, lookup-table-friendly arithmetic of ``prob_attention_pool`` is there for
+    full int8; in float both paths give ``e / s``. So the weights are ``e / s`` and the
+    inputs are pooled once, ``P = sum_t e_t x_t``, which is then scaled per path on the
+    ``(batch, features)`` vector: ``P / s`` (``normalize=False``), or with
+    ``normalize=True`` each path's vector normalised as in ``prob_attention_pool``
+    (``P / sqrt(max(s, GATE))`` and ``P / s``) and mixed by the same gate, so even a group
+    whose squared norm falls under ``NORM_EPSILON`` is scaled as it is there.
+
+    When ``inputs`` is an embedding lookup ``gather(E, ids)`` (``_gathered_rows``), a
+    step's score ``E[id] . kernel`` is gathered from the table ``E @ kernel``, computed once
+    at trace time, instead of a ``(batch, time, features) x (features, 1)`` matmul."""
+    dtype = inputs.dtype
+    one = tf.constant(1.0, dtype)
+    gate = tf.constant(GATE, dtype)
+    state = _float_trace_state(inputs)
+    rows = _gathered_rows(inputs) if state is not None else None
+    if rows is not None:
+        ids, table = rows
+        with tf.init_scope():
+            w = np.asarray(tf.convert_to_tensor(kernel_variable).numpy(), np.float32)
+        scores = tf.gather(tf.constant((table.astype(np.float32) @ w)[:, 0]), ids)  # (B, T)
+        state["tables"] += 1
+    else:
+        scores = tf.squeeze(tf.matmul(inputs, tf.cast(kernel_variable, dtype)), axis=-1)
+    if state is not None:
+        state["pooled"] += 1
+    m = tf.ones_like(scores) if mask is None else tf.cast(mask, dtype)
+    low = tf.reduce_min(scores, axis=-1, keepdims=True)
+    valid = tf.ones_like(scores, dtype=tf.bool) if mask is None else tf.cast(mask, tf.bool)
+    best = tf.reduce_max(tf.where(valid, scores, low), axis=-1, keepdims=True)
+    e = tf.exp((scores - best) * m) * m  # as in prob_attention_pool: pads exactly 0
+    s = tf.maximum(tf.reduce_sum(e, axis=-1, keepdims=True), one)  # (B, 1)
+    inv_s = one / s
+    p = _pool(e, inputs)  # (B, F): the one pooling matmul
+    if normalize:
+        g = tf.clip_by_value(s - gate, 0.0, 1.0)
+        fine = _normalize(p * tf.math.rsqrt(tf.maximum(s, gate)))
+        pooled = g * fine + (one - g) * _normalize(p * inv_s)
+    else:
+        pooled = p * inv_s
+    return pooled, e * inv_s
+
+
 def _make_prob_attention(keras, flavour):
     @keras.saving.register_keras_serializable(package="probattn")
     class ProbAttention(keras.layers.Layer):
@@ -183,8 +305,11 @@ def _make_prob_attention(keras, flavour):
             super().build(input_shape)
 
         def call(self, inputs, mask=None, return_attention_scores=False):
-            kernel = tf.cast(self.kernel, inputs.dtype)
-            pooled, weights = prob_attention_pool(inputs, kernel, mask, self.normalize)
+            if _float_trace_state(inputs) is not None:
+                pooled, weights = lean_pool(inputs, self.kernel, mask, self.normalize)
+            else:
+                pooled, weights = prob_attention_pool(inputs, tf.cast(self.kernel, inputs.dtype), mask,
+                                                      self.normalize)
             if return_attention_scores:
                 return pooled, weights
             return pooled
@@ -236,8 +361,9 @@ def _make_attention_view(keras, flavour):
             self.supports_masking = True
 
         def call(self, inputs, mask=None):
-            kernel = tf.cast(self.attention.kernel, inputs.dtype)
-            return prob_attention_pool(inputs, kernel, mask)[1]
+            if _float_trace_state(inputs) is not None:
+                return lean_pool(inputs, self.attention.kernel, mask)[1]
+            return prob_attention_pool(inputs, tf.cast(self.attention.kernel, inputs.dtype), mask)[1]
 
         def compute_mask(self, inputs, mask=None):
             return None

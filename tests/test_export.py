@@ -194,6 +194,32 @@ def test_int8_recipe_matches_the_file(bundle_dir, manifest):
         assert len(d["quantization_parameters"]["scales"]) == 1, d["name"]
 
 
+def test_float_files_take_the_float_graph_and_full_int8_the_int8_safe_one(bundle_dir, manifest):
+    """The default export traces the float artifacts with ProbAttention's float math (no LOG:
+    weights e / s, one pooling matmul) and converts full-int8 TFLite from the int8-safe
+    graph (LOG and EXP lookup tables, two pooling matmuls); the fixed-shape device files
+    keep the int8-safe graph at every precision."""
+    import onnx
+
+    from probattn.export.formats.tflite_flatbuffer import op_list
+
+    assert "float_graph" in manifest["rewrites"]
+
+    def tflite_ops(fmt, precision):
+        entry = B.find_artifact(manifest, fmt, precision)
+        return {o["op"]: o["count"] for o in op_list((bundle_dir / entry["path"]).read_bytes())}
+
+    for precision in ("fp32", "fp16", "int8-dynamic"):
+        ops = tflite_ops("tflite", precision)
+        assert "LOG" not in ops and ops.get("BATCH_MATMUL") == 1, (precision, ops)
+    for fmt, precision in (("tflite", "int8"), ("tflite-fixed", "fp32"), ("tflite-fixed", "int8")):
+        ops = tflite_ops(fmt, precision)
+        assert "LOG" in ops and ops.get("BATCH_MATMUL", 0) >= 2, (fmt, precision, ops)
+    for precision in ("fp32", "fp16", "int8"):
+        graph = onnx.load(bundle_dir / B.find_artifact(manifest, "onnx", precision)["path"]).graph
+        assert "Log" not in {n.op_type for n in graph.node}, precision
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_onnx_passes_full_checker(bundle_dir, manifest, precision):
     import onnx

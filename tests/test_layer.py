@@ -551,3 +551,71 @@ def test_converts_with_tflite_builtins_only():
     out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
     np.testing.assert_allclose(out, model.predict(ids, verbose=0), rtol=0, atol=1e-5,
                                err_msg="TFLite float32 output differs from Keras")
+
+
+# --------------------------------------------------------------------------- the float graph
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("features", [5, 32])
+def test_lean_pool_computes_what_prob_attention_pool_computes(normalize, features):
+    """The float graph's math (one pooling matmul, weights e / s) against the int8-safe
+    math and the NumPy reference, on rows on both sides of the gate and inside its band
+    (attention mass 17 and 18: the two paths mixed), a one-token row and an all-padding row."""
+    from probattn.export.signature import REWRITE_MAX_ABS
+    from probattn.models.layers import NORM_GROUP, float_trace, lean_pool
+
+    rng = np.random.default_rng(features)
+    b, t = 6, 40
+    x = rng.normal(0.0, 1.0, (b, t, features)).astype(np.float32)
+    kernel = tf.Variable(rng.normal(0.0, 1e-3, (features, 1)).astype(np.float32))  # mass ~ length
+    mask = np.arange(t)[None, :] < np.array([40, 17, 18, 3, 1, 0])[:, None]
+    with float_trace() as state:
+        lean = tf.function(lambda x, m: lean_pool(x, kernel, m, normalize))(tf.constant(x), tf.constant(mask))
+    assert state == {"pooled": 1, "tables": 0}  # a plain tensor, not an embedding lookup: scored by matmul
+    safe = prob_attention_pool(tf.constant(x), tf.convert_to_tensor(kernel), tf.constant(mask), normalize)
+    for got, want in zip(lean, safe):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=REWRITE_MAX_ABS)
+    ref_pooled, ref_weights = reference_pool(x, kernel.numpy(), mask)
+    np.testing.assert_allclose(lean[1].numpy(), ref_weights, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(lean[0].numpy(), _unit_groups(ref_pooled, NORM_GROUP) if normalize else ref_pooled,
+                               rtol=0, atol=1e-5)
+    assert not lean[0].numpy()[5].any() and not lean[1].numpy()[5].any()
+    assert not lean[1].numpy()[~mask].any()  # pads exactly 0
+
+
+@pytest.mark.parametrize("flavour", ["2", "3"])
+@pytest.mark.parametrize("between", [None, "dense"])
+def test_float_trace_scores_from_a_token_table_after_an_embedding(flavour, between):
+    """Traced for the float artifacts, a ProbAttention right after an embedding lookup
+    gathers its scores from the precomputed ``E @ kernel`` table (no Log, no score matmul
+    over ``(batch, time, features)``); after another layer it scores by matmul. Either way
+    the outputs are the int8-safe trace's, on ragged ids with an all-padding row."""
+    from probattn.export.signature import REWRITE_MAX_ABS, KerasServing, apply_rewrites, probe_ids, trace
+    from probattn.models.layers import layer_classes
+
+    k = get_keras(flavour)
+    if between is None:
+        model = tiny_classifier(flavour=flavour)
+    else:
+        k.utils.set_random_seed(0)
+        inputs = k.Input(shape=(None,), dtype="int32", name="token_ids")
+        h = k.layers.Embedding(50, 8, mask_zero=True)(inputs)
+        h = k.layers.Dense(8, activation="tanh")(h)
+        h = layer_classes(flavour).ProbAttention(normalize=True)(h)
+        model = k.Model(inputs, k.layers.Dense(3, activation="softmax", name="probabilities")(h))
+    serving = KerasServing(model, True, 50)
+    apply_rewrites(serving)
+    _, safe = trace(serving)
+    module, lean = trace(serving, float_only=True)
+    tables = 2 if between is None else 0  # the layer and the attention-weights view
+    assert module.float_trace == {"pooled": 2, "tables": tables}
+    ops = lean.graph.get_operations()
+    assert "Log" not in {op.type for op in ops}
+    table_gathers = [op for op in ops if op.type == "GatherV2" and op.inputs[0].op.type == "Const"
+                     and op.inputs[0].shape.as_list() == [50]]
+    score_matmuls = [op for op in ops if "MatMul" in op.type and op.inputs[1].shape.as_list() == [8, 1]]
+    assert (len(table_gathers), len(score_matmuls)) == ((2, 0) if between is None else (0, 2))
+    ids = tf.constant(probe_ids(50, 30, seed=3))
+    want, got = safe(ids), lean(ids)
+    for name in want:
+        np.testing.assert_allclose(got[name].numpy(), want[name].numpy(), rtol=0, atol=REWRITE_MAX_ABS)

@@ -34,6 +34,8 @@ from . import Built, ExportContext
 FORMAT = "tflite"
 NEEDS_SAVED_MODEL = True
 SAVED_MODEL = "dynamic"
+#: full int8 converts from the int8-safe trace when the float files take the float graph
+INT8_SAVED_MODEL = "dynamic-int8"
 TFLITE_JOBS = True
 TFLITE_PRECISIONS = SUPPORTED[FORMAT]
 
@@ -150,7 +152,8 @@ def conversion(fmt: str, saved_model, precision: str, path: str, calibration: st
 def conversions(ctx: ExportContext, precisions) -> list:
     if "int8" in precisions and not ctx.calibration:
         raise UsageError("full-integer int8 needs calibration texts (--calibration-data)")
-    return [conversion(FORMAT, ctx.saved_model_dir, p, artifact_filename(FORMAT, p), "dynamic")
+    return [conversion(FORMAT, ctx.saved_models.get(INT8_SAVED_MODEL, ctx.saved_model_dir) if p == "int8"
+                       else ctx.saved_model_dir, p, artifact_filename(FORMAT, p), "dynamic")
             for p in precisions]
 
 
