@@ -264,18 +264,6 @@ def _export(source, out, opts: ExportOptions | None = None) -> dict:
         log(f"  rewrite for builtin ops: {r}")
     module, concrete = trace(serving)
     out_names = C.ordered_outputs(concrete.structured_outputs.keys())
-    int8_trace = None
-    if opts.float_graph:
-        lean = float_trace_for(serving, module, concrete)
-        if lean is not None:  # the float artifacts take it; full int8 keeps the int8-safe graph
-            int8_trace = (module, concrete)
-            module, concrete = lean
-            counts = module.float_trace
-            rewrites.append("float_graph")
-            log(f"  float graph: {counts['pooled']} ProbAttention call{'s' if counts['pooled'] > 1 else ''} "
-                "with one pooling matmul" + (f", {counts['tables']} scoring from a precomputed table of token "
-                                              "scores" if counts["tables"] else "")
-                + "; full-integer int8 keeps the int8-safe graph")
     # the fixed-shape formats hold one text of the model's own length when its input has one
     # (then max_length is that length), else of the training max length; the one rule for
     # every artifact's input_shape is contract.artifact_input_shape
@@ -294,6 +282,19 @@ def _export(source, out, opts: ExportOptions | None = None) -> dict:
             left_out.append({"format": f, "precision": "int8",
                              "reason": "full-integer int8 needs calibration texts: pass --calibration-data "
                                        "FILE (.csv/.jsonl/.txt) or drop int8 from --precisions"})
+
+    int8_trace = None
+    if opts.float_graph and any(_takes_float_graph(f, p) for f, ps in wanted.items() for p in ps):
+        lean = float_trace_for(serving, module, concrete)
+        if lean is not None:  # the float artifacts take it; full int8 keeps the int8-safe graph
+            int8_trace = (module, concrete)
+            module, concrete = lean
+            counts = module.float_trace
+            rewrites.append("float_graph")
+            log(f"  float graph: {counts['pooled']} ProbAttention call{'s' if counts['pooled'] > 1 else ''} "
+                "with one pooling matmul" + (f", {counts['tables']} scoring from a precomputed table of token "
+                                              "scores" if counts["tables"] else "")
+                + "; full-integer int8 keeps the int8-safe graph")
 
     def input_shape(fmt):
         return C.artifact_input_shape(fmt, fixed, device_length)
@@ -525,6 +526,16 @@ def _diagnose(loaded, serving, tokenizer, src) -> dict | None:
     return result
 
 
+def _takes_float_graph(fmt: str, precision: str) -> bool:
+    """Whether this artifact is built from the dynamic trace and never quantized to full int8
+    from it: SavedModel, ONNX, and TFLite except full int8 (``INT8_SAVED_MODEL``); the
+    fixed-shape formats convert from their own traces."""
+    module = formats.get(fmt)
+    if module.NEEDS_SAVED_MODEL and getattr(module, "SAVED_MODEL", "dynamic") != "dynamic":
+        return False
+    return not (precision == "int8" and getattr(module, "INT8_SAVED_MODEL", None))
+
+
 #: the traces of the serving function a format can convert from (``SAVED_MODEL``, and
 #: ``INT8_SAVED_MODEL`` for its full-int8 files when the float artifacts take the float graph)
 SAVED_MODEL_KINDS = ("dynamic", "dynamic-int8", "fixed", "fixed-probabilities")
@@ -558,7 +569,7 @@ def _run_formats(ctx: formats.ExportContext, wanted: dict, traces: dict):
         own = {getattr(modules[f], "SAVED_MODEL", "dynamic")}
         int8_kind = getattr(modules[f], "INT8_SAVED_MODEL", None)
         if int8_kind and "int8" in wanted[f] and traces[int8_kind]() is not None:
-            own.add(int8_kind)
+            own = {int8_kind} if wanted[f] == ["int8"] else own | {int8_kind}  # full int8 alone: one SavedModel
         return own
 
     kinds = set().union(*(kinds_of(f) for f in wanted))

@@ -384,8 +384,9 @@ def float_trace_for(serving, module, concrete):
     try:
         ids = tf.constant(serving.probe, tf.int32)
         want, got = concrete(ids), lean_concrete(ids)
-        same = all(np.allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=0, atol=REWRITE_MAX_ABS)
-                   for k in want)
+        same = set(got) == set(want) and all(
+            np.asarray(got[k]).shape == np.asarray(want[k]).shape
+            and np.allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=0, atol=REWRITE_MAX_ABS) for k in want)
         why = "outputs changed"
     except Exception as e:
         same, why = False, one_line(e, 120)

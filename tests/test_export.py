@@ -344,6 +344,37 @@ def test_export_user_model_file(user_files, tmp_path, suffix, precisions):
     np.testing.assert_allclose(got, ref, rtol=0, atol=FP32_MAX_ABS, err_msg=f"ONNX fp32 of tiny{suffix} vs Keras")
 
 
+@pytest.mark.parametrize("formats, precisions, one_graph, float_graph", [
+    ("tflite", "int8", False, False),  # no float artifact: no float trace
+    ("tflite,onnx", "fp32,int8", False, True),
+    ("tflite,onnx", "fp32,int8", True, False),  # --one-graph
+])
+def test_which_exports_take_the_float_graph(user_files, tmp_path, formats, precisions, one_graph, float_graph):
+    """The float trace is made only when a float artifact is asked for and --one-graph is
+    not given; a file built from it has no LOG, full int8 always has; ONNX fp32 equals the
+    user's Keras model either way."""
+    import onnxruntime as ort
+
+    from probattn.export.exporter import ExportOptions, export
+    from probattn.export.formats.tflite_flatbuffer import op_list
+    from probattn.models.text.tokenizer import encode
+
+    d = user_files["dir"]
+    man = export(d / "tiny.keras", tmp_path / "b", ExportOptions(
+        formats=formats, precisions=precisions, tokenizer=str(d / "tokenizer.json"),
+        calibration_data=str(d / "calibration.txt"), onnx_int64=False, float_graph=not one_graph))
+    assert ("float_graph" in man["rewrites"]) is float_graph
+    for a in man["artifacts"]:
+        if a["format"] == "tflite":
+            ops = {o["op"] for o in op_list((tmp_path / "b" / a["path"]).read_bytes())}
+            assert ("LOG" in ops) is (a["precision"] == "int8" or not float_graph), (a["path"], ops)
+    if "onnx" in formats:
+        ids = encode(user_files["tokenizer"], TINY_TEXTS, man["max_length"])
+        sess = ort.InferenceSession(str(tmp_path / "b" / "model_fp32.onnx"), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(sess.run(["probabilities"], {"token_ids": ids})[0],
+                                   user_files["model"](ids, training=False).numpy(), rtol=0, atol=FP32_MAX_ABS)
+
+
 def test_export_onto_existing_bundle_refused_and_intact(bundle_dir, run_dir, tmp_path):
     target = tmp_path / "existing"
     shutil.copytree(bundle_dir, target)
