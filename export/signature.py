@@ -378,7 +378,11 @@ def float_trace_for(serving, module, concrete):
 
     if not isinstance(serving, KerasServing):
         return None
-    lean_module, lean_concrete = trace(serving, float_only=True)
+    try:
+        lean_module, lean_concrete = trace(serving, float_only=True)
+    except UsageError as e:  # the int8-safe trace worked: export goes on with it
+        print(f"  float graph not used (its trace failed: {one_line(str(e), 160)})", file=sys.stderr)
+        return None
     if not lean_module.float_trace["pooled"]:
         return None
     try:

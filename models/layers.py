@@ -208,10 +208,14 @@ def _gathered_rows(inputs):
         if inner is handle:
             external = outer
             break
-    if external is None or not hasattr(external, "numpy"):  # not a variable captured from eager
+    # only a variable captured straight from eager code (not from an enclosing graph)
+    if external is None or tf.is_symbolic_tensor(external) or external.dtype != tf.resource:
         return None
-    with tf.init_scope():
-        table = tf.raw_ops.ReadVariableOp(resource=external, dtype=tf.float32).numpy()
+    try:
+        with tf.init_scope():
+            table = tf.raw_ops.ReadVariableOp(resource=external, dtype=tf.float32).numpy()
+    except (tf.errors.OpError, TypeError, ValueError):  # not a float32 variable: score by matmul
+        return None
     if table.ndim != 2 or table.shape[1] != inputs.shape[-1]:
         return None
     return ids, table

@@ -619,3 +619,35 @@ def test_float_trace_scores_from_a_token_table_after_an_embedding(flavour, betwe
     want, got = safe(ids), lean(ids)
     for name in want:
         np.testing.assert_allclose(got[name].numpy(), want[name].numpy(), rtol=0, atol=REWRITE_MAX_ABS)
+
+
+def test_a_score_table_only_for_a_plain_lookup_of_a_variable():
+    """``_gathered_rows`` finds ``gather(E, ids)`` of a variable (also in a nested
+    tf.function) and reads E's values; a gather of anything computed from it, of a constant,
+    or along another axis is scored by matmul."""
+    from probattn.models.layers import _gathered_rows
+
+    table = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
+    v = tf.Variable(table)
+    found = {}
+
+    @tf.function(autograph=False)
+    def inner(ids):
+        x = tf.gather(v, ids)
+        found["nested"] = _gathered_rows(x)
+        return x
+
+    @tf.function(autograph=False)
+    def outer(ids):
+        found["resource"] = _gathered_rows(tf.identity(tf.gather(v, ids)))
+        found["value"] = _gathered_rows(tf.gather(tf.convert_to_tensor(v), ids))
+        found["computed"] = _gathered_rows(tf.gather(v * 2.0, ids))
+        found["constant"] = _gathered_rows(tf.gather(tf.constant(table), ids))
+        found["axis"] = _gathered_rows(tf.gather(tf.reshape(v, [8, 50]), ids[:, :1], axis=1))
+        return inner(ids)
+
+    outer.get_concrete_function(tf.TensorSpec([None, None], tf.int32))
+    for kind in ("resource", "value", "nested"):
+        assert found[kind] is not None and np.array_equal(found[kind][1], v.numpy()), kind
+        assert found[kind][0].dtype == tf.int32 and found[kind][0].shape.rank == 2, kind
+    assert found["computed"] is None and found["constant"] is None and found["axis"] is None
