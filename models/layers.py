@@ -97,6 +97,24 @@ def _normalize(x):
     return tf.reshape(y, [-1, f])
 
 
+def centre_scores(scores, mask):
+    """``(m, c, e)`` for scores over time (the last axis) and a mask true on valid steps
+    (bool or 0/1, broadcastable to the scores; None: all valid): the mask as 0/1, the
+    scores centred on the best *valid* score and masked (``c``: valid <= 0, the best step
+    exactly 0, pads 0), and ``e = exp(c) * m`` (valid in (0, 1], pads exactly 0)."""
+    dtype = scores.dtype
+    m = tf.ones_like(scores) if mask is None else tf.cast(mask, dtype)
+    # best valid score: pads are replaced by the row's lowest score (so they never win the
+    # max, however negative the real scores) and ``best`` is one of the scores itself, so
+    # the best step's ``c`` is exactly 0 (arithmetic such as (s - low) * m + low would round
+    # it away from 0 in float16 and int8, and the normalisation relies on it)
+    low = tf.reduce_min(scores, axis=-1, keepdims=True)
+    valid = tf.ones_like(scores, dtype=tf.bool) if mask is None else tf.cast(mask, tf.bool)
+    best = tf.reduce_max(tf.where(valid, scores, low), axis=-1, keepdims=True)
+    c = (scores - best) * m
+    return m, c, tf.exp(c) * m
+
+
 def prob_attention_pool(inputs, kernel, mask=None, normalize=False):
     """Attention pooling over time.
 
@@ -115,16 +133,7 @@ def prob_attention_pool(inputs, kernel, mask=None, normalize=False):
     one = tf.constant(1.0, dtype)
     gate = tf.constant(GATE, dtype)
     scores = tf.squeeze(tf.matmul(inputs, kernel), axis=-1)  # (B, T)
-    m = tf.ones_like(scores) if mask is None else tf.cast(mask, dtype)
-    # best valid score: pads are replaced by the row's lowest score (so they never win the
-    # max, however negative the real scores) and ``best`` is one of the scores itself, so
-    # the best step's ``c`` is exactly 0 (arithmetic such as (s - low) * m + low would round
-    # it away from 0 in float16 and int8, and the normalisation below relies on it)
-    low = tf.reduce_min(scores, axis=-1, keepdims=True)
-    valid = tf.ones_like(scores, dtype=tf.bool) if mask is None else tf.cast(mask, tf.bool)
-    best = tf.reduce_max(tf.where(valid, scores, low), axis=-1, keepdims=True)
-    c = (scores - best) * m  # valid <= 0, best 0, pads 0
-    e = tf.exp(c) * m  # valid (0, 1], pads exactly 0
+    m, c, e = centre_scores(scores, mask)
     s = tf.maximum(_row_dot(e, m), one)  # attention mass; 1 on an all-padding row (no 0/0)
     g = tf.clip_by_value(s - gate, 0.0, 1.0)  # 0: coarse path, 1: fine path
     keep = one - tf.clip_by_value(s - (gate + tf.constant(GATE_MARGIN, dtype)), 0.0, 1.0)
@@ -252,11 +261,7 @@ def lean_pool(inputs, kernel_variable, mask=None, normalize=False):
         scores = tf.squeeze(tf.matmul(inputs, tf.cast(kernel_variable, dtype)), axis=-1)
     if state is not None:
         state["pooled"] += 1
-    m = tf.ones_like(scores) if mask is None else tf.cast(mask, dtype)
-    low = tf.reduce_min(scores, axis=-1, keepdims=True)
-    valid = tf.ones_like(scores, dtype=tf.bool) if mask is None else tf.cast(mask, tf.bool)
-    best = tf.reduce_max(tf.where(valid, scores, low), axis=-1, keepdims=True)
-    e = tf.exp((scores - best) * m) * m  # as in prob_attention_pool: pads exactly 0
+    _, _, e = centre_scores(scores, mask)  # as in prob_attention_pool: pads exactly 0, the best step 1
     s = tf.maximum(tf.reduce_sum(e, axis=-1, keepdims=True), one)  # (B, 1)
     inv_s = one / s
     p = _pool(e, inputs)  # (B, F): the one pooling matmul

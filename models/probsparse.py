@@ -53,7 +53,7 @@ from __future__ import annotations
 import math
 
 from .keras_compat import check_flavour, get_keras
-from .layers import GATE, GATE_MARGIN
+from .layers import GATE, GATE_MARGIN, centre_scores
 from .quiet import import_tensorflow
 
 tf = import_tensorflow()  # quietly: TensorFlow's native start-up lines stay off stderr
@@ -114,12 +114,7 @@ def masked_attention(scores, valid, key_mask, v):
     docstring). The kept queries are the ones whose attention is most peaked (largest
     max - mean), so their weights use one [0, 1] grid (two gated grids as in
     ``masked_mean`` measured no better in full int8 and double the attention matmuls)."""
-    dtype = scores.dtype
-    m = tf.cast(valid, dtype)
-    low = tf.reduce_min(scores, axis=-1, keepdims=True)
-    best = tf.reduce_max(tf.where(valid, scores, low), axis=-1, keepdims=True)  # a score itself
-    c = (scores - best) * m  # valid <= 0, the best exactly 0, others 0
-    e = tf.exp(c) * m  # valid (0, 1], others exactly 0
+    m, c, e = centre_scores(scores, valid)  # c: valid <= 0, the best exactly 0; e: others exactly 0
     return _normalised_context(c, e, m, key_mask, v, gated=False)
 
 
