@@ -284,7 +284,7 @@ def _export(source, out, opts: ExportOptions | None = None) -> dict:
                                        "FILE (.csv/.jsonl/.txt) or drop int8 from --precisions"})
 
     int8_trace = None
-    if opts.float_graph and any(_takes_float_graph(f, p) for f, ps in wanted.items() for p in ps):
+    if opts.float_graph and any(trace_kind(f, p, int8_apart=True) == "dynamic" for f, ps in wanted.items() for p in ps):
         lean = float_trace_for(serving, module, concrete)
         if lean is not None:  # the float artifacts take it; full int8 keeps the int8-safe graph
             int8_trace = (module, concrete)
@@ -526,14 +526,15 @@ def _diagnose(loaded, serving, tokenizer, src) -> dict | None:
     return result
 
 
-def _takes_float_graph(fmt: str, precision: str) -> bool:
-    """Whether this artifact is built from the dynamic trace and never quantized to full int8
-    from it: SavedModel, ONNX, and TFLite except full int8 (``INT8_SAVED_MODEL``); the
-    fixed-shape formats convert from their own traces."""
+def trace_kind(fmt: str, precision: str, int8_apart: bool) -> str:
+    """The trace an artifact is built from: its format's ``SAVED_MODEL`` (``"dynamic"`` for
+    the formats that take the traced function itself: SavedModel, ONNX), or, when full int8
+    is traced apart from the float graph (``int8_apart``), the format's ``INT8_SAVED_MODEL``
+    for its full-int8 files. An artifact of ``"dynamic"`` is one the float graph serves."""
     module = formats.get(fmt)
-    if module.NEEDS_SAVED_MODEL and getattr(module, "SAVED_MODEL", "dynamic") != "dynamic":
-        return False
-    return not (precision == "int8" and getattr(module, "INT8_SAVED_MODEL", None))
+    if int8_apart and precision == "int8" and getattr(module, "INT8_SAVED_MODEL", None):
+        return module.INT8_SAVED_MODEL
+    return getattr(module, "SAVED_MODEL", "dynamic")
 
 
 #: the traces of the serving function a format can convert from (``SAVED_MODEL``, and
@@ -563,14 +564,12 @@ def _run_formats(ctx: formats.ExportContext, wanted: dict, traces: dict):
 
     ctx.failed = fail
     scratch = []
-    def kinds_of(f):
+    int8_apart = traces["dynamic-int8"]() is not None
+
+    def kinds_of(f):  # the SavedModels a format converts from: one per trace its precisions take
         if not modules[f].NEEDS_SAVED_MODEL:
             return set()
-        own = {getattr(modules[f], "SAVED_MODEL", "dynamic")}
-        int8_kind = getattr(modules[f], "INT8_SAVED_MODEL", None)
-        if int8_kind and "int8" in wanted[f] and traces[int8_kind]() is not None:
-            own = {int8_kind} if wanted[f] == ["int8"] else own | {int8_kind}  # full int8 alone: one SavedModel
-        return own
+        return {trace_kind(f, p, int8_apart) for p in wanted[f]}
 
     kinds = set().union(*(kinds_of(f) for f in wanted))
     for kind in (k for k in SAVED_MODEL_KINDS if k in kinds):

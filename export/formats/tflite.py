@@ -152,8 +152,9 @@ def conversion(fmt: str, saved_model, precision: str, path: str, calibration: st
 def conversions(ctx: ExportContext, precisions) -> list:
     if "int8" in precisions and not ctx.calibration:
         raise UsageError("full-integer int8 needs calibration texts (--calibration-data)")
-    return [conversion(FORMAT, ctx.saved_models.get(INT8_SAVED_MODEL, ctx.saved_model_dir) if p == "int8"
-                       else ctx.saved_model_dir, p, artifact_filename(FORMAT, p), "dynamic")
+    int8_apart = INT8_SAVED_MODEL in ctx.saved_models  # else every precision converts from the one trace
+    return [conversion(FORMAT, ctx.saved_models[INT8_SAVED_MODEL if p == "int8" and int8_apart else SAVED_MODEL],
+                       p, artifact_filename(FORMAT, p), "dynamic")
             for p in precisions]
 
 
@@ -171,7 +172,7 @@ def finish(ctx: ExportContext, results) -> list:
 
 
 def export(ctx: ExportContext, precisions) -> list:
-    """Every TFLite precision asked for, converted from ``ctx.saved_model_dir``."""
+    """Every TFLite precision asked for, converted from the SavedModels in ``ctx.saved_models``."""
     return finish(ctx, convert_jobs(ctx, conversions(ctx, precisions)))
 
 
