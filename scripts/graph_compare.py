@@ -43,7 +43,8 @@ def export_pair(run_dir: Path, tmp: Path) -> dict:
     return out
 
 
-def token_rows(bundle: Path, batch: int, length: int, seed: int = 0) -> np.ndarray:
+def token_stream(bundle: Path) -> list:
+    """The bundle's test texts tokenized without truncation, as one list of ids."""
     from probattn.export import bundle as B
     from probattn.models.text.data import parse_text_file
 
@@ -52,7 +53,10 @@ def token_rows(bundle: Path, batch: int, length: int, seed: int = 0) -> np.ndarr
         tok = b.tokenizer()
         ds = parse_text_file(b.test_data_bytes(), Path(manifest["test_data"]))
     tok.no_truncation()
-    stream = [i for enc in tok.encode_batch(ds.texts) for i in enc.ids]
+    return [i for enc in tok.encode_batch(ds.texts) for i in enc.ids]
+
+
+def token_rows(stream: list, batch: int, length: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     ids = np.zeros((batch, length), np.int32)
     pos = 0
@@ -110,7 +114,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="probattn-graph-compare-") as tmp:
         bundles = (dict(zip(SIDES, map(Path, args.bundles))) if args.bundles
                    else export_pair(Path(args.run_dir), Path(tmp)))
-        inputs = {shape: token_rows(bundles[SIDES[1]], *shape) for shape in shapes}
+        stream = token_stream(bundles[SIDES[1]])
+        inputs = {shape: token_rows(stream, *shape) for shape in shapes}
         calls = {side: sessions(path, shapes) for side, path in bundles.items()}
         keys = list(calls[SIDES[0]])
         diffs = {}
