@@ -474,10 +474,20 @@ def _max_line_bytes():
 
 
 def read_lines(fd: int, shown: str):
-    """``(text, more_waiting)`` per line of ``fd``, split on ``\n`` only (a ``\r`` before it
-    is dropped: ``\r\n`` files); U+2028, form feed, NEL and the like stay inside the text.
+    """``(text, more_waiting)`` per line of ``fd`` (``read_blocks`` line by line)."""
+    for texts, more in read_blocks(fd, shown):
+        last = len(texts) - 1
+        for i, text in enumerate(texts):
+            yield text, i < last or more
+
+
+def read_blocks(fd: int, shown: str):
+    """``(texts, more_waiting)`` for the lines of ``fd`` as they arrive, a block at a time
+    (every complete line read so far), split on ``\n`` only (a ``\r`` before it is
+    dropped: ``\r\n`` files); U+2028, form feed, NEL and the like stay inside the text.
     ``more_waiting``: another line can be read without blocking. A line over
-    ``MAX_TEXT_CHARS`` characters or not UTF-8 is refused with its number."""
+    ``MAX_TEXT_CHARS`` characters or not UTF-8 is refused with its number, after the lines
+    before it are given."""
     import select
 
     from probattn.models.bounds import MAX_TEXT_CHARS
@@ -516,25 +526,28 @@ def read_lines(fd: int, shown: str):
                 texts = block.decode("utf-8").split("\n")
             except UnicodeDecodeError:
                 texts = None
+            if texts is not None and b"\r" in block:
+                texts = [t[:-1] if t.endswith("\r") else t for t in texts]
             if texts is None or max(map(len, texts)) > MAX_TEXT_CHARS:
-                raws = block.split(b"\n")  # line by line: the error names its line, after the lines before it
-                for i, raw in enumerate(raws):
-                    text = decode(raw)
-                    yield text, i < len(raws) - 1 or b"\n" in buf or waiting()
+                good = []  # line by line: the error names its line, after the lines before it
+                for raw in block.split(b"\n"):
+                    try:
+                        good.append(decode(raw))
+                    except UsageError:
+                        if good:
+                            yield good, True
+                        raise
+                yield good, b"\n" in buf or waiting()
                 continue
-            last = len(texts) - 1
-            for i, text in enumerate(texts):
-                lineno += 1
-                if text.endswith("\r"):
-                    text = text[:-1]
-                yield text, i < last or waiting()
+            lineno += len(texts)
+            yield texts, waiting()
             continue
         scanned = len(buf)
         if eof:
             if buf:
                 text = decode(bytes(buf))
                 buf.clear()
-                yield text, False
+                yield [text], False
             return
         if len(buf) > cap:
             raise UsageError(f"{shown} line {lineno + 1} is longer than {MAX_TEXT_CHARS:,} characters; at most "
@@ -548,9 +561,9 @@ def read_lines(fd: int, shown: str):
 
 def _stream_batches(stream, batch_size):
     """``(window, flush)`` of ``predict.windows`` over the input's lines as they arrive."""
-    from .predict import windows
+    from .predict import windows_of_blocks
 
-    return windows(read_lines(*stream), batch_size)
+    return windows_of_blocks(read_blocks(*stream), batch_size)
 
 
 def _predict_stream(predictor, stream, batch_size, out):

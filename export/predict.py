@@ -140,6 +140,8 @@ class Predictor:
         #: reproduce to ``tokenizers``: ``self.fast.needs_fallback()``) or "tokenizers"
         self.text_path = "fast" if self.fast is not None else "tokenizers"
         self._single = len(self.heads) == 1 and self.heads[0]["kind"] == "softmax"
+        #: one text goes straight to ``runner.run_row`` (one softmax head, the fast tokenizer)
+        self._lean = self._single and self.fast is not None
         self._first = (self.heads[0]["output"],)
         #: the heads ``results()`` reads: the first alone for one softmax head (never
         #: ``attention_weights``), else every head
@@ -201,8 +203,8 @@ class Predictor:
             return {h["output"]: np.zeros((0, h["units"]), np.float32) for h in (heads or self.heads)}
         if len(texts) <= batch_size:  # one batch: no plan needed
             return self._run(self._encode(texts), names)
-        return self._run_plan(len(texts), [(rows, self._encode([texts[i] for i in rows]))
-                                           for rows in batch_plan(texts, batch_size)], names)
+        plan = batch_plan(texts, batch_size)
+        return self._run_plan(len(texts), list(zip(plan, self._encode_plan(texts, plan))), names)
 
     def iter_outputs(self, windows, batch_size: int = 64, heads=None):
         """``(window, outputs)`` for each ``(window, flush)`` of ``windows()``, in order. The
@@ -217,7 +219,8 @@ class Predictor:
             pending = None
             for window, flush in windows:
                 window = check_texts(window, batch_size)
-                batches = [(rows, self._encode([window[i] for i in rows])) for rows in batch_plan(window, batch_size)]
+                plan = batch_plan(window, batch_size)
+                batches = list(zip(plan, self._encode_plan(window, plan)))
                 job = (window, pool.submit(self._run_plan, len(window), batches, names))
                 if pending is not None:
                     yield pending[0], pending[1].result()
@@ -235,6 +238,13 @@ class Predictor:
             _check_text(i, t)
         return self._encode(texts)
 
+    def _encode_plan(self, texts, plan) -> list:
+        """``[self._encode([texts[i] for i in rows]) for rows in plan]``; the fast path
+        tokenizes all the texts at once."""
+        if self.fast is not None and hasattr(self.fast, "encode_plan"):
+            return self.fast.encode_plan(texts, plan, self.max_length)
+        return [self._encode([texts[i] for i in rows]) for rows in plan]
+
     def _encode(self, texts) -> np.ndarray:
         if self.fast is not None:
             return self.fast.encode_padded(texts, self.max_length)
@@ -247,16 +257,19 @@ class Predictor:
     def predict(self, texts, batch_size: int = 64) -> list:
         """One result per text: ``{"label", "probabilities"}``, or for a row whose output is
         not finite ``{"label": None, "probabilities": {...None...}, "error": ...}``."""
+        if type(texts) is list and len(texts) == 1 and self._lean and type(texts[0]) is str and \
+                len(texts[0]) <= limits.MAX_TEXT_CHARS and type(batch_size) is int and \
+                1 <= batch_size <= limits.MAX_BATCH:  # one text, checked: the leanest path
+            row = self.fast.encode(texts[0])
+            if len(row) > self.max_length:
+                row = row[:self.max_length]
+            return [self.result(self.runner.run_row(row or [PAD_ID], self.max_length, self._first[0]))]
         if isinstance(texts, str):
             raise UsageError("predict() takes a list of texts, received a single str")
         texts = check_texts(texts, batch_size)
-        if len(texts) == 1 and self._single and self.fast is not None:  # one text: the leanest path
+        if len(texts) == 1 and self._lean:  # one text (of another sequence type)
             row = self.fast.encode(texts[0])[:self.max_length] or [PAD_ID]
-            width = next((n for n in self.runner.single_lengths if n >= len(row)), len(row))
-            ids = np.zeros((1, max(len(row), min(width, self.max_length))), np.int32)
-            ids[0, :len(row)] = row
-            out = self.runner.infer(ids, check_inputs=False, outputs=self._first)
-            return [self.result(out[self._first[0]][0])]
+            return [self.result(self.runner.run_row(row, self.max_length, self._first[0]))]
         if len(texts) <= batch_size:  # the lean path: one call, only the first head's output when that is all
             return self.results(texts, self.outputs(texts, batch_size, heads=self.result_heads))
         return list(self.predict_stream(texts, batch_size))
@@ -293,7 +306,7 @@ class Predictor:
     def result(self, row) -> dict:
         """One text's ``{"label", "probabilities"}`` from its probability row (formatted here,
         at the edge; ``probabilities()`` returns the array)."""
-        values = row.tolist() if isinstance(row, np.ndarray) else [float(p) for p in row]
+        values = row if type(row) is list else row.tolist() if isinstance(row, np.ndarray) else [float(p) for p in row]
         total = sum(values)
         if total - total != 0:  # NaN or inf somewhere (inf - inf and NaN - NaN are NaN)
             return {"label": None, "error": NOT_FINITE,
@@ -308,16 +321,38 @@ def windows(pairs, batch_size: int):
     each at most ``SORT_WINDOW_BATCHES`` batches and their character budget, or fewer as soon
     as no more input is waiting (then ``flush``: the window is answered before more is read;
     the last window is flushed too). Every text is checked."""
+    def blocks():
+        for i, (t, more) in enumerate(pairs):
+            _check_text(i, t)
+            yield [t], more
+
+    return windows_of_blocks(blocks(), batch_size)
+
+
+def windows_of_blocks(blocks, batch_size: int):
+    """``windows`` from ``(texts, more_waiting)`` blocks of checked texts (``more_waiting``:
+    after the block's last text), cut without looking at each text in Python."""
+    from bisect import bisect_left
+    from itertools import accumulate
+
     limits.check_batch_size(batch_size, "batch size")
     window, chars = [], 0
     limit_texts, limit_chars = batch_size * SORT_WINDOW_BATCHES, limits.BATCH_CHAR_BUDGET * SORT_WINDOW_BATCHES
-    for i, (t, more) in enumerate(pairs):
-        _check_text(i, t)
-        window.append(t)
-        chars += len(t)
-        if len(window) >= limit_texts or chars >= limit_chars or not more:
-            yield window, not more
-            window, chars = [], 0
+    for texts, more in blocks:
+        start = 0
+        while start < len(texts):
+            piece = texts[start:start + limit_texts - len(window)]
+            sums = list(accumulate(map(len, piece), initial=chars))
+            if sums[-1] >= limit_chars:  # the window ends at the text that reaches the budget
+                piece = piece[:bisect_left(sums, limit_chars, 1)]
+                sums = sums[:len(piece) + 1]
+            window += piece
+            chars = sums[-1]
+            start += len(piece)
+            last = start == len(texts)
+            if len(window) >= limit_texts or chars >= limit_chars or (last and not more):
+                yield window, last and not more
+                window, chars = [], 0
     if window:
         yield window, True
 

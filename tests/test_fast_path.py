@@ -9,6 +9,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from probattn.models.text.fast import FastTokenizer
 from probattn.models.text.tokenizer import pad_rows, spec_of, train_tokenizer_of_kind
@@ -175,3 +177,193 @@ def test_one_text_padded_for_litert_equals_its_exact_length(bundle_dir):
         probs = np.array([[g["probabilities"][l] for l in p.labels] for g in got])
         assert np.abs(probs - exact).max() <= 1e-5, runtime
         assert [g["label"] for g in got] == [p.labels[k] for k in exact.argmax(1)]
+
+
+# --------------------------------------------------------------------------- the NumPy scanner
+
+def _regex_ids(fast, texts):
+    """``_bulk_ids`` of ``texts`` (the regex scan and dict lookup the scanner replaces)."""
+    from probattn.models.text import fast as F
+
+    joined = F.SEPARATOR.join(texts)
+    joined = joined.lower() if fast._bulk_lower else joined
+    vocab = dict(fast.vocab)
+    vocab[F.SEPARATOR] = F._SEP_ID
+    return F._bulk_ids(joined, fast._bulk_pattern, vocab, fast.unk_id, len(texts))
+
+
+def _scanned_ids(scanner, fast, texts):
+    from probattn.models.text import fast as F
+
+    joined = F.SEPARATOR.join(texts)
+    joined = joined.lower() if fast._bulk_lower else joined
+    return scanner.scan(joined.encode("utf-8", "surrogatepass"), len(texts), fast.unk_id)
+
+
+def _hostile_vocab(fast):
+    """The tokenizer's vocabulary plus entries at every length around the scanner's 8-byte
+    chunks and its longest scanned token, entries sharing their first 8 or 16 bytes, entries
+    no scan produces (a space, two classes, non-ASCII, the separator) and one over the
+    longest scanned token."""
+    from probattn.models.text.fast import SCAN_TOKEN_BYTES
+
+    vocab = dict(fast.vocab)
+    extra = ["x" * n for n in range(1, SCAN_TOKEN_BYTES + 3)]
+    extra += ["abcdefgh" + s for s in ("", "i", "ij", "ijklmnop", "ijklmnopq")] + ["abcdefgz", "abcdefghijklmnoz"]
+    extra += ["a b", "a,", "caf\u00e9", "\u00e9t\u00e9", "two\nlines", "_", "'", "''", "--", "!!!", "a" * 100, "b" * 65]
+    for t in extra:
+        vocab.setdefault(t if fast._bulk_lower is False else t.lower(), len(vocab))
+    return vocab
+
+
+@pytest.mark.parametrize("kind", ["portable", "regex", "regex-start"])
+def test_scanner_equals_the_regex_scan(kind):
+    """The NumPy scanner gives the ids of the regex scan and dict lookup, text by text, on
+    the battery and on texts built from a hostile vocabulary (tokens of every length around
+    8-byte chunks and the longest scanned token, shared prefixes, unknown near-misses, tokens
+    far longer than any entry); ``encode_plan`` of a plan equals ``encode_padded`` of each
+    batch."""
+    from probattn.models.text import fast as F
+
+    train = [t for t in TEXTS if t.strip()] * 2
+    fast = F.FastTokenizer.from_spec(spec_of(train_tokenizer_of_kind(kind, train, vocab_size=300, max_length=16)))
+    vocab = _hostile_vocab(fast)
+    scanner = F._Scanner.build(vocab, fast._bulk_classes())
+    assert scanner is not None
+    fast.vocab, fast._scanner = vocab, scanner
+    words = [w for w in vocab if w.strip()] + ["x" * 300, "abcdefghijklmnopq", "abcdefgh" * 9, "ABCDEFGHI", "zzzz"]
+    rng = np.random.default_rng(3)
+    made = [" ".join(rng.choice(words, size=int(rng.integers(0, 12)))).replace("\n", " ") for _ in range(300)]
+    for texts in ([t for t in TEXTS if fast._bulk_eligible(t)], made, made[:2], ["", ""], ["x", ""]):
+        want, got = _regex_ids(fast, texts), _scanned_ids(scanner, fast, texts)
+        assert np.array_equal(want[0], got[0]) and np.array_equal(want[1], got[1])
+    ids = _scanned_ids(scanner, fast, ["abcdefghijklmnoq abcdefghijklmnoz", "x" * 65])[0].tolist()
+    assert ids == [fast.unk_id, vocab["abcdefghijklmnoz"], vocab["x" * 65]]  # a near miss; past the scanned length
+    plan = [[2, 0], [1], [5, 4, 3], list(range(6, 40))]
+    texts = made[:40]
+    assert [m.tolist() for m in fast.encode_plan(texts, plan, 16)] == \
+        [fast.encode_padded([texts[i] for i in rows], 16).tolist() for rows in plan]
+
+
+def test_scanner_takes_no_entry_whose_bytes_differ():
+    """A token whose key matches an entry of its length but not its bytes (a hash collision,
+    made here by giving an entry the key of an unknown token) gets the unknown id: the
+    scanner compares every byte of a long token before it takes the entry's id."""
+    from probattn.models.text import fast as F
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "abcdefghijklmnop": 2, "short": 3}
+    scanner = F._Scanner.build(vocab, F.FastTokenizer._bulk_classes())
+    data = b"abcdefghijklmnoq short\nabcdefghijklmnop"
+    a = np.frombuffer(data, np.uint8)
+    words = F._words8(a)
+    starts, lengths = np.array([0, 17, 23]), np.array([16, 5, 16])
+    assert scanner.lookup(data, words, starts, lengths, 1).tolist() == [1, 3, 2]
+    forged = F._keys(words, starts[:1], lengths[:1])[0]  # the unknown token's key, given to entry 2
+    slot = int(np.flatnonzero(scanner.slot_entries == np.flatnonzero(scanner.ids == 2)[0])[0])
+    scanner.slot_keys[slot] = forged
+    home = int((np.array([forged], np.uint64) * F._MIX >> scanner.shift)[0])
+    scanner.slot_keys[home], scanner.slot_entries[home] = forged, scanner.slot_entries[slot]
+    assert scanner.lookup(data, words, starts[:1], lengths[:1], 1).tolist() == [1]
+
+
+def _windows_one_by_one(pairs, batch_size):
+    """The windowing rule text by text: a window ends at the text that fills it (texts or
+    characters) or after which no more input is waiting (then it is flushed)."""
+    from probattn.export import limits
+    from probattn.export.predict import SORT_WINDOW_BATCHES
+
+    window, chars = [], 0
+    for t, more in pairs:
+        window.append(t)
+        chars += len(t)
+        if len(window) >= batch_size * SORT_WINDOW_BATCHES or \
+                chars >= limits.BATCH_CHAR_BUDGET * SORT_WINDOW_BATCHES or not more:
+            yield window, not more
+            window, chars = [], 0
+    if window:
+        yield window, True
+
+
+def test_blocks_make_the_windows_of_lines():
+    """``windows_of_blocks`` (the CLI's lines a block at a time) cuts the windows, with the
+    flushes, that the rule applied line by line cuts, at every block size, with the text and
+    character budgets both reached; ``windows`` of single texts too."""
+    from probattn.export import limits
+    from probattn.export.predict import SORT_WINDOW_BATCHES, windows, windows_of_blocks
+
+    rng = np.random.default_rng(4)
+    big = "y" * limits.MAX_TEXT_CHARS  # enough of them reach the character budget
+    assert 400 * len(big) > limits.BATCH_CHAR_BUDGET * SORT_WINDOW_BATCHES
+    texts = ["y" * n for n in rng.integers(0, 40, 3000)] + [big] * 400 + ["y" * n for n in rng.integers(0, 9, 500)]
+    cuts = {"texts": 0, "chars": 0}
+    for size in (1, 7, 64, 1000, len(texts)):
+        blocks, i = [], 0
+        while i < len(texts):
+            step = int(rng.integers(1, size + 1))
+            blocks.append((texts[i:i + step], bool(rng.integers(0, 2)) and i + step < len(texts)))
+            i += step
+        pairs = [(t, j < len(b) - 1 or more) for b, more in blocks for j, t in enumerate(b)]
+        for batch in (1, 4, 64):
+            want = list(_windows_one_by_one(pairs, batch))
+            assert list(windows_of_blocks(iter(blocks), batch)) == want
+            assert list(windows(iter(pairs), batch)) == want
+            cuts["texts"] += sum(len(w) == batch * SORT_WINDOW_BATCHES for w, _ in want)
+            cuts["chars"] += sum(len(w) < batch * SORT_WINDOW_BATCHES and not f for w, f in want)
+    assert cuts["texts"] and cuts["chars"], cuts
+
+
+def test_run_row_equals_infer(bundle_dir):
+    """``run_row`` (``predict``'s single-text call: LiteRT's tensor buffers, onnxruntime's
+    inner run) gives exactly what ``infer`` gives on the same padded ids, for every dynamic
+    artifact the two runtimes run, and after shapes change in between."""
+    from probattn.export.runtimes.litert import LiteRTRunner
+    from probattn.export.runtimes.onnxruntime import OnnxRuntimeRunner
+
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    rng = np.random.default_rng(5)
+    checked = 0
+    for a in manifest["artifacts"]:
+        cls = {"tflite": LiteRTRunner, "onnx": OnnxRuntimeRunner}.get(a["format"])
+        if cls is None:
+            continue
+        r = cls(bundle_dir / a["path"], vocab_size=manifest["vocab_size"], threads=1,
+                input_shape=a.get("input_shape")).activate()
+        for n in (1, 5, 17, 64, 3, 70):
+            row = rng.integers(2, manifest["vocab_size"], n).tolist()
+            ids = np.zeros((1, r.row_width(n, 128)), np.int32)
+            ids[0, :n] = row
+            want = r.infer(ids, outputs=["probabilities"])["probabilities"][0]
+            r.infer(rng.integers(0, 9, (3, 11), dtype=np.int32))  # another shape in between
+            got = r.run_row(row, 128, "probabilities")
+            assert type(got) is list and np.array_equal(np.float32(got), want), (a["path"], n)
+        checked += 1
+    assert checked >= 6
+
+
+_PIECES = ["a", "ab", "abcdefgh", "abcdefghi", "Zz9_", "don't", "x" * 16, "x" * 17, "...", "!?", "-", "'", "é",
+           "ß", "\u0301", " ", "  ", "\t", "\x00", "\x1f", "\r", "日本", "\U0001f600", "a" * 70]
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.lists(st.sampled_from(_PIECES), max_size=12).map("".join), min_size=2, max_size=30),
+       st.sampled_from(["portable", "regex"]), st.integers(0, 2 ** 31))
+def test_scanner_property(texts, kind, seed):
+    """On random texts built from pieces at the scanner's edges (8-byte chunks, classes,
+    controls, non-ASCII, over-long tokens) and a random vocabulary of their tokens and near
+    misses, the scanner's ids equal the regex scan's."""
+    from probattn.models.text import fast as F
+
+    cls = F.FastTokenizer if kind == "portable" else F.RegexFastTokenizer
+    fast = cls.__new__(cls)
+    fast.unk_id = 1
+    texts = [t for t in texts if fast._bulk_eligible(t)]
+    if len(texts) < 2:
+        return
+    pattern = F._ASCII_SIMPLE if kind == "portable" else F.RegexFastTokenizer.WORD
+    tokens = sorted({w for t in texts for w in pattern.findall(t.lower() if fast._bulk_lower else t)})
+    rng = np.random.default_rng(seed)
+    chosen = [w for w in tokens if rng.random() < 0.6] + [w[:-1] + "q" for w in tokens if len(w) > 1][:5]
+    fast.vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(dict.fromkeys(chosen))}}
+    scanner = F._Scanner.build(fast.vocab, fast._bulk_classes())
+    want, got = _regex_ids(fast, texts), _scanned_ids(scanner, fast, texts)
+    assert np.array_equal(want[0], got[0]) and np.array_equal(want[1], got[1])

@@ -227,6 +227,23 @@ class Runner:
         got = self._infer_fixed(ids)
         return got if outputs is None else {k: got[k] for k in outputs}
 
+    def row_width(self, n: int, max_length: int) -> int:
+        """The length one text of ``n`` ids is padded to: the first of ``single_lengths``
+        that fits, at most ``max_length`` (never less than ``n``)."""
+        for w in self.single_lengths:
+            if w >= n:
+                return w if w <= max_length else max(n, max_length)
+        return n
+
+    def run_row(self, row: list, max_length: int, output: str) -> list:
+        """One text's ids (``row``: in range, 1 to ``max_length`` of them) to ``output``'s row
+        as floats: ``predict``'s single-text call, by the leanest way the runtime has. The ids
+        are right-padded to the first of ``single_lengths`` that fits (pads are masked)."""
+        n = len(row)
+        ids = np.zeros((1, self.row_width(n, max_length)), np.int32)
+        ids[0, :n] = row
+        return self.infer(ids, check_inputs=False, outputs=(output,))[output][0].tolist()
+
     def accepts_length(self, length: int) -> bool:
         return self.fixed_length is None or length <= self.fixed_length
 

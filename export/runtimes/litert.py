@@ -74,6 +74,9 @@ class LiteRTRunner(Runner):
             self._input = INPUT
             self._raw = self._raw_indexes(sigs)
             self._shape = None
+            if self._raw is not None:  # ``tensor(i)()``: a view of tensor i's buffer as it is now (None: the input)
+                self._views = {None: self.interp.tensor(self._raw[0]),
+                               **{k: self.interp.tensor(i) for k, i in self._raw[1].items()}}
             if self._raw is not None:  # the SignatureRunner holds the interpreter: resizing needs it gone
                 self.runner = None
             with quiet_stderr():  # the delegate is created, and announces itself, on first use
@@ -172,6 +175,26 @@ class LiteRTRunner(Runner):
             if name in out:
                 out[name] = (out[name].astype(np.float32) - zero_point) * scale
         return out
+
+    def run_row(self, row: list, max_length: int, output: str) -> list:
+        """The raw interpreter's own buffers: the ids written into the input tensor and the
+        output read from its tensor (no ``set_tensor`` / ``get_tensor`` copies, about 5 us
+        less a call); the base class's way for files it does not suit."""
+        if self._raw is None or self._quantized or self.fixed_length is not None or self.fixed_batch is not None:
+            return super().run_row(row, max_length, output)
+        n = len(row)
+        shape = (1, self.row_width(n, max_length))
+        interp = self.interp
+        if self._shape != shape:
+            interp.resize_tensor_input(self._raw[0], shape, strict=True)
+            interp.allocate_tensors()
+            self._shape = shape
+        view = self._views[None]()
+        view[0, :n] = row
+        view[0, n:] = 0
+        del view  # the interpreter refuses to run while a view of its buffers is held
+        interp.invoke()
+        return self._views[output]()[0].tolist()
 
     def _close(self):
         self.runner = self.interp = None

@@ -129,50 +129,204 @@ def _joined(pattern):
     return re.compile(pattern.pattern + "|" + re.escape(SEPARATOR))
 
 
-def _ascii_simple():
-    """``_ASCII_PATTERN`` written as two plain classes: ASCII has no combining marks, so
-    ``w wm*`` is ``[w]+`` and ``p pm*`` is ``[p]+`` (the same matches, 20% faster in ``re``)."""
+def _ascii_bodies():
+    """The ASCII word and punctuation classes of ``_ASCII_PATTERN`` as regex class bodies.
+    ASCII has no combining marks, so ``w wm*`` is ``[w]+`` and ``p pm*`` is ``[p]+``."""
     runs = _runs(0, 0x7F)
     assert not _ranges_of(runs, MARK)
-    cls = lambda cats: "[" + _body(_ranges_of(runs, cats)) + "]+"  # noqa: E731
-    return re.compile(cls(WORD_START) + "|" + cls(PUNCT_START))
+    return _body(_ranges_of(runs, WORD_START)), _body(_ranges_of(runs, PUNCT_START))
 
 
-_ASCII_SIMPLE = _ascii_simple()
+_ASCII_BODIES = _ascii_bodies()
+#: ``_ASCII_PATTERN`` written as two plain classes (the same matches, 20% faster in ``re``)
+_ASCII_SIMPLE = re.compile("[" + _ASCII_BODIES[0] + "]+|[" + _ASCII_BODIES[1] + "]+")
 _ASCII_JOINED = _joined(_ASCII_SIMPLE)
 
 
 def _bulk_ids(joined: str, pattern, vocab_sep: dict, unk_id: int, n: int):
-    """``(ids, starts, lengths)`` of ``n`` texts joined by ``SEPARATOR``: one regex scan and
-    one dict lookup per token for the whole batch. None if the separators do not come out
-    as exactly ``n - 1`` tokens (then the caller goes text by text)."""
+    """``(ids, counts)`` of ``n`` texts joined by ``SEPARATOR``: every text's ids in order
+    and how many each text has; one regex scan and one dict lookup per token for the whole
+    batch. None if the separators do not come out as exactly ``n - 1`` tokens (then the
+    caller goes text by text)."""
     ids = np.fromiter(map(vocab_sep.get, pattern.findall(joined), repeat(unk_id)), np.int32)
-    sep = np.flatnonzero(ids == _SEP_ID)
-    if len(sep) != n - 1:
+    sep = ids == _SEP_ID
+    if int(np.count_nonzero(sep)) != n - 1:
         return None
-    starts = np.empty(n, np.int64)
-    starts[0] = 0
-    starts[1:] = sep + 1
-    ends = np.empty(n, np.int64)
-    ends[:-1] = sep
-    ends[-1] = len(ids)
-    return ids, starts, ends - starts
+    keep = ~sep
+    return ids[keep], np.bincount(np.cumsum(sep)[keep], minlength=n)
+
+
+# ------------------------------------------------------------------ the NumPy scanner
+#: multiplier of the scanner's hash (2^64 / golden ratio, odd)
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+#: ``_LOW[k]``: the low ``k`` bytes of a uint64 set
+_LOW = np.array([(1 << (8 * k)) - 1 for k in range(9)], np.uint64)
+#: token bytes the scanner looks up itself; longer tokens (rare: a word of 65 letters) are
+#: looked up in the dict one by one
+SCAN_TOKEN_BYTES = 64
+#: a byte's class in ``_Scanner.classes``: delimiter, the text separator, tokens 1..
+_DELIMITER, _SEP_CLASS = 0, 255
+
+
+def _words8(data: np.ndarray) -> np.ndarray:
+    """uint64 ``w`` with ``w[i]`` = bytes ``data[i:i + 8]`` little-endian (zeros past the end):
+    a view with a stride of one byte over a zero-padded copy."""
+    padded = np.zeros(len(data) + 8, np.uint8)
+    padded[:len(data)] = data
+    return np.ndarray((len(data) + 1,), dtype="<u8", buffer=padded, strides=(1,))
+
+
+def _keys(words, starts, lengths) -> np.ndarray:
+    """One uint64 key per span ``[start, start + length)`` of ``words``' bytes (length 1 to
+    ``SCAN_TOKEN_BYTES``): up to 8 bytes, the bytes themselves (distinct spans of the same
+    length, distinct keys); longer, their 8-byte chunks mixed with the length (equal keys
+    are checked byte by byte: ``_Scanner._same``)."""
+    keys = words[starts] & _LOW[np.minimum(lengths, 8)]
+    at = np.flatnonzero(lengths > 8)
+    if len(at):
+        offset = 8
+        keys[at] = keys[at] * _MIX ^ lengths[at].astype(np.uint64)
+        while len(at):
+            left = lengths[at] - offset
+            keys[at] = (keys[at] ^ (words[starts[at] + offset] & _LOW[np.minimum(left, 8)])) * _MIX
+            at = at[left > 8]
+            offset += 8
+    return keys
+
+
+class _Scanner:
+    """The regex scan and dict lookup of ``_bulk_ids`` done by NumPy over the window's
+    bytes, with the same ids (``tests/test_fast_path.py``): for a pattern that is runs of
+    byte classes (``classes``: 256 bytes, 0 delimiter, 1.. token classes; a token is a
+    maximal run of one class), texts joined by ``SEPARATOR``.
+
+    Tokens are looked up in an open-addressing table of the vocabulary's keys (``_keys``);
+    a found entry counts only when its length, and for tokens over 8 bytes every byte, are
+    the token's: no hash collision, however a text is made, can give a wrong id. Vocabulary
+    entries no scan can produce (a delimiter inside, two classes) are left out; if two
+    entries it keeps share a key, ``build`` returns None and the regex path is used."""
+
+    def __init__(self, classes, vocab, slot_keys, slot_entries, probes, ids, lengths, starts, words):
+        self.classes, self.vocab, self.probes = classes, vocab, probes
+        #: the table: each slot's key and entry (-1: empty)
+        self.slot_keys, self.slot_entries = slot_keys, slot_entries
+        self.mask = len(slot_keys) - 1
+        self.shift = np.uint64(64 - (len(slot_keys).bit_length() - 1))
+        #: per entry: its id, its length in bytes and where its bytes are in ``words``
+        self.ids, self.lengths, self.starts, self.words = ids, lengths, starts, words
+
+    @classmethod
+    def build(cls, vocab: dict, classes: np.ndarray):
+        tokens = [t for t in vocab if t]
+        raw = [t.encode("utf-8", "surrogatepass") for t in tokens]
+        lengths = np.fromiter(map(len, raw), np.int64, len(raw))
+        data = np.frombuffer(b"".join(raw), np.uint8)
+        starts = np.cumsum(lengths) - lengths
+        if len(raw):  # producible: one token class throughout, and short enough to scan
+            c = np.frombuffer(data.tobytes().translate(classes), np.uint8)
+            lo, hi = np.minimum.reduceat(c, starts), np.maximum.reduceat(c, starts)
+            keep = np.flatnonzero((lo == hi) & (lo != _DELIMITER) & (lo != _SEP_CLASS) & (lengths <= SCAN_TOKEN_BYTES))
+        else:
+            keep = np.zeros(0, np.int64)
+        words = _words8(data)
+        keys = _keys(words, starts[keep], lengths[keep])
+        if len(np.unique(keys)) != len(keys):
+            return None
+        size = 1 << max(10, (4 * len(keys)).bit_length())
+        slot_keys, slot_entries = np.zeros(size, np.uint64), np.full(size, -1, np.int32)
+        slot = ((keys * _MIX) >> np.uint64(64 - (size.bit_length() - 1))).astype(np.int64)
+        pending, probes = np.arange(len(keys)), 0
+        while len(pending):  # linear probing: each free slot taken by the first entry that wants it
+            s = slot[pending]
+            free = np.flatnonzero(slot_entries[s] < 0)
+            placed = free[np.unique(s[free], return_index=True)[1]]
+            slot_entries[s[placed]] = pending[placed]
+            slot_keys[s[placed]] = keys[pending[placed]]
+            left = np.ones(len(pending), bool)
+            left[placed] = False
+            pending = pending[left]
+            slot[pending] = (slot[pending] + 1) & (size - 1)
+            probes += bool(len(pending))
+        ids = np.fromiter((vocab[tokens[i]] for i in keep), np.int32, len(keep))
+        return cls(classes, vocab, slot_keys, slot_entries, probes, ids, lengths[keep], starts[keep], words)
+
+    def scan(self, data: bytes, n: int, unk_id: int):
+        """``(ids, counts)`` for ``n`` texts joined by ``SEPARATOR``, as ``_bulk_ids``;
+        None when the separators are not ``n - 1``."""
+        a = np.frombuffer(data, np.uint8)
+        c = np.frombuffer(data.translate(self.classes), np.uint8)
+        sep = c == _SEP_CLASS
+        if int(np.count_nonzero(sep)) != n - 1:
+            return None
+        edge = np.ones(len(a) + 1, bool)
+        np.not_equal(c[1:], c[:-1], out=edge[1:-1])
+        token = (c != _DELIMITER) & ~sep
+        starts = np.flatnonzero(edge[:-1] & token)
+        ends = np.flatnonzero(edge[1:] & token) + 1
+        counts = np.bincount(np.cumsum(sep)[starts], minlength=n)
+        return self.lookup(data, _words8(a), starts, ends - starts, unk_id), counts
+
+    def lookup(self, data: bytes, words, starts, lengths, unk_id: int) -> np.ndarray:
+        """The id of each span ``[start, start + length)`` of ``data`` (``words``: its
+        ``_words8``), ``unk_id`` for a span not in the vocabulary."""
+        if len(starts) and int(lengths.max()) > SCAN_TOKEN_BYTES:
+            ids = np.full(len(starts), unk_id, np.int32)
+            short = np.flatnonzero(lengths <= SCAN_TOKEN_BYTES)
+            for i in np.flatnonzero(lengths > SCAN_TOKEN_BYTES).tolist():  # rare: one by one
+                s = int(starts[i])
+                ids[i] = self.vocab.get(data[s:s + int(lengths[i])].decode("utf-8", "surrogatepass"), unk_id)
+            ids[short] = self.lookup(data, words, starts[short], lengths[short], unk_id)
+            return ids
+        if not len(self.ids):  # no entry a scan can produce
+            return np.full(len(starts), unk_id, np.int32)
+        keys = _keys(words, starts, lengths)
+        slot = ((keys * _MIX) >> self.shift).astype(np.int64)
+        entry = self.slot_entries[slot]
+        found = (self.slot_keys[slot] == keys) & (entry >= 0)
+        go = np.flatnonzero(~found & (entry >= 0))  # the slot holds another key: probe on
+        for _ in range(self.probes):
+            if not len(go):
+                break
+            slot[go] = (slot[go] + 1) & self.mask
+            e = self.slot_entries[slot[go]]
+            hit = (self.slot_keys[slot[go]] == keys[go]) & (e >= 0)
+            entry[go[hit]] = e[hit]
+            found[go[hit]] = True
+            go = go[~hit & (e >= 0)]
+        found &= self.lengths[entry] == lengths
+        long = np.flatnonzero(found & (lengths > 8))
+        if len(long):
+            found[long] = self._same(words, starts[long], entry[long])
+        return np.where(found, self.ids[entry], np.int32(unk_id))
+
+    def _same(self, words, starts, entries) -> np.ndarray:
+        """Whether each span of the text equals its vocabulary entry, 8 bytes at a time."""
+        same = np.ones(len(starts), bool)
+        lengths, vstarts = self.lengths[entries], self.starts[entries]
+        for offset in range(0, SCAN_TOKEN_BYTES, 8):
+            at = np.flatnonzero(lengths > offset)
+            if not len(at):
+                break
+            low = _LOW[np.minimum(lengths[at] - offset, 8)]
+            same[at] &= (words[starts[at] + offset] & low) == (self.words[vstarts[at] + offset] & low)
+        return same
 
 
 def padded_matrix(n: int, max_length: int | None, bulk=None, rows=None, prefix_id: int | None = None,
                   keep: int | None = None) -> np.ndarray:
     """``int32 [n, longest]`` right-padded with 0 and cut at ``max_length``: what
-    ``tokenizer.pad_rows`` makes of the same ids. ``bulk``: ``(positions, ids, starts,
-    lengths)`` from ``_bulk_ids`` for the texts at ``positions`` (each text's tokens cut at
-    ``keep`` and put after ``prefix_id`` when given); ``rows``: ``{position: id list}`` for
-    the others."""
+    ``tokenizer.pad_rows`` makes of the same ids. ``bulk``: ``(positions, ids, counts)``,
+    the ids of the texts at ``positions``, text after text, and how many each has
+    (``_bulk_ids``; each text's tokens cut at ``keep`` and put after ``prefix_id`` when
+    given); ``rows``: ``{position: id list}`` for the others."""
     pre = 0 if prefix_id is None else 1
     width = 1
     if bulk is not None:
-        pos, ids, starts, lengths = bulk
-        take = lengths if keep is None else np.minimum(lengths, keep)
-        if len(take):
-            width = max(width, int(take.max()) + pre)
+        pos, ids, counts = bulk
+        longest = int(counts.max()) if len(counts) else 0
+        if keep is not None:
+            longest = min(longest, keep)
+        width = max(width, longest + pre)
     for r in (rows or {}).values():
         width = max(width, len(r))
     if max_length is not None:
@@ -181,14 +335,14 @@ def padded_matrix(n: int, max_length: int | None, bulk=None, rows=None, prefix_i
     if bulk is not None and len(pos):
         if pre:
             out[pos, 0] = prefix_id
-        span = min(width - pre, int(take.max()) if len(take) else 0)
-        if span > 0:
-            col = np.arange(span)
-            valid = col[None, :] < take[:, None]
-            src = starts[:, None] + col[None, :]
-            block = np.zeros((len(pos), span), np.int32)
-            block[valid] = ids[src[valid]]
-            out[pos, pre:pre + span] = block
+        span = min(width - pre, longest)
+        if span > 0 and len(ids):
+            text = np.repeat(np.arange(len(counts)), counts)
+            rank = np.arange(len(ids)) - np.repeat(np.cumsum(counts) - counts, counts)
+            if span < longest or int(counts.max()) > span:
+                sel = np.flatnonzero(rank < span)
+                text, rank, ids = text[sel], rank[sel], ids[sel]
+            out[pos[text], rank + pre] = ids
     for i, r in (rows or {}).items():
         r = r[:width]
         out[i, :len(r)] = r
@@ -221,26 +375,87 @@ def _uncovered(unknown, outside):
 
 class _Bulk:
     """``encode_padded``: ``pad_rows(self.encode_batch(texts), max_length)``, faster: the
-    texts ``_bulk_eligible`` accepts are scanned as one string (``SEPARATOR``), the others
-    go text by text."""
+    texts ``_bulk_eligible`` accepts are scanned as one string (``SEPARATOR``) by NumPy
+    (``_Scanner``; the regex of ``_bulk_ids`` when the vocabulary does not allow it), the
+    others go text by text."""
+
+    _scanner = False  # not built yet
 
     def encode_padded(self, texts, max_length: int | None = None) -> np.ndarray:
         texts = texts if isinstance(texts, list) else list(texts)
-        eligible = [i for i, t in enumerate(texts) if self._bulk_eligible(t)]
-        bulk = None
-        if len(eligible) > 1:
-            joined = SEPARATOR.join(texts) if len(eligible) == len(texts) else SEPARATOR.join(texts[i] for i in eligible)
-            if self._bulk_lower:
-                joined = joined.lower()
+        return self.encode_plan(texts, [range(len(texts))], max_length)[0]
+
+    def encode_plan(self, texts, plan, max_length: int | None = None) -> list:
+        """``[encode_padded([texts[i] for i in rows], max_length) for rows in plan]``, with
+        the texts scanned together once (a batch of a few dozen texts is too small for
+        NumPy to pay)."""
+        texts = texts if isinstance(texts, list) else list(texts)
+        bulk = self._bulk(texts)
+        if bulk is None:
+            index, rows = None, dict(enumerate(self.encode_batch(texts)))
+        else:
+            eligible, ids, counts = bulk
+            index = np.full(len(texts), -1, np.int64)
+            index[eligible] = np.arange(len(eligible))
+            first = np.cumsum(counts) - counts
+            others = np.flatnonzero(index < 0).tolist()
+            rows = dict(zip(others, self.encode_batch([texts[i] for i in others]))) if others else {}
+        out = []
+        for batch in plan:
+            batch = np.asarray(batch, np.int64)
+            here = {j: rows[i] for j, i in enumerate(batch.tolist()) if i in rows} if rows else None
+            part = None
+            if index is not None:
+                local = np.flatnonzero(index[batch] >= 0)
+                k = index[batch[local]]
+                c = counts[k]
+                take = np.repeat(first[k] - (np.cumsum(c) - c), c) + np.arange(int(c.sum()))
+                part = (local, ids[take], c)
+            out.append(padded_matrix(len(batch), max_length, part, here, prefix_id=self._bulk_prefix,
+                                     keep=self._bulk_keep()))
+        return out
+
+    def _bulk(self, texts):
+        """``(positions, ids, counts)`` of the texts ``_bulk_eligible`` accepts, scanned as
+        one string; None when fewer than two are (or the separators come out wrong)."""
+        joined = SEPARATOR.join(texts)
+        if joined.isascii() and joined.count(SEPARATOR) == len(texts) - 1:  # every text is eligible
+            eligible = np.arange(len(texts))
+        else:
+            eligible = np.flatnonzero(np.fromiter(map(self._bulk_eligible, texts), bool, len(texts)))
+            if len(eligible) == len(texts):
+                pass
+            elif len(eligible) > 1:
+                joined = SEPARATOR.join([texts[i] for i in eligible.tolist()])
+        if len(eligible) < 2:
+            return None
+        if self._bulk_lower:
+            joined = joined.lower()
+        if self._scanner is False:
+            self._scanner = _Scanner.build(self.vocab, self._bulk_classes())
+        if self._scanner is not None:
+            got = self._scanner.scan(joined.encode("utf-8", "surrogatepass"), len(eligible), self.unk_id)
+        else:
             if getattr(self, "_sep_vocab", None) is None:
                 self._sep_vocab = dict(self.vocab)
                 self._sep_vocab[SEPARATOR] = _SEP_ID
             got = _bulk_ids(joined, self._bulk_pattern, self._sep_vocab, self.unk_id, len(eligible))
-            if got is not None:
-                bulk = (np.asarray(eligible, np.int64), *got)
-        others = range(len(texts)) if bulk is None else sorted(set(range(len(texts))) - set(eligible))
-        rows = dict(zip(others, self.encode_batch([texts[i] for i in others]))) if len(others) else None
-        return padded_matrix(len(texts), max_length, bulk, rows, prefix_id=self._bulk_prefix, keep=self._bulk_keep())
+        return None if got is None else (eligible, *got)
+
+
+def _byte_classes(word: str, punct: str = "") -> bytes:
+    """``_Scanner.classes`` (a ``bytes.translate`` table) for ASCII classes given as regex
+    class bodies: 1 word, 2 punctuation, every other byte (non-ASCII UTF-8 bytes included)
+    a delimiter, the separator its own class."""
+    classes = bytearray([_DELIMITER]) * 256
+    for value, body in ((1, word), (2, punct)):
+        if body:
+            pattern = re.compile(f"[{body}]")
+            for b in range(128):
+                if pattern.fullmatch(chr(b)):
+                    classes[b] = value
+    classes[ord(SEPARATOR)] = _SEP_CLASS
+    return bytes(classes)
 
 
 class FastTokenizer(_Bulk):
@@ -374,6 +589,10 @@ class FastTokenizer(_Bulk):
 
     _bulk_pattern = _ASCII_JOINED
     _bulk_lower = True
+
+    @staticmethod
+    def _bulk_classes():
+        return _byte_classes(*_ASCII_BODIES)
     _bulk_prefix = None
 
     def _bulk_keep(self):
@@ -398,7 +617,8 @@ class RegexFastTokenizer(_Bulk):
     """The twin of the ``regex`` / ``regex-start`` kinds (MediaPipe's regex tokenizer): every
     text, no Unicode table needed (the word class is ASCII, everything else delimits)."""
 
-    WORD = re.compile(r"[0-9A-Za-z_']+")
+    WORD_CLASS = "0-9A-Za-z_'"
+    WORD = re.compile(f"[{WORD_CLASS}]+")
 
     def __init__(self, vocab: dict, unk_id: int, start_id: int | None, max_length: int | None):
         self.vocab, self.unk_id, self.start_id, self.max_length = vocab, unk_id, start_id, max_length
@@ -445,6 +665,10 @@ class RegexFastTokenizer(_Bulk):
 
     _bulk_pattern = _joined(WORD)
     _bulk_lower = False
+
+    @classmethod
+    def _bulk_classes(cls):
+        return _byte_classes(cls.WORD_CLASS)
 
     def _bulk_eligible(self, text: str) -> bool:  # no Unicode table: every text without the separator
         return SEPARATOR not in text
