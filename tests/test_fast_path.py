@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from probattn.models.text.fast import FastTokenizer
@@ -367,3 +367,34 @@ def test_scanner_property(texts, kind, seed):
     scanner = F._Scanner.build(fast.vocab, fast._bulk_classes())
     want, got = _regex_ids(fast, texts), _scanned_ids(scanner, fast, texts)
     assert np.array_equal(want[0], got[0]) and np.array_equal(want[1], got[1])
+
+
+_UNICODE_PIECES = ["a", "é", "e\u0301", "\u0301", "\u0301\u0302", "!\u0301", " \u0301x", "ΟΔΟΣ", "σς", "Σ", "İ",
+                   "ﬁne", "①②", "Ⅻ", "ｆｕｌｌ", "\u1100\u1161", "日本語", "\U0001f600", "\U0001d400", "\ufffd", "\u00ad",
+                   "\u200b", "\ud800", "tab\t", " ", "--", "don't", "Ünïcödé", "x" * 20, "ß" * 20, "\x85", "\u2028"]
+
+
+@pytest.fixture(scope="module")
+def unicode_tokenizer():
+    rng = np.random.default_rng(6)
+    train = ["".join(rng.choice(_UNICODE_PIECES, size=8)) for _ in range(400)] + [t for t in TEXTS if t.strip()]
+    train = [t.encode("utf-8", "replace").decode("utf-8") for t in train]  # tokenizers takes no lone surrogate
+    tok = train_tokenizer_of_kind("portable", train, vocab_size=400, max_length=24)
+    return tok, FastTokenizer.from_spec(spec_of(tok))
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.lists(st.sampled_from(_UNICODE_PIECES), max_size=10).map("".join), min_size=2, max_size=40))
+def test_code_point_scan_equals_tokenizers(unicode_tokenizer, texts):
+    """Non-ASCII texts of the portable kind, normalized together and scanned as code points
+    (marks joining the run before them or making their own, NFKC expansions, final sigma,
+    lone surrogates, astral characters), get exactly the ids of ``tokenizers``."""
+    tok, fast = unicode_tokenizer
+    fast._bulk_more(["é", "ü"], [0, 1])  # the code-point scanner exists
+    assert fast._code_scanner not in (None, False)
+    clean = [t.encode("utf-8", "replace").decode("utf-8") for t in texts]  # tokenizers takes no lone surrogate
+    want = pad_rows([e.ids for e in tok.encode_batch(clean)], 24)
+    assert np.array_equal(fast.encode_padded(clean, 24), want)
+    # with lone surrogates (U+FFFD for the fast path, text by text too)
+    assert np.array_equal(fast.encode_padded(texts, 24), pad_rows(fast.encode_batch(texts), 24))

@@ -195,19 +195,25 @@ def _keys(words, starts, lengths) -> np.ndarray:
 
 
 class _Scanner:
-    """The regex scan and dict lookup of ``_bulk_ids`` done by NumPy over the window's
-    bytes, with the same ids (``tests/test_fast_path.py``): for a pattern that is runs of
-    byte classes (``classes``: 256 bytes, 0 delimiter, 1.. token classes; a token is a
-    maximal run of one class), texts joined by ``SEPARATOR``.
+    """The regex scan and dict lookup of ``_bulk_ids`` done by NumPy over a window's texts
+    joined by ``SEPARATOR``, with the same ids (``tests/test_fast_path.py``), for patterns
+    whose tokens are maximal runs of one character class.
 
-    Tokens are looked up in an open-addressing table of the vocabulary's keys (``_keys``);
-    a found entry counts only when its length, and for tokens over 8 bytes every byte, are
-    the token's: no hash collision, however a text is made, can give a wrong id. Vocabulary
-    entries no scan can produce (a delimiter inside, two classes) are left out; if two
-    entries it keeps share a key, ``build`` returns None and the regex path is used."""
+    Two encodings: ``unit`` 1, UTF-8 bytes classed by a 256-byte ``bytes.translate`` table
+    (ASCII classes; every byte of a non-ASCII character a delimiter); ``unit`` 4, UTF-32
+    code points classed by a table of every code point, where a combining mark joins the
+    word or punctuation run before it, else runs with other marks (``_mark_runs``).
 
-    def __init__(self, classes, vocab, slot_keys, slot_entries, probes, ids, lengths, starts, words):
-        self.classes, self.vocab, self.probes = classes, vocab, probes
+    Tokens are looked up in an open-addressing table of the vocabulary's keys (``_keys``,
+    over the encoded bytes); a found entry counts only when its length, and for tokens over
+    8 bytes every byte, are the token's: no hash collision, however a text is made, can give
+    a wrong id. Vocabulary entries no scan can produce (a delimiter inside, two classes) are
+    left out; if two entries it keeps share a key, ``build`` returns None and the regex path
+    is used."""
+
+    def __init__(self, classes, unit, vocab, slot_keys, slot_entries, probes, ids, lengths, starts, words):
+        self.classes, self.unit, self.vocab, self.probes = classes, unit, vocab, probes
+        self.encoding = "utf-8" if unit == 1 else "utf-32-le"
         #: the table: each slot's key and entry (-1: empty)
         self.slot_keys, self.slot_entries = slot_keys, slot_entries
         self.mask = len(slot_keys) - 1
@@ -216,19 +222,22 @@ class _Scanner:
         self.ids, self.lengths, self.starts, self.words = ids, lengths, starts, words
 
     @classmethod
-    def build(cls, vocab: dict, classes: np.ndarray):
+    def build(cls, vocab: dict, classes, unit: int = 1):
+        encoding = "utf-8" if unit == 1 else "utf-32-le"
         tokens = [t for t in vocab if t]
-        raw = [t.encode("utf-8", "surrogatepass") for t in tokens]
+        raw = [t.encode(encoding, "surrogatepass") for t in tokens]
         lengths = np.fromiter(map(len, raw), np.int64, len(raw))
-        data = np.frombuffer(b"".join(raw), np.uint8)
-        starts = np.cumsum(lengths) - lengths
+        sep = SEPARATOR.encode(encoding)
+        data = sep.join(raw) + sep  # each entry classed alone: a mark at its start joins nothing
+        starts = np.cumsum(lengths + len(sep)) - lengths - len(sep)
+        keep = np.zeros(0, np.int64)
         if len(raw):  # producible: one token class throughout, and short enough to scan
-            c = np.frombuffer(data.tobytes().translate(classes), np.uint8)
-            lo, hi = np.minimum.reduceat(c, starts), np.maximum.reduceat(c, starts)
+            c = cls._classify(classes, unit, data)
+            spans = np.empty(2 * len(raw), np.int64)  # each entry's span, then the separator after it
+            spans[0::2], spans[1::2] = starts // unit, (starts + lengths) // unit
+            lo, hi = np.minimum.reduceat(c, spans)[0::2], np.maximum.reduceat(c, spans)[0::2]
             keep = np.flatnonzero((lo == hi) & (lo != _DELIMITER) & (lo != _SEP_CLASS) & (lengths <= SCAN_TOKEN_BYTES))
-        else:
-            keep = np.zeros(0, np.int64)
-        words = _words8(data)
+        words = _words8(np.frombuffer(data, np.uint8))
         keys = _keys(words, starts[keep], lengths[keep])
         if len(np.unique(keys)) != len(keys):
             return None
@@ -248,33 +257,41 @@ class _Scanner:
             slot[pending] = (slot[pending] + 1) & (size - 1)
             probes += bool(len(pending))
         ids = np.fromiter((vocab[tokens[i]] for i in keep), np.int32, len(keep))
-        return cls(classes, vocab, slot_keys, slot_entries, probes, ids, lengths[keep], starts[keep], words)
+        return cls(classes, unit, vocab, slot_keys, slot_entries, probes, ids, lengths[keep], starts[keep], words)
+
+    @staticmethod
+    def _classify(classes, unit: int, data: bytes) -> np.ndarray:
+        """Each character's class (uint8): a token is a maximal run of one class."""
+        if unit == 1:
+            return np.frombuffer(data.translate(classes), np.uint8)
+        return _mark_runs(classes[np.frombuffer(data, "<u4")])
 
     def scan(self, data: bytes, n: int, unk_id: int):
-        """``(ids, counts)`` for ``n`` texts joined by ``SEPARATOR``, as ``_bulk_ids``;
-        None when the separators are not ``n - 1``."""
-        a = np.frombuffer(data, np.uint8)
-        c = np.frombuffer(data.translate(self.classes), np.uint8)
+        """``(ids, counts)`` for ``n`` texts joined by ``SEPARATOR`` and encoded (``unit``),
+        as ``_bulk_ids``; None when the separators are not ``n - 1``."""
+        c = self._classify(self.classes, self.unit, data)
         sep = c == _SEP_CLASS
         if int(np.count_nonzero(sep)) != n - 1:
             return None
-        edge = np.ones(len(a) + 1, bool)
+        edge = np.ones(len(c) + 1, bool)
         np.not_equal(c[1:], c[:-1], out=edge[1:-1])
         token = (c != _DELIMITER) & ~sep
         starts = np.flatnonzero(edge[:-1] & token)
         ends = np.flatnonzero(edge[1:] & token) + 1
         counts = np.bincount(np.cumsum(sep)[starts], minlength=n)
-        return self.lookup(data, _words8(a), starts, ends - starts, unk_id), counts
+        u = self.unit
+        ids = self.lookup(data, _words8(np.frombuffer(data, np.uint8)), starts * u, (ends - starts) * u, unk_id)
+        return ids, counts
 
     def lookup(self, data: bytes, words, starts, lengths, unk_id: int) -> np.ndarray:
-        """The id of each span ``[start, start + length)`` of ``data`` (``words``: its
-        ``_words8``), ``unk_id`` for a span not in the vocabulary."""
+        """The id of each span ``[start, start + length)`` of ``data``'s bytes (``words``:
+        its ``_words8``), ``unk_id`` for a span not in the vocabulary."""
         if len(starts) and int(lengths.max()) > SCAN_TOKEN_BYTES:
             ids = np.full(len(starts), unk_id, np.int32)
             short = np.flatnonzero(lengths <= SCAN_TOKEN_BYTES)
             for i in np.flatnonzero(lengths > SCAN_TOKEN_BYTES).tolist():  # rare: one by one
                 s = int(starts[i])
-                ids[i] = self.vocab.get(data[s:s + int(lengths[i])].decode("utf-8", "surrogatepass"), unk_id)
+                ids[i] = self.vocab.get(data[s:s + int(lengths[i])].decode(self.encoding, "surrogatepass"), unk_id)
             ids[short] = self.lookup(data, words, starts[short], lengths[short], unk_id)
             return ids
         if not len(self.ids):  # no entry a scan can produce
@@ -310,6 +327,41 @@ class _Scanner:
             low = _LOW[np.minimum(lengths[at] - offset, 8)]
             same[at] &= (words[starts[at] + offset] & low) == (self.words[vstarts[at] + offset] & low)
         return same
+
+
+#: a code point's class in the portable kind's table: a combining mark (before ``_mark_runs``)
+_MARK_CLASS = 3
+
+
+def _mark_runs(c: np.ndarray) -> np.ndarray:
+    """Classes of the portable Split pattern ``w[wm]*|p[pm]*|m+``: a mark takes the class of
+    the last non-mark before it when that is a word (1) or punctuation (2) character; other
+    marks keep the mark class, so consecutive ones make a run of their own."""
+    mark = c == _MARK_CLASS
+    if not mark.any():
+        return c
+    last = np.where(mark, -1, np.arange(len(c)))
+    np.maximum.accumulate(last, out=last)
+    before = np.where(last >= 0, c[np.maximum(last, 0)], _DELIMITER)
+    joins = mark & ((before == 1) | (before == 2))
+    return np.where(joins, before, c).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=1)
+def _codepoint_classes() -> np.ndarray:
+    """uint8 class of every code point for the portable kind's ``_Scanner`` (unit 4): 1 word
+    start, 2 punctuation start, ``_MARK_CLASS`` mark, 0 anything else, the separator its own;
+    from this Python's ``unicodedata``, as the regex of ``_unicode_tables``."""
+    classes = np.zeros(0x110000, np.uint8)
+    for a, b, cat in _all_runs():
+        if cat in WORD_START or cat[0] in WORD_START:
+            classes[a:b + 1] = 1
+        elif cat in PUNCT_START or cat[0] in PUNCT_START:
+            classes[a:b + 1] = 2
+        elif cat in MARK or cat[0] in MARK:
+            classes[a:b + 1] = _MARK_CLASS
+    classes[ord(SEPARATOR)] = _SEP_CLASS
+    return classes
 
 
 def padded_matrix(n: int, max_length: int | None, bulk=None, rows=None, prefix_id: int | None = None,
@@ -350,9 +402,14 @@ def padded_matrix(n: int, max_length: int | None, bulk=None, rows=None, prefix_i
 
 
 @functools.lru_cache(maxsize=1)
+def _all_runs() -> list:
+    return _runs(0, 0x10FFFF)
+
+
+@functools.lru_cache(maxsize=1)
 def _unicode_tables():
     """(runs of unassigned and surrogate code points, the full pattern): built once."""
-    runs = _runs(0, 0x10FFFF)
+    runs = _all_runs()
     unknown = [(a, b) for a, b, c in runs if c in ("Cn", "Cs")]
     return unknown, _pattern(runs)
 
@@ -391,15 +448,16 @@ class _Bulk:
         NumPy to pay)."""
         texts = texts if isinstance(texts, list) else list(texts)
         bulk = self._bulk(texts)
-        if bulk is None:
-            index, rows = None, dict(enumerate(self.encode_batch(texts)))
-        else:
-            eligible, ids, counts = bulk
+        index, rows = None, {}
+        if bulk is not None:
+            scanned, ids, counts, first = bulk
             index = np.full(len(texts), -1, np.int64)
-            index[eligible] = np.arange(len(eligible))
-            first = np.cumsum(counts) - counts
+            index[scanned] = np.arange(len(scanned))
             others = np.flatnonzero(index < 0).tolist()
-            rows = dict(zip(others, self.encode_batch([texts[i] for i in others]))) if others else {}
+        else:
+            others = list(range(len(texts)))
+        if others:
+            rows = dict(zip(others, self.encode_batch([texts[i] for i in others])))
         out = []
         for batch in plan:
             batch = np.asarray(batch, np.int64)
@@ -416,31 +474,58 @@ class _Bulk:
         return out
 
     def _bulk(self, texts):
-        """``(positions, ids, counts)`` of the texts ``_bulk_eligible`` accepts, scanned as
-        one string; None when fewer than two are (or the separators come out wrong)."""
+        """``(positions, ids, counts, first)`` of the texts that can be scanned together:
+        ``ids`` holds each one's ids (``counts`` of them, from ``first``); None when none
+        can. Texts ``_bulk_eligible`` accepts are scanned as one string of bytes, then
+        ``_bulk_more`` may scan others (the portable kind: non-ASCII texts as code points)."""
         joined = SEPARATOR.join(texts)
         if joined.isascii() and joined.count(SEPARATOR) == len(texts) - 1:  # every text is eligible
-            eligible = np.arange(len(texts))
+            eligible, rest = list(range(len(texts))), []
         else:
-            eligible = np.flatnonzero(np.fromiter(map(self._bulk_eligible, texts), bool, len(texts)))
-            if len(eligible) == len(texts):
-                pass
-            elif len(eligible) > 1:
-                joined = SEPARATOR.join([texts[i] for i in eligible.tolist()])
-        if len(eligible) < 2:
+            flags = list(map(self._bulk_eligible, texts))
+            eligible = [i for i, f in enumerate(flags) if f]
+            rest = [i for i, f in enumerate(flags) if not f]
+            if 1 < len(eligible) < len(texts):
+                joined = SEPARATOR.join([texts[i] for i in eligible])
+        parts = []
+        if len(eligible) > 1:
+            got = self._scan_bytes(joined, len(eligible))
+            if got is None:
+                rest = list(range(len(texts)))
+            else:
+                parts.append((eligible, *got))
+        else:
+            rest = sorted(rest + eligible)
+        more = self._bulk_more(texts, rest) if rest else None
+        if more is not None:
+            parts.append(more)
+        if not parts:
             return None
+        first, offset = [], 0
+        for _, ids, counts in parts:
+            first.append(np.cumsum(counts) - counts + offset)
+            offset += len(ids)
+        return (np.concatenate([np.asarray(p[0], np.int64) for p in parts]), np.concatenate([p[1] for p in parts]),
+                np.concatenate([p[2] for p in parts]), np.concatenate(first))
+
+    def _scan_bytes(self, joined: str, n: int):
+        """``(ids, counts)`` of ``n`` eligible texts joined: the ``_Scanner``, or the regex of
+        ``_bulk_ids`` when the vocabulary does not allow it; None if the separators are off."""
         if self._bulk_lower:
             joined = joined.lower()
         if self._scanner is False:
             self._scanner = _Scanner.build(self.vocab, self._bulk_classes())
         if self._scanner is not None:
-            got = self._scanner.scan(joined.encode("utf-8", "surrogatepass"), len(eligible), self.unk_id)
-        else:
-            if getattr(self, "_sep_vocab", None) is None:
-                self._sep_vocab = dict(self.vocab)
-                self._sep_vocab[SEPARATOR] = _SEP_ID
-            got = _bulk_ids(joined, self._bulk_pattern, self._sep_vocab, self.unk_id, len(eligible))
-        return None if got is None else (eligible, *got)
+            return self._scanner.scan(joined.encode("utf-8", "surrogatepass"), n, self.unk_id)
+        if getattr(self, "_sep_vocab", None) is None:
+            self._sep_vocab = dict(self.vocab)
+            self._sep_vocab[SEPARATOR] = _SEP_ID
+        return _bulk_ids(joined, self._bulk_pattern, self._sep_vocab, self.unk_id, n)
+
+    def _bulk_more(self, texts, positions):
+        """``(positions, ids, counts)`` for some of the texts at ``positions`` that the byte
+        scan left, or None (they go text by text)."""
+        return None
 
 
 def _byte_classes(word: str, punct: str = "") -> bytes:
@@ -561,13 +646,59 @@ class FastTokenizer(_Bulk):
             return self.fallback([text])[0]
         return self._encode_unicode(text)
 
-    def _encode_unicode(self, text: str) -> list:
+    def _normalized(self, text: str) -> str:
+        """The normalizer on a text (needs ``_unicode()``): outside -> U+FFFD, NFKC, lower,
+        final sigma -> sigma. Each step maps a character, or a character and the marks
+        after it, alone: texts joined by ``SEPARATOR`` come out joined the same way."""
         if self._outside_sub is not None:
             text = self._outside_sub(REPLACEMENT_CHAR, text)
         text = unicodedata.normalize("NFKC", text).lower()
-        if FINAL_SIGMA in text:
-            text = text.replace(FINAL_SIGMA, SIGMA)
+        return text.replace(FINAL_SIGMA, SIGMA) if FINAL_SIGMA in text else text
+
+    def _encode_unicode(self, text: str) -> list:
+        text = self._normalized(text)
         return self._ids(text, _ASCII_SIMPLE if text.isascii() else self._pattern)
+
+    _code_scanner = False  # not built yet
+
+    def _bulk_more(self, texts, positions):
+        """The texts the byte scan left that hold no separator, normalized together and
+        scanned as code points (when this Python knows the repertoire)."""
+        positions = [i for i in positions if SEPARATOR not in texts[i]]
+        if len(positions) < 2 or not self._unicode():
+            return None
+        if self._code_scanner is False:
+            self._code_scanner = _Scanner.build(self.vocab, _codepoint_classes(), unit=4)
+        if self._code_scanner is None:
+            return None
+        got = self._code_scanner.scan(self._normalized_code_points([texts[i] for i in positions]),
+                                      len(positions), self.unk_id)
+        return None if got is None else (positions, *got)
+
+    def _normalized_code_points(self, texts) -> bytes:
+        """``_normalized`` of the texts joined by ``SEPARATOR``, as UTF-32: the outside code
+        points replaced through a table of every code point (one NumPy gather, not a regex
+        over each character), NFKC only for the texts that are not in NFKC already."""
+        joined = SEPARATOR.join(texts)
+        if self.outside:
+            if getattr(self, "_outside_table", None) is None:
+                table = np.zeros(0x110000, bool)
+                for a, b in self.outside:
+                    table[a:b + 1] = True
+                self._outside_table = table
+            cp = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), "<u4")
+            hit = self._outside_table[cp]
+            if hit.any():
+                cp = cp.copy()
+                cp[hit] = ord(REPLACEMENT_CHAR)
+                joined = cp.tobytes().decode("utf-32-le", "surrogatepass")
+        if not unicodedata.is_normalized("NFKC", joined):
+            joined = SEPARATOR.join([t if unicodedata.is_normalized("NFKC", t) else unicodedata.normalize("NFKC", t)
+                                     for t in joined.split(SEPARATOR)])
+        joined = joined.lower()
+        if FINAL_SIGMA in joined:
+            joined = joined.replace(FINAL_SIGMA, SIGMA)
+        return joined.encode("utf-32-le", "surrogatepass")
 
     def encode_batch(self, texts) -> list:
         out, later = [], []
