@@ -599,10 +599,32 @@ class _Output:
     that is not a finite number is ``null`` and the row carries ``"nan": true`` and an
     ``"error"``; such a row counts as a failure (the command exits 1 at the end)."""
 
+    #: plain lines of at most this many labels use the tables of ``_tables``
+    TABLE_LABELS = 64
+
     def __init__(self, as_json: bool):
         self.as_json = as_json
         self.count = self.failed = 0
         self.first_error = None
+        self._cache = {}
+
+    def _tables(self, labels) -> list:
+        """Per label, ``"label=0.000"`` .. ``"label=1.000"`` (object arrays indexed by thousandths)."""
+        import numpy as np
+
+        key = ("tables", tuple(labels))
+        if key not in self._cache:
+            values = ["%d.%03d" % divmod(v, 1000) for v in range(1001)]
+            self._cache[key] = [np.array([f"{l}={v}" for v in values], dtype=object) for l in labels]
+        return self._cache[key]
+
+    def _label_array(self, labels):
+        import numpy as np
+
+        key = ("labels", tuple(labels))
+        if key not in self._cache:
+            self._cache[key] = np.array(list(labels), dtype=object)
+        return self._cache[key]
 
     def write_outputs(self, texts, outs, predictor):
         """``write`` from ``Predictor.outputs`` arrays: plain lines of a single softmax head
@@ -617,16 +639,28 @@ class _Output:
             return self.write(texts, predictor.results(texts, outs))
         labels = predictor.labels
         line = "%s\t" + ", ".join(l.replace("%", "%%") + "=%.3f" for l in labels) + "\t%s"
-        best = probs.argmax(axis=1).tolist()
+        best = probs.argmax(axis=1)
         # the result dicts round to 6 places before printing 3: that differs from printing 3
         # places directly only within 1e-6 of a rounding edge (k + 0.5) / 1000; rows with such
         # a value are rounded first
-        edge = np.abs(np.mod(probs.astype(np.float64) * 1000.0, 1.0) - 0.5) < 2e-3
-        twice = set(np.flatnonzero(edge.any(axis=1)).tolist())
-        rows = probs.tolist()
-        for i in twice:
-            rows[i] = [round(p, 6) for p in rows[i]]
-        lines = [line % (labels[k], *row, _shown(text)) for k, row, text in zip(best, rows, texts)]
+        wide = probs.astype(np.float64) * 1000.0
+        edge = np.abs(np.mod(wide, 1.0) - 0.5) < 2e-3
+        twice = np.flatnonzero(edge.any(axis=1)).tolist()
+        thousandths = np.rint(wide)
+        if len(labels) <= self.TABLE_LABELS and thousandths.size and 0 <= thousandths.min() and thousandths.max() <= 1000:
+            # away from an edge, "%.3f" of p is the string of its nearest thousandth: looked up
+            q = thousandths.astype(np.int64)
+            tables = self._tables(labels)
+            cols = [tables[j][q[:, j]] for j in range(len(labels))]
+            mid = list(map(", ".join, zip(*cols))) if len(cols) > 1 else cols[0].tolist()
+            lines = list(map("\t".join, zip(self._label_array(labels)[best].tolist(), mid, map(_shown, texts))))
+            for i in twice:
+                lines[i] = line % (labels[best[i]], *[round(p, 6) for p in probs[i].tolist()], _shown(texts[i]))
+        else:
+            rows = probs.tolist()
+            for i in twice:
+                rows[i] = [round(p, 6) for p in rows[i]]
+            lines = [line % (labels[k], *row, _shown(text)) for k, row, text in zip(best.tolist(), rows, texts)]
         self.count += len(lines)
         if lines:
             sys.stdout.write("\n".join(lines) + "\n")
