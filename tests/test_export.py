@@ -194,6 +194,75 @@ def test_int8_recipe_matches_the_file(bundle_dir, manifest):
         assert len(d["quantization_parameters"]["scales"]) == 1, d["name"]
 
 
+@pytest.mark.parametrize("input_dtype", ["int32", "int64"])
+def test_onnx_int8_file_holds_what_its_recipe_says(bundle_dir, manifest, input_dtype):
+    """The ONNX int8 file against its manifest recipe, read from the file: the embedding
+    table (the fp32 file's one Gather of a rank-2 table) is stored uint8 with one scale and
+    zero point and dequantized after the lookup, within half a step of the fp32 table; the
+    score table and every MatMul weight are the fp32 file's float values; no op quantizes
+    anything at run time (a row's outputs are the same alone and inside a batch)."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    from probattn.export.formats import onnx as O
+
+    entry = next(a for a in manifest["artifacts"] if a["format"] == "onnx" and a["precision"] == "int8"
+                 and a.get("input_dtype", "int32") == input_dtype)
+    assert entry["recipe"] == O.INT8_RECIPE and entry["quantization"] == "weight-only", entry
+    q = onnx.load(str(bundle_dir / entry["path"])).graph
+    f = onnx.load(str(bundle_dir / B.find_artifact(manifest, "onnx", "fp32")["path"])).graph
+    q_init = {i.name: numpy_helper.to_array(i) for i in q.initializer}
+    f_init = {i.name: numpy_helper.to_array(i) for i in f.initializer}
+    ops = [n.op_type for n in q.node]
+    assert not {"MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DynamicQuantizeMatMul"} & set(ops), ops
+    # every 8-bit tensor of the file is an embedding table: rank 2, uint8, read by a Gather
+    eight_bit = {i.name for i in q.initializer if i.data_type in (TensorProto.UINT8, TensorProto.INT8)
+                 and len(i.dims) > 0}
+    gathers = {n.input[0]: n for n in q.node if n.op_type == "Gather" and n.input[0] in q_init}
+    f_gathers = {n.name: n.input[0] for n in f.node if n.op_type == "Gather" and n.input[0] in f_init}
+    f_tables = {name: f_init[t] for name, t in f_gathers.items() if f_init[t].ndim == 2}
+    f_scores = {name: f_init[t] for name, t in f_gathers.items() if f_init[t].ndim == 1}
+    assert len(f_tables) == 1 and len(f_scores) == 1, (sorted(f_tables), sorted(f_scores))  # embedding, score table
+    assert eight_bit == {t for t in gathers if q_init[t].dtype == np.uint8}, sorted(eight_bit)
+    assert len(eight_bit) == len(f_tables)
+    for table in eight_bit:
+        node = gathers[table]
+        want = f_tables[node.name]
+        dq = [n for n in q.node if n.op_type == "DequantizeLinear" and n.input[0] == node.output[0]]
+        assert len(dq) == 1, node.name
+        scale, zero = q_init[dq[0].input[1]], q_init[dq[0].input[2]]
+        assert scale.shape == () and zero.shape == () and zero.dtype == np.uint8  # one scale per table
+        assert q_init[table].shape == want.shape
+        back = (q_init[table].astype(np.float32) - float(zero)) * float(scale)
+        assert np.max(np.abs(back - want)) <= float(scale) / 2 * 1.001, node.name
+        assert 250 <= int(q_init[table].max()) - int(q_init[table].min()) <= 255  # the full 8 bits, not 7
+    # the score table: the same float values, gathered as they are (no DequantizeLinear after it)
+    for name, want in f_scores.items():
+        node = next(n for n in q.node if n.name == name)
+        assert q_init[node.input[0]].dtype == np.float32 and np.array_equal(q_init[node.input[0]], want)
+        assert not [n for n in q.node if n.op_type == "DequantizeLinear" and n.input[0] == node.output[0]]
+    # every MatMul weight: the fp32 file's float values
+    f_weights = {n.name: f_init[i] for n in f.node if n.op_type == "MatMul" for i in n.input if i in f_init}
+    q_weights = {n.name: q_init[i] for n in q.node if n.op_type == "MatMul" for i in n.input if i in q_init}
+    assert f_weights and set(q_weights) == set(f_weights), (sorted(f_weights), sorted(q_weights))
+    for name, w in q_weights.items():
+        assert w.dtype == np.float32 and np.array_equal(w, f_weights[name]), name
+    assert ops.count("MatMul") == [n.op_type for n in f.node].count("MatMul")
+    # nothing quantized at run time: a row's outputs are the same alone and inside a batch
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(bundle_dir / entry["path"]), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    ids = np.zeros((8, 40), np.int32)
+    for r, n in enumerate((1, 3, 8, 17, 25, 33, 40, 5)):
+        ids[r, :n] = rng.integers(2, manifest["vocab_size"], n)
+    ids = ids.astype(np.int64 if input_dtype == "int64" else np.int32)
+    batched = sess.run(None, {"token_ids": ids})
+    for r in range(len(ids)):
+        for got, alone in zip(batched, sess.run(None, {"token_ids": ids[r:r + 1]})):
+            np.testing.assert_allclose(got[r:r + 1], alone, rtol=0, atol=FP32_MAX_ABS, err_msg=f"row {r}")
+
+
 def test_float_files_take_the_float_graph_and_full_int8_the_int8_safe_one(bundle_dir, manifest):
     """The default export traces the float artifacts with ProbAttention's float math (no LOG:
     weights e / s, one pooling matmul) and converts full-int8 TFLite from the int8-safe

@@ -63,8 +63,9 @@ ALLOWED_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
 #: the int8-safe pooling, BiLSTM (the ``lstm_loop`` rewrite: a ``Loop`` whose body writes each step with
 #: ``ScatterND``, whose output has its data input's shape; onnxruntime refuses indices out
 #: of range) and MultiHeadAttention models; tf_keras and Keras 3) in fp32, fp16
-#: (onnxruntime.transformers.float16) and dynamic int8 (quantize_dynamic: MatMul + Gather),
-#: plus element-wise, comparison and reduction ops, whose outputs are never bigger than
+#: (onnxruntime.transformers.float16) and int8 (quantize_dynamic: today the embedding Gather
+#: and its DequantizeLinear; bundles exported before also MatMulInteger and
+#: DynamicQuantizeLinear), plus element-wise, comparison and reduction ops, whose outputs are never bigger than
 #: their (broadcast) inputs. Expanding ops (ConstantOfShape, Expand, Tile, Range, Pad) are
 #: listed because tf2onnx emits them; their sizes are checked by ``shape_check`` and the
 #: runtime arena.

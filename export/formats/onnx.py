@@ -6,8 +6,15 @@
   order, ``probabilities`` first (fp16 and int8 are derived from this graph and keep it).
 * fp16: ``onnxruntime.transformers.float16`` with ``keep_io_types=True`` (int32 input,
   float32 outputs). ``onnxconverter_common.float16`` produced an invalid Cast on this graph.
-* int8: ``onnxruntime.quantization.quantize_dynamic``: int8 weights for MatMul and Gather,
-  activations quantized at run time (dynamic, no calibration).
+* int8: the embedding table stored in 8 bits (``onnxruntime.quantization.quantize_dynamic``
+  on the embedding ``Gather`` only: a uint8 table with one scale and zero point, the
+  gathered rows dequantized to float); every other op stays float: the ``MatMul`` weights,
+  and the float graph's score table (one float per id, gathered by the ids: its values go
+  straight into ``exp``). Chosen by measurement (``scripts/onnx_int8_recipes.py``, README
+  "ONNX int8: the recipe"): no recipe that shrinks the file is faster than fp32, so int8
+  is for size, and of the small recipes this one is the most accurate (attention weights
+  as fp32's) and the fastest at batch 1. No ``MatMulInteger`` runs and no activation is
+  quantized at run time, so a row's outputs do not depend on its batch.
 * int64 twins (``model_<precision>_int64.onnx``): the same graph (outputs in the same
   contract order) behind one
   ``Cast(token_ids: int64 -> int32)``, for clients that follow the Hugging Face convention
@@ -34,13 +41,21 @@ TFLITE_JOBS = False
 DEFAULT_OPSET = 17
 MIN_OPSET, MAX_OPSET = 13, 18  # tf2onnx 1.17 refuses opsets above 18
 ONNX_PRECISIONS = SUPPORTED[FORMAT]
-#: reduce_range: 7-bit weights. onnxruntime's MatMulInteger on CPUs without VNNI (AVX2's
-#: u8 x s8 pair products saturate at int16) returned e.g. [1055, -1491] instead of 0 for an
-#: input equal to its zero point, so the all-padding row's zero vector gave logits in the
-#: thousands; with 7-bit weights the pair sums cannot saturate and the result is the same
-#: on every CPU.
-INT8_RECIPE = {"method": "onnxruntime quantize_dynamic", "weights": "int8 (QInt8), reduce_range (7 bit)",
-               "activations": "uint8, quantized at run time", "ops": "MatMul, Gather"}
+#: What ``convert_int8`` does (written into the manifest). onnxruntime quantizes a Gather's
+#: table with its activation type, uint8 asymmetric, one scale per tensor, whatever
+#: ``weight_type``, ``per_channel`` or ``reduce_range`` say (those only shape MatMul
+#: weights, and no MatMul is quantized). The recipe before this one also quantized the
+#: MatMuls (QInt8 with reduce_range, because onnxruntime's MatMulInteger on CPUs without
+#: VNNI saturated AVX2's u8 x s8 pair sums and gave the all-padding row logits in the
+#: thousands) and the score table: a file 6% smaller, 8-10% slower at batch 1, and
+#: attention weights off by 1.5e-4.
+INT8_RECIPE = {"method": "onnxruntime quantize_dynamic, Gather nodes of embedding tables only",
+               "ops": "Gather of each float table with a row per id (the embedding)",
+               "weights": "those tables uint8, asymmetric, one scale and zero point per table",
+               "activations": "float: the gathered rows are dequantized (DequantizeLinear); nothing is "
+                              "quantized at run time",
+               "float": "every MatMul (weights float32); the float graph's score table (one value per id)"}
+INT8_QUANTIZATION = "weight-only"
 FP16_RECIPE = {"method": "onnxruntime.transformers.float16", "io": "int32 in, float32 out",
                "ids": "never float16: a model's own float cast of the ids is bypassed for the embedding lookup"}
 
@@ -225,15 +240,29 @@ def toposort(graph) -> None:
     graph.node.extend(ordered)
 
 
+def embedding_gathers(model) -> list:
+    """Names of the ``Gather`` nodes that read a float table with a row per id (rank 2 or
+    more: an embedding), the nodes ``convert_int8`` quantizes."""
+    from onnx import TensorProto
+
+    tables = {i.name for i in model.graph.initializer if len(i.dims) >= 2 and i.data_type == TensorProto.FLOAT}
+    return [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in tables]
+
+
 def convert_int8(fp32_path: Path, out_path: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    """``INT8_RECIPE``: the embedding tables of ``fp32_path`` in uint8, nothing else."""
+    import onnx
+    from onnxruntime.quantization import quantize_dynamic
 
     import logging
 
+    nodes = embedding_gathers(onnx.load(str(fp32_path)))
+    if not nodes:  # onnxruntime reads an empty nodes_to_quantize as "every node"
+        raise UsageError("ONNX int8 quantizes embedding tables (a Gather of a float table with a row per id); "
+                         "this graph has none")
     logging.disable(logging.WARNING)  # "consider pre-processing" advice logged on the root logger
     try:
-        quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8, reduce_range=True,
-                         op_types_to_quantize=["MatMul", "Gather"])
+        quantize_dynamic(str(fp32_path), str(out_path), op_types_to_quantize=["Gather"], nodes_to_quantize=nodes)
     except Exception as e:
         raise UsageError(f"ONNX int8 quantization failed: {one_line(e)}") from None
     finally:
@@ -337,7 +366,7 @@ def export(ctx: ExportContext, precisions) -> list:
             path = ctx.out / artifact_filename(FORMAT, "int8")
             convert_int8(fp32_path, path)
             check(path)
-            extra = {"opset": opset, "recipe": INT8_RECIPE, "quantization": "dynamic"}
+            extra = {"opset": opset, "recipe": INT8_RECIPE, "quantization": INT8_QUANTIZATION}
             built.append(Built(FORMAT, "int8", path.name, time.perf_counter() - t, extra))
             if twins:
                 built.append(_write_twin(ctx, path, "int8", extra))
