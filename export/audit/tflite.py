@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import io
 import struct
-import zipfile
 
 from probattn.models.errors import UsageError, one_line
 
@@ -146,6 +145,8 @@ def _metadata_zip(blob: bytes, what: str) -> dict:
     i = tail.rfind(b"PK\x05\x06")
     if i < 0:
         raise UsageError(f"{what}: its metadata has no associated files (vocabulary and labels)")
+    import zipfile  # only for mediapipe files: not on predict's start-up path
+
     (count,) = struct.unpack("<H", tail[i + 10:i + 12])
     if count != MAX_METADATA_ENTRIES:
         raise UsageError(f"{what}: its metadata archive declares {count} entries; a mediapipe file holds "

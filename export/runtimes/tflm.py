@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import tempfile
 
 import numpy as np
 
@@ -146,6 +145,8 @@ class _Captured:
 @contextlib.contextmanager
 def captured_stderr():
     """What C++ writes to file descriptor 2 (TFLM's error reports), captured instead of shown."""
+    import tempfile  # imported here: discovering the runners must not cost predict's start-up this
+
     with tempfile.TemporaryFile(mode="w+") as f:
         cap = _Captured(f)
         try:
