@@ -5,9 +5,7 @@ usage: python scripts/ray_bench.py BUNDLE [--sizes 1000,10000,100000] [--workers
 
 Texts are the bundle's test split repeated to each size. For each size:
 * local: ``predict_texts(engine="local")`` (loads the bundle, tokenizes, runs), wall time,
-  with the runtime's default threads (what ``probattn predict`` uses);
-* local, 1 thread: the same with one runtime thread (``Predictor(threads=1)``), as each
-  Ray actor runs;
+  with ``predict``'s default of one runtime thread, as each Ray actor runs;
 * ray, cold: ``predict_texts(engine="ray")`` as the CLI runs it: starts a local cluster,
   runs, shuts it down (what ``probattn predict --engine ray`` costs end to end);
 * ray, warm: the same on a cluster that is already up (what a long-running cluster pays:
@@ -28,7 +26,7 @@ def main(argv=None) -> int:
     import numpy as np
     import ray
 
-    from probattn.export.predict import Predictor, predict_texts
+    from probattn.export.predict import predict_texts
     from probattn.export.versions import machine
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -46,9 +44,6 @@ def main(argv=None) -> int:
         _, local = predict_texts(a.bundle, texts)
         row["local_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        one = Predictor(a.bundle, threads=1).probabilities(texts)
-        row["local_1thread_s"] = time.perf_counter() - t
-        t = time.perf_counter()
         _, cold = predict_texts(a.bundle, texts, engine="ray", workers=a.workers)
         row["ray_cold_s"] = time.perf_counter() - t
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False,
@@ -60,14 +55,12 @@ def main(argv=None) -> int:
             row["ray_warm_s"] = time.perf_counter() - t
         finally:
             ray.shutdown()
-        row["identical"] = bool(np.array_equal(local, cold) and np.array_equal(local, warm)
-                                and np.array_equal(local, one))
-        for k in ("local", "local_1thread", "ray_cold", "ray_warm"):
+        row["identical"] = bool(np.array_equal(local, cold) and np.array_equal(local, warm))
+        for k in ("local", "ray_cold", "ray_warm"):
             row[f"{k}_texts_per_s"] = round(n / row[f"{k}_s"])
             row[f"{k}_s"] = round(row[f"{k}_s"], 2)
         report["sizes"][n] = row
         print(f"{n:>7,} texts: local {row['local_texts_per_s']:>7,}/s ({row['local_s']} s)  "
-              f"local 1 thread {row['local_1thread_texts_per_s']:>7,}/s ({row['local_1thread_s']} s)  "
               f"ray cold {row['ray_cold_texts_per_s']:>7,}/s ({row['ray_cold_s']} s)  "
               f"ray warm {row['ray_warm_texts_per_s']:>7,}/s ({row['ray_warm_s']} s)  identical: {row['identical']}",
               flush=True)
