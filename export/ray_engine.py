@@ -27,9 +27,12 @@ import numpy as np
 from probattn.models.errors import UsageError
 
 from . import bundle as B
+from .predict import check_texts
 
-#: planned batches per ``map_batches`` call (an actor runs them one by one)
-BATCHES_PER_CALL = 4
+#: planned batches per ``map_batches`` call: an actor tokenizes their texts in one scan (a
+#: window of ``predict.SORT_WINDOW_BATCHES`` batches, as one process does) and runs them
+#: one by one
+BATCHES_PER_CALL = 16
 #: blocks per actor: enough for the pool to balance the work
 BLOCKS_PER_WORKER = 4
 
@@ -109,10 +112,18 @@ class BatchPredictor:
             shutil.rmtree(self._dir, ignore_errors=True)
 
     def __call__(self, batch: dict) -> dict:
-        idx, probs = [], []
-        for rows, texts in zip(batch["idx"], batch["text"]):
-            idx.append(np.asarray(rows, np.int64))
-            probs.append(self.predictor.predict_ids(self.predictor.encode(list(texts))))
+        """Probabilities of the planned batches in ``batch`` (each batch's texts padded as
+        ``Predictor.encode`` pads them: the same ids, tokenized together)."""
+        p = self.predictor
+        groups = [[str(t) for t in texts] for texts in batch["text"]]
+        for texts in groups:
+            check_texts(texts, max(1, len(texts)))
+        flat, plan = [], []
+        for texts in groups:
+            plan.append(range(len(flat), len(flat) + len(texts)))
+            flat += texts
+        probs = [p.predict_ids(ids) for ids in p._encode_plan(flat, plan)]
+        idx = [np.asarray(rows, np.int64) for rows in batch["idx"]]
         return {"idx": np.concatenate(idx), "probabilities": np.concatenate(probs)}
 
 
