@@ -99,6 +99,27 @@ def sessions(bundle: Path, shapes) -> dict:
     return calls
 
 
+def interleaved_rounds(keys, sides, call, calls_of, rounds: int, seed: int = 0) -> dict:
+    """``{(key, side): [ms a call, one per round]}``: each round, for each key, every side in
+    a shuffled order runs ``call(key, side)`` ``calls_of(key)`` times in a row (the load of
+    the shared machine hits every side alike)."""
+    times = {(key, side): [] for key in keys for side in sides}
+    rng = random.Random(seed)
+    for r in range(rounds):
+        for key in keys:
+            order = list(sides)
+            rng.shuffle(order)
+            n = calls_of(key)
+            for side in order:
+                t = time.perf_counter()
+                for _ in range(n):
+                    call(key, side)
+                times[(key, side)].append((time.perf_counter() - t) / n * 1e3)
+        print(f"round {r + 1}/{rounds}", file=sys.stderr, end="\r", flush=True)
+    print(file=sys.stderr)
+    return times
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir", nargs="?")
@@ -126,20 +147,8 @@ def main(argv=None) -> int:
             for side in SIDES:  # warm-up
                 for _ in range(3):
                     calls[side][key](inputs[key[0]])
-        per_round = {(key, side): [] for key in keys for side in SIDES}
-        rng = random.Random(0)
-        for r in range(args.rounds):
-            for key in keys:
-                order = list(SIDES)
-                rng.shuffle(order)
-                for side in order:
-                    fn, ids = calls[side][key], inputs[key[0]]
-                    t = time.perf_counter()
-                    for _ in range(args.calls):
-                        fn(ids)
-                    per_round[(key, side)].append((time.perf_counter() - t) / args.calls * 1e3)
-            print(f"round {r + 1}/{args.rounds}", file=sys.stderr, end="\r", flush=True)
-        print(file=sys.stderr)
+        per_round = interleaved_rounds(keys, SIDES, lambda key, side: calls[side][key](inputs[key[0]]),
+                                       lambda key: args.calls, args.rounds)
     rows = []
     print("| shape | runtime | one-graph ms | float graph ms | speed-up (medians) | speed-up (paired) | max abs diff |")
     print("|---|---|---|---|---|---|---|")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,7 @@ import numpy as np
 from probattn.models.errors import UsageError, one_line
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from graph_compare import token_rows, token_stream  # noqa: E402
+from graph_compare import interleaved_rounds, token_rows, token_stream  # noqa: E402
 
 FP32 = "fp32"
 SHAPES = "1x24,1x64,32x64,256x64,64x512"
@@ -236,21 +235,9 @@ def run(args) -> int:
             t = time.perf_counter()
             sessions[(FP32, key[1])].run(None, {"token_ids": ids})
             calls[key] = max(3, math.ceil(BLOCK_SECONDS / max(time.perf_counter() - t, 1e-6)))
-        times = {(key, name): [] for key in keys for name in files}
-        rng = random.Random(0)
-        for r in range(args.rounds):
-            for key in keys:
-                order = list(files)
-                rng.shuffle(order)
-                ids, n = inputs[key[0]], calls[key]
-                for name in order:
-                    s = sessions[(name, key[1])]
-                    t = time.perf_counter()
-                    for _ in range(n):
-                        s.run(None, {"token_ids": ids})
-                    times[(key, name)].append((time.perf_counter() - t) / n * 1e3)
-            print(f"round {r + 1}/{args.rounds}", file=sys.stderr, end="\r", flush=True)
-        print(file=sys.stderr)
+        times = interleaved_rounds(keys, list(files),
+                                   lambda key, name: sessions[(name, key[1])].run(None, {"token_ids": inputs[key[0]]}),
+                                   calls.get, args.rounds)
     speed = []
     for key in keys:
         base = times[(key, FP32)]
