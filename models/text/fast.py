@@ -555,6 +555,8 @@ class FastTokenizer(_Bulk):
         self.unk_id = unk_id
         self.max_length = max_length
         self.outside = [tuple(r) for r in outside]
+        #: the lowest outside code point: a text below it has none to replace
+        self._outside_from = min((a for a, _ in self.outside), default=0x110000)
         #: ``fallback(texts) -> [ids]`` for non-ASCII texts when this Python lacks part of
         #: the repertoire (None: raise NotPortable then)
         self.fallback = fallback
@@ -597,7 +599,6 @@ class FastTokenizer(_Bulk):
                 self._problem = (f"this Python's Unicode {unicodedata.unidata_version} does not know "
                                  f"U+{gap[0]:04X}..U+{gap[1]:04X}, which the tokenizer's repertoire keeps "
                                  "(it was built with a newer Unicode database)")
-            self._outside_sub = re.compile(_alt(self.outside)).sub if self.outside else None
             self._checked, self._unicode_ok = True, gap is None
         return self._problem
 
@@ -616,10 +617,7 @@ class FastTokenizer(_Bulk):
             return text.lower()
         if not self._unicode():
             raise NotPortable(self._problem)
-        if self._outside_sub is not None:
-            text = self._outside_sub(REPLACEMENT_CHAR, text)
-        text = unicodedata.normalize("NFKC", text).lower()
-        return text.replace(FINAL_SIGMA, SIGMA) if FINAL_SIGMA in text else text
+        return self._normalized(text)
 
     def pre_tokenize(self, normalized: str) -> list:
         if normalized.isascii():
@@ -647,12 +645,29 @@ class FastTokenizer(_Bulk):
         return self._encode_unicode(text)
 
     def _normalized(self, text: str) -> str:
-        """The normalizer on a text (needs ``_unicode()``): outside -> U+FFFD, NFKC, lower,
-        final sigma -> sigma. Each step maps a character, or a character and the marks
-        after it, alone: texts joined by ``SEPARATOR`` come out joined the same way."""
-        if self._outside_sub is not None:
-            text = self._outside_sub(REPLACEMENT_CHAR, text)
-        text = unicodedata.normalize("NFKC", text).lower()
+        """The normalizer (needs ``_unicode()``): outside -> U+FFFD, NFKC, lower, final
+        sigma -> sigma. Each step maps a character, or a character and the marks after it,
+        alone, so texts joined by ``SEPARATOR`` come out joined the same way (``_bulk_more``
+        normalizes a window at once): the outside code points are replaced through a table
+        of every code point (one NumPy gather, not a regex over each character; skipped
+        when no character reaches the lowest outside code point) and NFKC runs only on the
+        texts between separators that are not in NFKC already."""
+        if self.outside and ord(max(text, default="\0")) >= self._outside_from:
+            if getattr(self, "_outside_table", None) is None:
+                table = np.zeros(0x110000, bool)
+                for a, b in self.outside:
+                    table[a:b + 1] = True
+                self._outside_table = table
+            cp = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), "<u4")
+            hit = self._outside_table[cp]
+            if hit.any():
+                cp = cp.copy()
+                cp[hit] = ord(REPLACEMENT_CHAR)
+                text = cp.tobytes().decode("utf-32-le", "surrogatepass")
+        if not unicodedata.is_normalized("NFKC", text):
+            text = SEPARATOR.join([t if unicodedata.is_normalized("NFKC", t) else unicodedata.normalize("NFKC", t)
+                                   for t in text.split(SEPARATOR)])
+        text = text.lower()
         return text.replace(FINAL_SIGMA, SIGMA) if FINAL_SIGMA in text else text
 
     def _encode_unicode(self, text: str) -> list:
@@ -671,34 +686,9 @@ class FastTokenizer(_Bulk):
             self._code_scanner = _Scanner.build(self.vocab, _codepoint_classes(), unit=4)
         if self._code_scanner is None:
             return None
-        got = self._code_scanner.scan(self._normalized_code_points([texts[i] for i in positions]),
-                                      len(positions), self.unk_id)
+        joined = self._normalized(SEPARATOR.join([texts[i] for i in positions]))
+        got = self._code_scanner.scan(joined.encode("utf-32-le", "surrogatepass"), len(positions), self.unk_id)
         return None if got is None else (positions, *got)
-
-    def _normalized_code_points(self, texts) -> bytes:
-        """``_normalized`` of the texts joined by ``SEPARATOR``, as UTF-32: the outside code
-        points replaced through a table of every code point (one NumPy gather, not a regex
-        over each character), NFKC only for the texts that are not in NFKC already."""
-        joined = SEPARATOR.join(texts)
-        if self.outside:
-            if getattr(self, "_outside_table", None) is None:
-                table = np.zeros(0x110000, bool)
-                for a, b in self.outside:
-                    table[a:b + 1] = True
-                self._outside_table = table
-            cp = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), "<u4")
-            hit = self._outside_table[cp]
-            if hit.any():
-                cp = cp.copy()
-                cp[hit] = ord(REPLACEMENT_CHAR)
-                joined = cp.tobytes().decode("utf-32-le", "surrogatepass")
-        if not unicodedata.is_normalized("NFKC", joined):
-            joined = SEPARATOR.join([t if unicodedata.is_normalized("NFKC", t) else unicodedata.normalize("NFKC", t)
-                                     for t in joined.split(SEPARATOR)])
-        joined = joined.lower()
-        if FINAL_SIGMA in joined:
-            joined = joined.replace(FINAL_SIGMA, SIGMA)
-        return joined.encode("utf-32-le", "surrogatepass")
 
     def encode_batch(self, texts) -> list:
         out, later = [], []
