@@ -260,19 +260,22 @@ class Predictor:
         if type(texts) is list and len(texts) == 1 and self._lean and type(texts[0]) is str and \
                 len(texts[0]) <= limits.MAX_TEXT_CHARS and type(batch_size) is int and \
                 1 <= batch_size <= limits.MAX_BATCH:  # one text, checked: the leanest path
-            row = self.fast.encode(texts[0])
-            if len(row) > self.max_length:
-                row = row[:self.max_length]
-            return [self.result(self.runner.run_row(row or [PAD_ID], self.max_length, self._first[0]))]
+            return [self._predict_one(texts[0])]
         if isinstance(texts, str):
             raise UsageError("predict() takes a list of texts, received a single str")
         texts = check_texts(texts, batch_size)
         if len(texts) == 1 and self._lean:  # one text (of another sequence type)
-            row = self.fast.encode(texts[0])[:self.max_length] or [PAD_ID]
-            return [self.result(self.runner.run_row(row, self.max_length, self._first[0]))]
+            return [self._predict_one(texts[0])]
         if len(texts) <= batch_size:  # the lean path: one call, only the first head's output when that is all
             return self.results(texts, self.outputs(texts, batch_size, heads=self.result_heads))
         return list(self.predict_stream(texts, batch_size))
+
+    def _predict_one(self, text: str) -> dict:
+        """One checked text's result through ``runner.run_row`` (``_lean`` predictors)."""
+        row = self.fast.encode(text)
+        if len(row) > self.max_length:
+            row = row[:self.max_length]
+        return self.result(self.runner.run_row(row or [PAD_ID], self.max_length, self._first[0]))
 
     def predict_stream(self, texts, batch_size: int = 64):
         """Results in input order as windows complete, for any iterable of texts: memory

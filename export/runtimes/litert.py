@@ -74,11 +74,11 @@ class LiteRTRunner(Runner):
             self._input = INPUT
             self._raw = self._raw_indexes(sigs)
             self._shape = None
-            if self._raw is not None:  # ``tensor(i)()``: a view of tensor i's buffer as it is now (None: the input)
-                self._views = {None: self.interp.tensor(self._raw[0]),
-                               **{k: self.interp.tensor(i) for k, i in self._raw[1].items()}}
             if self._raw is not None:  # the SignatureRunner holds the interpreter: resizing needs it gone
                 self.runner = None
+                # ``tensor(i)()``: a view of tensor i's buffer as it is now (None: the input)
+                self._views = {None: self.interp.tensor(self._raw[0]),
+                               **{k: self.interp.tensor(i) for k, i in self._raw[1].items()}}
             with quiet_stderr():  # the delegate is created, and announces itself, on first use
                 self._infer(np.zeros([max(1, d) for d in shape] if len(shape) == 2 else (1, 1), np.int32))
         except UsageError:
@@ -163,10 +163,7 @@ class LiteRTRunner(Runner):
                 out = {k: out[k] for k in names}
         else:
             interp, (index, outputs) = self.interp, self._raw
-            if ids.shape != self._shape:
-                interp.resize_tensor_input(index, ids.shape, strict=True)
-                interp.allocate_tensors()
-                self._shape = ids.shape
+            self._input_shape(ids.shape)
             interp.set_tensor(index, ids)
             interp.invoke()
             get = interp.get_tensor
@@ -176,24 +173,28 @@ class LiteRTRunner(Runner):
                 out[name] = (out[name].astype(np.float32) - zero_point) * scale
         return out
 
+    def _input_shape(self, shape):
+        """The raw interpreter's input resized to ``shape`` (and its tensors reallocated) when
+        it has another shape."""
+        shape = tuple(shape)
+        if shape != self._shape:
+            self.interp.resize_tensor_input(self._raw[0], shape, strict=True)
+            self.interp.allocate_tensors()
+            self._shape = shape
+
     def run_row(self, row: list, max_length: int, output: str) -> list:
         """The raw interpreter's own buffers: the ids written into the input tensor and the
-        output read from its tensor (no ``set_tensor`` / ``get_tensor`` copies, about 5 us
-        less a call); the base class's way for files it does not suit."""
+        output read from its tensor (no ``set_tensor`` / ``get_tensor`` copies); the base
+        class's way for files it does not suit."""
         if self._raw is None or self._quantized or self.fixed_length is not None or self.fixed_batch is not None:
             return super().run_row(row, max_length, output)
         n = len(row)
-        shape = (1, self.row_width(n, max_length))
-        interp = self.interp
-        if self._shape != shape:
-            interp.resize_tensor_input(self._raw[0], shape, strict=True)
-            interp.allocate_tensors()
-            self._shape = shape
+        self._input_shape((1, self.row_width(n, max_length)))
         view = self._views[None]()
         view[0, :n] = row
         view[0, n:] = 0
         del view  # the interpreter refuses to run while a view of its buffers is held
-        interp.invoke()
+        self.interp.invoke()
         return self._views[output]()[0].tolist()
 
     def _close(self):

@@ -57,19 +57,15 @@ class OnnxRuntimeRunner(Runner):
         return self._infer_outputs(ids, self.outputs)
 
     def _infer_outputs(self, ids, names):
-        if self._int64:
-            ids = ids.astype(np.int64)
-        try:
-            return dict(zip(names, self._run(names, {self._input: ids})))
-        except Exception as e:  # e.g. the capped arena refused an allocation
-            raise UsageError(f"onnxruntime failed on {self.path.name} with input {list(ids.shape)} "
-                             f"({one_line(e, 240)})") from None
+        return dict(zip(names, self._call(names, ids.astype(np.int64) if self._int64 else ids)))
 
     def run_row(self, row: list, max_length: int, output: str) -> list:
-        ids = np.array([row], np.int64 if self._int64 else np.int32)
+        return self._call([output], np.array([row], np.int64 if self._int64 else np.int32))[0][0].tolist()
+
+    def _call(self, names, ids) -> list:
         try:
-            return self._run([output], {self._input: ids})[0][0].tolist()
-        except Exception as e:
+            return self._run(names, {self._input: ids})
+        except Exception as e:  # e.g. the capped arena refused an allocation
             raise UsageError(f"onnxruntime failed on {self.path.name} with input {list(ids.shape)} "
                              f"({one_line(e, 240)})") from None
 
