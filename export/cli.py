@@ -497,14 +497,6 @@ def _max_line_bytes():
     return 4 * MAX_TEXT_CHARS + 2
 
 
-def read_lines(fd: int, shown: str):
-    """``(text, more_waiting)`` per line of ``fd`` (``read_blocks`` line by line)."""
-    for texts, more in read_blocks(fd, shown):
-        last = len(texts) - 1
-        for i, text in enumerate(texts):
-            yield text, i < last or more
-
-
 def read_blocks(fd: int, shown: str):
     """``(texts, more_waiting)`` for the lines of ``fd`` as they arrive, a block at a time
     (every complete line read so far), split on ``\n`` only (a ``\r`` before it is
@@ -632,22 +624,16 @@ class _Output:
         self.first_error = None
         self._cache = {}
 
-    def _tables(self, labels) -> list:
-        """Per label, ``"label=0.000"`` .. ``"label=1.000"`` (object arrays indexed by thousandths)."""
+    def _tables(self, labels) -> tuple:
+        """``(labels, per-label strings)`` as object arrays: the labels, and per label
+        ``"label=0.000"`` .. ``"label=1.000"`` indexed by thousandths (made once per label set)."""
         import numpy as np
 
-        key = ("tables", tuple(labels))
+        key = tuple(labels)
         if key not in self._cache:
             values = ["%d.%03d" % divmod(v, 1000) for v in range(1001)]
-            self._cache[key] = [np.array([f"{l}={v}" for v in values], dtype=object) for l in labels]
-        return self._cache[key]
-
-    def _label_array(self, labels):
-        import numpy as np
-
-        key = ("labels", tuple(labels))
-        if key not in self._cache:
-            self._cache[key] = np.array(list(labels), dtype=object)
+            self._cache[key] = (np.array(key, dtype=object),
+                                [np.array([f"{l}={v}" for v in values], dtype=object) for l in labels])
         return self._cache[key]
 
     def write_outputs(self, texts, outs, predictor):
@@ -674,10 +660,10 @@ class _Output:
         if len(labels) <= self.TABLE_LABELS and thousandths.size and 0 <= thousandths.min() and thousandths.max() <= 1000:
             # away from an edge, "%.3f" of p is the string of its nearest thousandth: looked up
             q = thousandths.astype(np.int64)
-            tables = self._tables(labels)
+            names, tables = self._tables(labels)
             cols = [tables[j][q[:, j]] for j in range(len(labels))]
             mid = list(map(", ".join, zip(*cols))) if len(cols) > 1 else cols[0].tolist()
-            lines = list(map("\t".join, zip(self._label_array(labels)[best].tolist(), mid, map(_shown, texts))))
+            lines = list(map("\t".join, zip(names[best].tolist(), mid, map(_shown, texts))))
             for i in twice:
                 lines[i] = line % (labels[best[i]], *[round(p, 6) for p in probs[i].tolist()], _shown(texts[i]))
         else:

@@ -204,12 +204,12 @@ def test_out_that_is_a_link_is_refused_and_nothing_is_left_beside_it(tmp_path):
 def _lines(data: bytes):
     import tempfile
 
-    from probattn.export.cli import read_lines
+    from probattn.export.cli import read_blocks
 
     with tempfile.TemporaryFile() as f:
         f.write(data)
         f.seek(0)
-        return [t for t, _ in read_lines(f.fileno(), "input")]
+        return [t for block, _ in read_blocks(f.fileno(), "input") for t in block]
 
 
 def test_lines_split_on_newline_only():
