@@ -249,14 +249,15 @@ def embedding_gathers(model) -> list:
     return [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in tables]
 
 
-def convert_int8(fp32_path: Path, out_path: Path) -> None:
-    """``INT8_RECIPE``: the embedding tables of ``fp32_path`` in uint8, nothing else."""
+def convert_int8(fp32_path: Path, out_path: Path, model=None) -> None:
+    """``INT8_RECIPE``: the embedding tables of ``fp32_path`` in uint8, nothing else.
+    ``model``: the file's ModelProto when the caller holds it (else it is read)."""
     import onnx
     from onnxruntime.quantization import quantize_dynamic
 
     import logging
 
-    nodes = embedding_gathers(onnx.load(str(fp32_path)))
+    nodes = embedding_gathers(model if model is not None else onnx.load(str(fp32_path)))
     if not nodes:  # onnxruntime reads an empty nodes_to_quantize as "every node"
         raise UsageError("ONNX int8 quantizes embedding tables (a Gather of a float table with a row per id); "
                          "this graph has none")
@@ -364,7 +365,7 @@ def export(ctx: ExportContext, precisions) -> list:
         def int8():
             t = time.perf_counter()
             path = ctx.out / artifact_filename(FORMAT, "int8")
-            convert_int8(fp32_path, path)
+            convert_int8(fp32_path, path, fp32)
             check(path)
             extra = {"opset": opset, "recipe": INT8_RECIPE, "quantization": INT8_QUANTIZATION}
             built.append(Built(FORMAT, "int8", path.name, time.perf_counter() - t, extra))
